@@ -1,0 +1,35 @@
+"""KVCache: static, preallocated key/value buffers, one per layer.
+
+Every batch row is a slot with its own positions, so rows of different lengths (and requests that
+join a running batch) share one cache without padding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KVCache(nn.Module):
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)  # (B, Hkv, S, D)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, rows: torch.Tensor | None, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, T, Hkv, D) at input_pos (B, T) of `rows` (B,) and return those rows' full cache."""
+        if rows is None:
+            batch = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+            self.k[batch, :, input_pos] = k
+            self.v[batch, :, input_pos] = v
+            if k.shape[0] == self.k.shape[0]:
+                return self.k, self.v
+            return self.k[: k.shape[0]], self.v[: k.shape[0]]
+        self.k[rows[:, None], :, input_pos] = k
+        self.v[rows[:, None], :, input_pos] = v
+        return self.k[rows], self.v[rows]
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()

@@ -1,0 +1,112 @@
+"""Command-line interface: `llamarun COMMAND ...`. Each command is a module with
+`add_arguments(parser)` and `run(args) -> int`, imported only when chosen so `--help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import LlamarunError
+
+COMMANDS = {
+    "generate": ("llamarun.cli.generate", "complete prompts (several -p run as one batch)"),
+    "chat": ("llamarun.cli.chat", "talk to a chat model interactively"),
+    "serve": ("llamarun.cli.serve", "OpenAI-compatible HTTP server"),
+    "info": ("llamarun.cli.info", "describe a checkpoint without loading its weights"),
+    "pull": ("llamarun.cli.pull", "download a model from the catalogue"),
+    "list": ("llamarun.cli.ls", "list cached models"),
+    "rm": ("llamarun.cli.rm", "remove a cached model"),
+    "bench": ("llamarun.cli.bench", "measure prefill/decode speed and memory"),
+    "perplexity": ("llamarun.cli.perplexity", "perplexity of a model over a text file"),
+    "doctor": ("llamarun.cli.doctor", "check this machine and what fits on it"),
+}
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = True) -> None:
+    """MODEL plus the flags that map to `llamarun.load()`."""
+    if model_optional:
+        parser.add_argument("model", nargs="?", default=None, metavar="MODEL", help=f"checkpoint path or catalogue name (default: {DEFAULT_MODEL})")
+    else:
+        parser.add_argument("model", metavar="MODEL", help="checkpoint path or catalogue name")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer file (default: found beside the checkpoint)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16/float16 on GPU")
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4", "auto"], help="weight-only quantization after loading")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="context length to allocate the KV cache for")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, *, temperature: float = 0.8) -> None:
+    """Flags that map one-to-one to `SamplingParams`."""
+    parser.add_argument("-n", "--max-new-tokens", type=int, default=256, help="tokens to generate (default: 256)")
+    parser.add_argument("-t", "--temperature", type=float, default=temperature, help=f"0 is greedy (default: {temperature})")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * p(best)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1)")
+    parser.add_argument("--seed", type=int, default=None, help="makes sampled output reproducible")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_params(args: argparse.Namespace):
+    from ..sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+        stop=tuple(args.stop), seed=args.seed,
+    )
+
+
+def resolve_model(name: str | None) -> str:
+    """A path stays a path; a catalogue name (or no name: the default) is pulled on first use."""
+    from pathlib import Path
+
+    name = name or DEFAULT_MODEL
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    from .. import catalogue
+
+    if name in catalogue.CATALOGUE:
+        return str(catalogue.pull(name))
+    return name  # let the loader report the missing path
+
+
+def load_from_args(args: argparse.Namespace, *, max_batch_size: int = 1, max_seq_len: int | None = None):
+    import llamarun
+
+    return llamarun.load(
+        resolve_model(args.model), tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+        quantize=args.quantize, max_seq_len=args.max_seq_len or max_seq_len,
+        max_batch_size=max_batch_size, compile=args.compile,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="llamarun", description="Run LLaMA-family models on your own machine.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    modules = {}
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # only the chosen command's module is imported
+            modules[name] = importlib.import_module(module)
+            modules[name].add_arguments(p)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return modules[args.command].run(args) or 0
+    except LlamarunError as e:
+        if args.debug:
+            raise
+        print(f"llamarun: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

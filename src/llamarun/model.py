@@ -1,0 +1,184 @@
+"""Llama architecture. Follows Meta's reference model: RMSNorm, rotary embeddings on interleaved
+pairs (with Llama 3.1 frequency scaling), grouped-query attention, SwiGLU feed-forward.
+
+No file formats, tokenizers, sampling or devices here. Linear layers are plain `nn.Linear`;
+`quantize.py` swaps them and `fuse_()` below merges q/k/v and gate/up as an explicit post-load step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelArgs, RopeScaling
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like Meta's reference, then cast back (matters for bf16/fp16).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def scale_rope_freqs(freqs: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1 rope scaling: long wavelengths divided by `factor`, short kept, smooth in between
+    (Meta's llama3 `apply_scaling`; HF `_compute_llama3_parameters`)."""
+    low_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * freqs / scaling.factor + smooth * freqs
+    scaled = torch.where(wavelen > low_wavelen, freqs / scaling.factor, freqs)
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+def rope_tables(args: ModelArgs, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (seq_len, D/2), computed in float32."""
+    d = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32)[: d // 2] / d))
+    if args.rope_scaling is not None:
+        freqs = scale_rope_freqs(freqs, args.rope_scaling)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)  # (S, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by cos/sin (B, T, 1, D/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wqkv: nn.Module | None = None  # set by fuse_()
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, input_pos, rows):
+        B, T, _ = x.shape
+        if self.wqkv is not None:
+            q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        keys, values = self.kv_cache.update(rows, input_pos, k, v)  # (B, Hkv, S, D)
+        n_rep = self.n_heads // self.n_kv_heads
+        if n_rep > 1:
+            keys = keys.repeat_interleave(n_rep, dim=1)  # (B, H, S, D)
+            values = values.repeat_interleave(n_rep, dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+        self.w13: nn.Module | None = None  # set by fuse_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, input_pos, rows):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, rows)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_batch_size = 0
+        self.max_seq_len = 0
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a static KV cache per layer and the RoPE tables for `max_seq_len` positions."""
+        device = self.norm.weight.device
+        dtype = dtype or self.norm.weight.dtype
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, dtype, device)
+        cos, sin = rope_tables(self.args, max_seq_len)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        self.register_buffer("slot_ids", torch.arange(max_seq_len, device=device), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None = None, *, all_logits: bool = False) -> torch.Tensor:
+        """tokens (B, T) written at cache positions input_pos (B, T) of cache rows `rows` (B,)
+        (default: rows 0..B-1). Returns logits (B, V) for the last position, or (B, T, V)."""
+        assert self.max_seq_len, "call setup_caches() before forward()"
+        cos = self.rope_cos[input_pos].unsqueeze(2)  # (B, T, 1, D/2)
+        sin = self.rope_sin[input_pos].unsqueeze(2)
+        # A query at position p sees cache slots 0..p of its own row; later slots hold stale data.
+        mask = (self.slot_ids <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
+        h = self.tok_embeddings(tokens)  # (B, T, C)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, input_pos, rows)
+        if not all_logits:
+            h = h[:, -1]
+        return self.output(self.norm(h)).float()
+
+
+def fuse_(model: Transformer) -> Transformer:
+    """Merge wq/wk/wv into wqkv and w1/w3 into w13 (one matrix read per group); in place."""
+    for layer in model.layers:
+        attn, ffn = layer.attention, layer.feed_forward
+        if attn.wqkv is None and isinstance(attn.wq, nn.Linear):
+            attn.wqkv = _cat_linears(attn.wq, attn.wk, attn.wv)
+            del attn.wq, attn.wk, attn.wv
+        if ffn.w13 is None and isinstance(ffn.w1, nn.Linear):
+            ffn.w13 = _cat_linears(ffn.w1, ffn.w3)
+            del ffn.w1, ffn.w3
+    return model
+
+
+def _cat_linears(*linears: nn.Linear) -> nn.Linear:
+    weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused

@@ -1,8 +1,8 @@
 """llamarun: run LLaMA-family models on your own machine.
 
-    import llamarun
-    llm = llamarun.load("path/to/checkpoint")
-    print(llm.complete("Once upon a time", llamarun.SamplingParams(temperature=0)))
+import llamarun
+llm = llamarun.load("path/to/checkpoint")
+print(llm.complete("Once upon a time", llamarun.SamplingParams(temperature=0)))
 """
 
 from __future__ import annotations
@@ -20,8 +20,19 @@ from .model import Transformer
 from .sampling import SamplingParams
 
 __all__ = [
-    "LLM", "Llama", "Completion", "ModelArgs", "SamplingParams", "Transformer", "load", "build_model",
-    "LlamarunError", "CheckpointError", "ConfigError", "RequestError", "TokenizerError",
+    "LLM",
+    "Llama",
+    "Completion",
+    "ModelArgs",
+    "SamplingParams",
+    "Transformer",
+    "load",
+    "build_model",
+    "LlamarunError",
+    "CheckpointError",
+    "ConfigError",
+    "RequestError",
+    "TokenizerError",
 ]
 
 
@@ -31,7 +42,11 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> T
     packed = {k: w for k, w in weights.items() if isinstance(w, PackedWeight)}
     for k in packed:
         del weights[k]
-    if ckpt.args.tie_embeddings and "output.weight" not in weights and "output.weight" not in packed:
+    if (
+        ckpt.args.tie_embeddings
+        and "output.weight" not in weights
+        and "output.weight" not in packed
+    ):
         weights["output.weight"] = weights["tok_embeddings.weight"]
     with torch.device("meta"):
         model = Transformer(ckpt.args)
@@ -47,8 +62,12 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> T
     except RuntimeError as e:
         raise CheckpointError(f"weights in {ckpt.path} do not fit the model: {e}") from e
     if result.unexpected_keys:
-        raise CheckpointError(f"Unexpected weight(s) in {ckpt.path}: {', '.join(result.unexpected_keys[:5])}")
-    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+        raise CheckpointError(
+            f"Unexpected weight(s) in {ckpt.path}: {', '.join(result.unexpected_keys[:5])}"
+        )
+    leftover = [
+        n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta
+    ]
     if leftover:
         raise CheckpointError(f"Missing weight(s) in {ckpt.path}: {', '.join(leftover[:5])}")
     if ckpt.args.tie_embeddings and "output.weight" not in packed:
@@ -94,7 +113,12 @@ def load(
         quantize_(model, quantize)
     seq_len = max_seq_len or min(ckpt.args.max_seq_len, 4096)
     model.setup_caches(max_batch_size, seq_len, dtype)
-    info = {"format": ckpt.format, "path": str(ckpt.path), "load_s": time.perf_counter() - t0, "dtype": str(dtype).removeprefix("torch.")}
+    info = {
+        "format": ckpt.format,
+        "path": str(ckpt.path),
+        "load_s": time.perf_counter() - t0,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
     return LLM(model, ckpt.tokenizer, chat_template=ckpt.chat_template, compile=compile, info=info)
 
 

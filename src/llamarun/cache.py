@@ -11,13 +11,23 @@ from torch import nn
 
 
 class KVCache(nn.Module):
-    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)  # (B, Hkv, S, D)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, rows: torch.Tensor | None, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, rows: torch.Tensor | None, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, T, Hkv, D) at input_pos (B, T) of `rows` (B,) and return those rows' full cache."""
         if rows is None:
             batch = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)

@@ -78,12 +78,70 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
 
 # Convenience table for `llamarun info`, memory plans and tests; never used to infer a loaded model.
 KNOWN_MODELS: dict[str, ModelArgs] = {
-    "llama-2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, hidden_dim=11008, max_seq_len=4096),
-    "llama-2-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, hidden_dim=13824, max_seq_len=4096),
-    "llama-2-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, hidden_dim=28672, max_seq_len=4096),
-    "llama-3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336, rope_theta=500000.0, max_seq_len=8192),
-    "llama-3.1-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336, rope_theta=500000.0, rope_scaling=RopeScaling(), max_seq_len=131072),
-    "llama-3.2-1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=8192, rope_theta=500000.0, rope_scaling=RopeScaling(factor=32.0), max_seq_len=131072, tie_embeddings=True),
-    "stories15M": ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, hidden_dim=768, max_seq_len=256, tie_embeddings=True),
-    "stories110M": ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32000, hidden_dim=2048, max_seq_len=1024, tie_embeddings=True),
+    "llama-2-7b": ModelArgs(
+        dim=4096, n_layers=32, n_heads=32, vocab_size=32000, hidden_dim=11008, max_seq_len=4096
+    ),
+    "llama-2-13b": ModelArgs(
+        dim=5120, n_layers=40, n_heads=40, vocab_size=32000, hidden_dim=13824, max_seq_len=4096
+    ),
+    "llama-2-70b": ModelArgs(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        vocab_size=32000,
+        hidden_dim=28672,
+        max_seq_len=4096,
+    ),
+    "llama-3-8b": ModelArgs(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128256,
+        hidden_dim=14336,
+        rope_theta=500000.0,
+        max_seq_len=8192,
+    ),
+    "llama-3.1-8b": ModelArgs(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128256,
+        hidden_dim=14336,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(),
+        max_seq_len=131072,
+    ),
+    "llama-3.2-1b": ModelArgs(
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128256,
+        hidden_dim=8192,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(factor=32.0),
+        max_seq_len=131072,
+        tie_embeddings=True,
+    ),
+    "stories15M": ModelArgs(
+        dim=288,
+        n_layers=6,
+        n_heads=6,
+        vocab_size=32000,
+        hidden_dim=768,
+        max_seq_len=256,
+        tie_embeddings=True,
+    ),
+    "stories110M": ModelArgs(
+        dim=768,
+        n_layers=12,
+        n_heads=12,
+        vocab_size=32000,
+        hidden_dim=2048,
+        max_seq_len=1024,
+        tie_embeddings=True,
+    ),
 }

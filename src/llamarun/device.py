@@ -6,8 +6,14 @@ import torch
 
 from .errors import ConfigError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -15,11 +21,17 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
         try:
             device = torch.device(device)
         except RuntimeError as e:
-            raise ConfigError(f"--device {device!r} is not a device name; use cpu, cuda, cuda:N or mps") from e
+            raise ConfigError(
+                f"--device {device!r} is not a device name; use cpu, cuda, cuda:N or mps"
+            ) from e
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but this torch has no usable CUDA GPU; run `llamarun doctor` or use --device cpu")
+            raise ConfigError(
+                "--device cuda was asked for but this torch has no usable CUDA GPU; run `llamarun doctor` or use --device cpu"
+            )
         if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ConfigError("--device mps was asked for but Apple MPS is not available; use --device cpu")
+            raise ConfigError(
+                "--device mps was asked for but Apple MPS is not available; use --device cpu"
+            )
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -33,7 +45,9 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
         return dtype
     if dtype is not None:
         if dtype not in DTYPES:
-            raise ConfigError(f"--dtype {dtype!r} is not supported; choose float32, bfloat16 or float16")
+            raise ConfigError(
+                f"--dtype {dtype!r} is not supported; choose float32, bfloat16 or float16"
+            )
         return DTYPES[dtype]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

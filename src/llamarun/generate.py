@@ -20,6 +20,7 @@ from .sampling import SamplingParams, apply_penalties, sample
 from .tokenizer import Tokenizer
 from .tokenizer.stream import StreamDecoder
 
+DEFAULT_PARAMS = SamplingParams()  # frozen, so safe as a shared default
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds attention memory for long prompts
 
 
@@ -69,7 +70,9 @@ class Engine:
         if not prompt_ids:
             raise RequestError("the prompt is empty: give at least one token", param="prompt")
         if any(not 0 <= t < vocab for t in prompt_ids):
-            raise RequestError(f"prompt has token ids outside the vocabulary (0..{vocab - 1})", param="prompt")
+            raise RequestError(
+                f"prompt has token ids outside the vocabulary (0..{vocab - 1})", param="prompt"
+            )
         if len(prompt_ids) >= self.max_seq_len:
             raise RequestError(
                 f"the prompt has {len(prompt_ids)} tokens but max_seq_len is {self.max_seq_len}: "
@@ -78,7 +81,14 @@ class Engine:
             )
 
     @torch.inference_mode()
-    def add(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams, *, logprobs: int | None = None) -> StepOutput:
+    def add(
+        self,
+        slot: int,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        logprobs: int | None = None,
+    ) -> StepOutput:
         """Prefill `prompt_ids` into a free slot and sample its first new token."""
         self.check_prompt(prompt_ids)
         assert self.slots[slot] is None, f"slot {slot} is busy"
@@ -124,7 +134,9 @@ class Engine:
 
     def _pick_many(self, running: list[int], logits: torch.Tensor) -> list[StepOutput]:
         states = [self.slots[i] for i in running]
-        if all(s.params.is_greedy and not s.params.has_penalties and s.logprobs is None for s in states):
+        if all(
+            s.params.is_greedy and not s.params.has_penalties and s.logprobs is None for s in states
+        ):
             ids = logits[running].argmax(dim=-1).tolist()  # one host sync for the whole batch
             return [self._advance(i, t) for i, t in zip(running, ids)]
         return [self._pick(i, logits[i]) for i in running]
@@ -169,7 +181,9 @@ class TextStream:
         """Returns the text now safe to emit; sets `stopped` when a stop string appeared."""
         if self.stopped:
             return ""
-        self.pending += self.decoder.feed(token_id) if token_id is not None else self.decoder.flush()
+        self.pending += (
+            self.decoder.feed(token_id) if token_id is not None else self.decoder.flush()
+        )
         if not self.stop:
             out, self.pending = self.pending, ""
         else:
@@ -177,7 +191,15 @@ class TextStream:
             if hits:
                 out, self.pending, self.stopped = self.pending[: min(hits)], "", True
             else:
-                keep = max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+                keep = max(
+                    (
+                        k
+                        for s in self.stop
+                        for k in range(1, len(s))
+                        if self.pending.endswith(s[:k])
+                    ),
+                    default=0,
+                )
                 cut = len(self.pending) - keep
                 out, self.pending = self.pending[:cut], self.pending[cut:]
         self.text += out
@@ -223,7 +245,15 @@ class Stats:
 class LLM:
     """A loaded model with its tokenizer, ready to generate. Build it with `llamarun.load()`."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, chat_template: str | None = None, compile: bool = False, info: dict | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer | None,
+        *,
+        chat_template: str | None = None,
+        compile: bool = False,
+        info: dict | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.chat_template = chat_template
@@ -248,7 +278,11 @@ class LLM:
         tok = self._need_tokenizer()
         return tok.encode(text, bos=tok.add_bos if bos is None else bos)
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> Iterator[list[int | None]]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] = DEFAULT_PARAMS,
+    ) -> Iterator[list[int | None]]:
         """Yield one new token id per prompt per step (None once that prompt has finished)."""
         prompts = [list(p) for p in prompts]
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
@@ -288,7 +322,13 @@ class LLM:
             for i in range(len(prompts)):
                 engine.release(i)
 
-    def complete_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams = SamplingParams(), *, on_text=None) -> list[Completion]:
+    def complete_batch(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams = DEFAULT_PARAMS,
+        *,
+        on_text=None,
+    ) -> list[Completion]:
         """Complete several prompts as one batch. `on_text(row, piece)` receives text as it streams."""
         tok = self._need_tokenizer()
         ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
@@ -320,7 +360,9 @@ class LLM:
             results.append(Completion(new_ids[i], stream.text, reasons[i] or "length", len(ids[i])))
         return results
 
-    def stream(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams()) -> Iterator[str]:
+    def stream(
+        self, prompt: str | Sequence[int], params: SamplingParams = DEFAULT_PARAMS
+    ) -> Iterator[str]:
         """Yield the completion of one prompt as text pieces."""
         tok = self._need_tokenizer()
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -341,12 +383,14 @@ class LLM:
         if tail:
             yield tail
 
-    def complete(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams()) -> str:
+    def complete(self, prompt: str | Sequence[int], params: SamplingParams = DEFAULT_PARAMS) -> str:
         return "".join(self.stream(prompt, params))
 
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             from .errors import TokenizerError
 
-            raise TokenizerError("this model was loaded without a tokenizer: pass tokenizer=PATH (CLI: --tokenizer PATH)")
+            raise TokenizerError(
+                "this model was loaded without a tokenizer: pass tokenizer=PATH (CLI: --tokenizer PATH)"
+            )
         return self.tokenizer

@@ -136,19 +136,30 @@ class Transformer(nn.Module):
         self.max_batch_size = 0
         self.max_seq_len = 0
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+    def setup_caches(
+        self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None
+    ) -> None:
         """Allocate a static KV cache per layer and the RoPE tables for `max_seq_len` positions."""
         device = self.norm.weight.device
         dtype = dtype or self.norm.weight.dtype
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, dtype, device)
+            layer.attention.kv_cache = KVCache(
+                max_batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, dtype, device
+            )
         cos, sin = rope_tables(self.args, max_seq_len)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
         self.register_buffer("slot_ids", torch.arange(max_seq_len, device=device), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None = None, *, all_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        *,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
         """tokens (B, T) written at cache positions input_pos (B, T) of cache rows `rows` (B,)
         (default: rows 0..B-1). Returns logits (B, V) for the last position, or (B, T, V)."""
         assert self.max_seq_len, "call setup_caches() before forward()"
@@ -179,6 +190,8 @@ def fuse_(model: Transformer) -> Transformer:
 
 def _cat_linears(*linears: nn.Linear) -> nn.Linear:
     weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    fused = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype
+    )
     fused.weight = nn.Parameter(weight, requires_grad=False)
     return fused

@@ -13,6 +13,10 @@ import torch
 from .errors import RequestError
 
 
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token.
@@ -38,17 +42,38 @@ class SamplingParams:
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
             if not ok:
-                raise RequestError(f"{name} must be {rule}, got {getattr(self, name)!r}", param=name)
+                raise RequestError(
+                    f"{name} must be {rule}, got {getattr(self, name)!r}", param=name
+                )
 
-        finite = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
-        check(finite(self.temperature) and self.temperature >= 0, "temperature", ">= 0")
-        check(self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 0), "top_k", "a non-negative integer")
-        check(finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]")
-        check(finite(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]")
-        check(finite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "> 0")
-        check(finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]")
-        check(finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]")
-        check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "max_new_tokens", "a non-negative integer")
+        check(_finite(self.temperature) and self.temperature >= 0, "temperature", ">= 0")
+        check(
+            self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 0),
+            "top_k",
+            "a non-negative integer",
+        )
+        check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]")
+        check(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]")
+        check(
+            _finite(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty",
+            "> 0",
+        )
+        check(
+            _finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+            "presence_penalty",
+            "in [-2, 2]",
+        )
+        check(
+            _finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+            "frequency_penalty",
+            "in [-2, 2]",
+        )
+        check(
+            isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
+            "max_new_tokens",
+            "a non-negative integer",
+        )
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings")
@@ -60,19 +85,36 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+        return (
+            self.repetition_penalty != 1
+            or self.presence_penalty != 0
+            or self.frequency_penalty != 0
+        )
 
 
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, generated: torch.Tensor | None) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: torch.Tensor | None,
+    generated: torch.Tensor | None,
+) -> torch.Tensor:
     """seen: ids in prompt+output (repetition penalty); generated: output ids (OpenAI penalties)."""
     logits = logits.clone()
     if params.repetition_penalty != 1 and seen is not None and seen.numel():
         ids = seen.unique()
         picked = logits[..., ids]
-        logits[..., ids] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and generated is not None and generated.numel():
+        logits[..., ids] = torch.where(
+            picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty
+        )
+    if (
+        (params.presence_penalty or params.frequency_penalty)
+        and generated is not None
+        and generated.numel()
+    ):
         counts = torch.bincount(generated, minlength=logits.shape[-1]).to(logits.dtype)
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(
+            logits.dtype
+        )
     return logits
 
 
@@ -100,7 +142,9 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """logits (B, V) -> next ids (B,). Greedy when temperature == 0 (or top_k == 1)."""
     if params.is_greedy:
         return logits.argmax(dim=-1)
@@ -108,7 +152,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def sample_top_p_meta(probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_top_p_meta(
+    probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Meta's reference `sample_top_p`, op for op, so seeded runs draw the same tokens as `llama`."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)

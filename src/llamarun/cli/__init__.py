@@ -28,25 +28,63 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = True) -> None:
     """MODEL plus the flags that map to `llamarun.load()`."""
     if model_optional:
-        parser.add_argument("model", nargs="?", default=None, metavar="MODEL", help=f"checkpoint path or catalogue name (default: {DEFAULT_MODEL})")
+        parser.add_argument(
+            "model",
+            nargs="?",
+            default=None,
+            metavar="MODEL",
+            help=f"checkpoint path or catalogue name (default: {DEFAULT_MODEL})",
+        )
     else:
         parser.add_argument("model", metavar="MODEL", help="checkpoint path or catalogue name")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer file (default: found beside the checkpoint)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16/float16 on GPU")
-    parser.add_argument("--quantize", default=None, choices=["int8", "int4", "auto"], help="weight-only quantization after loading")
-    parser.add_argument("--max-seq-len", type=int, default=None, help="context length to allocate the KV cache for")
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer file (default: found beside the checkpoint)"
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="default: float32 on CPU, bfloat16/float16 on GPU",
+    )
+    parser.add_argument(
+        "--quantize",
+        default=None,
+        choices=["int8", "int4", "auto"],
+        help="weight-only quantization after loading",
+    )
+    parser.add_argument(
+        "--max-seq-len", type=int, default=None, help="context length to allocate the KV cache for"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, *, temperature: float = 0.8) -> None:
     """Flags that map one-to-one to `SamplingParams`."""
-    parser.add_argument("-n", "--max-new-tokens", type=int, default=256, help="tokens to generate (default: 256)")
-    parser.add_argument("-t", "--temperature", type=float, default=temperature, help=f"0 is greedy (default: {temperature})")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * p(best)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1)")
+    parser.add_argument(
+        "-n", "--max-new-tokens", type=int, default=256, help="tokens to generate (default: 256)"
+    )
+    parser.add_argument(
+        "-t",
+        "--temperature",
+        type=float,
+        default=temperature,
+        help=f"0 is greedy (default: {temperature})",
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="sample among the k most likely tokens"
+    )
+    parser.add_argument(
+        "--min-p", type=float, default=0.0, help="drop tokens below min_p * p(best)"
+    )
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="makes sampled output reproducible")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
@@ -55,9 +93,14 @@ def sampling_params(args: argparse.Namespace):
     from ..sampling import SamplingParams
 
     return SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-        stop=tuple(args.stop), seed=args.seed,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        max_new_tokens=args.max_new_tokens,
+        stop=tuple(args.stop),
+        seed=args.seed,
     )
 
 
@@ -75,19 +118,28 @@ def resolve_model(name: str | None) -> str:
     return name  # let the loader report the missing path
 
 
-def load_from_args(args: argparse.Namespace, *, max_batch_size: int = 1, max_seq_len: int | None = None):
+def load_from_args(
+    args: argparse.Namespace, *, max_batch_size: int = 1, max_seq_len: int | None = None
+):
     import llamarun
 
     return llamarun.load(
-        resolve_model(args.model), tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-        quantize=args.quantize, max_seq_len=args.max_seq_len or max_seq_len,
-        max_batch_size=max_batch_size, compile=args.compile,
+        resolve_model(args.model),
+        tokenizer=args.tokenizer,
+        device=args.device,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        max_seq_len=args.max_seq_len or max_seq_len,
+        max_batch_size=max_batch_size,
+        compile=args.compile,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="llamarun", description="Run LLaMA-family models on your own machine.")
+    parser = argparse.ArgumentParser(
+        prog="llamarun", description="Run LLaMA-family models on your own machine."
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)

@@ -56,11 +56,15 @@ def detect_format(path: str | Path) -> str:
     """Name of the checkpoint format at `path`, judged by contents."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist: give a checkpoint folder or file (or a catalogue name; see `llamarun list`)")
+        raise CheckpointError(
+            f"{path} does not exist: give a checkpoint folder or file (or a catalogue name; see `llamarun list`)"
+        )
     if path.is_dir():
         if (path / "params.json").is_file() and any(path.glob("consolidated.*.pth")):
             return "meta"
-        if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
+        if (path / "config.json").is_file() and (
+            any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+        ):
             return "hf"
         ggufs = [p for p in sorted(path.iterdir()) if p.is_file() and _head(p, 4) == b"GGUF"]
         if len(ggufs) == 1:
@@ -101,7 +105,9 @@ def _llama2c_v0_consistent(path: Path, head: bytes) -> bool:
         return False
     if dim % n_heads or n_heads % n_kv_heads or dim > 1 << 16 or n_layers > 1 << 10:
         return False
-    return path.stat().st_size in expected_v0_size(dim, hidden, n_layers, n_heads, n_kv_heads, abs(vocab), seq_len)
+    return path.stat().st_size in expected_v0_size(
+        dim, hidden, n_layers, n_heads, n_kv_heads, abs(vocab), seq_len
+    )
 
 
 def load_checkpoint(path: str | Path, tokenizer_path: str | Path | None = None) -> Checkpoint:
@@ -158,20 +164,30 @@ def check_weights(args: ModelArgs, weights: dict, where: str, source: str = "the
     shapes = expected_shapes(args)
     missing = [k for k in shapes if k not in weights]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"Missing {len(missing)} weight(s) in {where}: {shown}. The checkpoint may be incomplete (a missing shard or file?).")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise CheckpointError(
+            f"Missing {len(missing)} weight(s) in {where}: {shown}. The checkpoint may be incomplete (a missing shard or file?)."
+        )
     unexpected = [k for k in weights if k not in shapes]
     if unexpected:
-        raise CheckpointError(f"Unexpected weight(s) in {where}: {', '.join(unexpected[:5])}. Is this a Llama-architecture checkpoint?")
+        raise CheckpointError(
+            f"Unexpected weight(s) in {where}: {', '.join(unexpected[:5])}. Is this a Llama-architecture checkpoint?"
+        )
     for name, shape in shapes.items():
         w = weights[name]
         got = tuple(w.shape)
         if got != shape:
-            raise CheckpointError(f"Shape mismatch for {name} in {where}: file has {got} but {source} implies {shape}. Is the config from a different model?")
+            raise CheckpointError(
+                f"Shape mismatch for {name} in {where}: file has {got} but {source} implies {shape}. Is the config from a different model?"
+            )
 
 
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the original checkpoint") from e
+        raise CheckpointError(
+            f"{path} is not valid JSON ({e}); restore it from the original checkpoint"
+        ) from e

@@ -1,0 +1,325 @@
+"""Memory plan: will a model fit a device, worked out from ModelArgs alone before any weight is read.
+
+Three parts, each explicit:
+- weights: every parameter in the run dtype; with int8/int4, the linear layers (and an untied
+  output) shrink to 1 or 0.5 byte per weight plus their scales, while embeddings and norms stay;
+- KV cache: batch x context x layers x kv_heads x head_dim x 2 (k and v) x bytes of the dtype;
+- working memory: logits and sampling buffers, one prefill chunk's activations, and on a GPU a
+  fixed reserve for cuBLAS/kernel workspaces (see `working_bytes`).
+Free memory comes from torch.cuda.mem_get_info on CUDA and psutil's available RAM on CPU. No torch
+tensors are made here; sizes are in bytes and printed in decimal GB (1e9), as model cards do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ModelArgs
+from .errors import MemoryPlanError
+
+PREFILL_CHUNK = 512  # prompt tokens per forward in generate.Engine
+INT4_GROUP_SIZE = 32  # weights per int4 group (one scale and one zero each)
+GPU_RESERVE = 512 * 2**20  # cuBLAS workspace, kernel scratch and allocator slack on a GPU
+QUANTIZE_MODES = ("int8", "int4")
+GB = 1e9
+
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return DTYPE_BYTES.get(dtype, torch.empty((), dtype=dtype).element_size())
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _linear_shapes(args: ModelArgs) -> list[tuple[int, int]]:
+    """(out_features, in_features) of the linears in one transformer block."""
+    C, F, D = args.dim, args.hidden_dim, args.head_dim
+    q, kv = args.n_heads * D, args.n_kv_heads * D
+    return [(q, C), (kv, C), (kv, C), (C, q), (F, C), (C, F), (F, C)]
+
+
+def linear_bytes(
+    out_features: int, in_features: int, dtype: torch.dtype, quantize: str | None
+) -> int:
+    """Bytes of one linear weight: dense in `dtype`, or int8 (per-output-channel scale) or int4
+    (groups of INT4_GROUP_SIZE along in_features, one scale and one zero per group, in `dtype`)."""
+    n, b = out_features * in_features, dtype_bytes(dtype)
+    if quantize is None:
+        return n * b
+    if quantize == "int8":
+        return n + out_features * b
+    if quantize == "int4":
+        groups = out_features * -(-in_features // INT4_GROUP_SIZE)
+        return n // 2 + groups * 2 * b
+    raise MemoryPlanError(f"--quantize {quantize!r} is not a mode; choose int8, int4 or auto")
+
+
+def layer_bytes(args: ModelArgs, dtype: torch.dtype, quantize: str | None = None) -> int:
+    """Weights of one transformer block: its seven linears plus two norms (norms stay in dtype)."""
+    linears = sum(linear_bytes(o, i, dtype, quantize) for o, i in _linear_shapes(args))
+    return linears + 2 * args.dim * dtype_bytes(dtype)
+
+
+def outer_bytes(args: ModelArgs, dtype: torch.dtype, quantize: str | None = None) -> int:
+    """Weights outside the blocks: embeddings and final norm in dtype, the output linear
+    quantized like the blocks when it is untied (a tied one is the embedding itself)."""
+    b = dtype_bytes(dtype)
+    total = (args.vocab_size * args.dim + args.dim) * b
+    if not args.tie_embeddings:
+        total += linear_bytes(args.vocab_size, args.dim, dtype, quantize)
+    return total
+
+
+def weight_bytes(args: ModelArgs, dtype: torch.dtype, quantize: str | None = None) -> int:
+    return args.n_layers * layer_bytes(args, dtype, quantize) + outer_bytes(args, dtype, quantize)
+
+
+def kv_cache_bytes(
+    args: ModelArgs, batch: int, seq_len: int, dtype: torch.dtype, n_layers: int | None = None
+) -> int:
+    """batch x context x layers x kv_heads x head_dim x 2 (k and v) x bytes."""
+    layers = args.n_layers if n_layers is None else n_layers
+    return batch * seq_len * layers * args.n_kv_heads * args.head_dim * 2 * dtype_bytes(dtype)
+
+
+def working_bytes(
+    args: ModelArgs, batch: int, seq_len: int, dtype: torch.dtype, *, gpu: bool
+) -> int:
+    """Peak memory besides weights and cache, during the prefill of one PREFILL_CHUNK:
+    - logits (B, V) in dtype, their float32 copy and the sampling probabilities (float32);
+    - the residual stream and a normed copy (B, T, C), plus RMSNorm's float32 copy;
+    - q, k, v (B, T, H|Hkv, D) with rotary's float32 copies of q and k;
+    - the cache rows read back and expanded to all heads for grouped-query attention (B, H, S, D) x 2;
+    - attention scores (B, H, T, S) in float32 (SDPA's math path; fused kernels need less);
+    - the feed-forward's gate, up and their product (B, T, F);
+    - on a GPU, GPU_RESERVE for library workspaces and allocator slack."""
+    b, T, S = dtype_bytes(dtype), min(PREFILL_CHUNK, seq_len), seq_len
+    C, F, H, D, V = args.dim, args.hidden_dim, args.n_heads, args.head_dim, args.vocab_size
+    q_kv = T * (H + 2 * args.n_kv_heads) * D
+    logits = V * (b + 4 + 4)
+    residual = T * C * (3 * b + 4)
+    attention = q_kv * b + T * (H + args.n_kv_heads) * D * 4 + 2 * H * S * D * b + H * T * S * 4
+    ffn = 3 * T * F * b
+    return batch * (logits + residual + attention + ffn) + (GPU_RESERVE if gpu else 0)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to run: weights in `dtype`, optionally quantized, `offload_layers` blocks on the CPU."""
+
+    dtype: torch.dtype
+    quantize: str | None
+    weights: int  # bytes on the main device
+    kv_cache: int
+    working: int
+    offload_layers: int = 0
+    offloaded: int = 0  # bytes of weights + cache kept in CPU memory for the offloaded blocks
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.working
+
+    @property
+    def label(self) -> str:
+        return self.quantize or dtype_name(self.dtype)
+
+
+@dataclass
+class Plan:
+    """What a model needs on one device and what would fit; `chosen` is None when nothing fits."""
+
+    name: str
+    device: torch.device
+    free: int  # bytes free on the device (available RAM on CPU)
+    free_cpu: int  # available RAM, for offloaded blocks
+    seq_len: int
+    batch: int
+    asked: Option  # the dtype/quantization asked for, all on the device
+    chosen: Option | None
+    n_layers: int
+    fitting: list[Option] = field(default_factory=list)  # dtype/quantizations that fit, best first
+    offload: Option | None = None  # the asked option with as few blocks on the CPU as needed
+    shorter_seq_len: int | None = None  # a --max-seq-len at which the asked option fits
+
+    @property
+    def fits(self) -> bool:
+        return self.chosen is not None
+
+    def describe(self) -> str:
+        """One paragraph: the figures and the options that would fit."""
+        a, where = self.asked, device_words(self.device)
+        text = (
+            f"{self.name} needs {fmt_gb(a.weights)} in {a.label} plus {fmt_gb(a.kv_cache)} of KV cache "
+            f"at {self.seq_len} tokens{f' x {self.batch} rows' if self.batch > 1 else ''} and "
+            f"{fmt_gb(a.working)} of working memory ({fmt_gb(a.total)} in all); "
+            f"{where} has {fmt_gb(self.free)} free."
+        )
+        ways = [
+            f"--quantize {o.quantize} ({fmt_gb(o.total)})"
+            for o in self.fitting
+            if o.quantize != a.quantize
+        ]
+        if self.offload is not None:
+            ways.append(
+                f"by offloading {self.offload.offload_layers} of {self.n_layers} layers to the CPU (--offload)"
+            )
+        if self.shorter_seq_len:
+            ways.append(f"with --max-seq-len {self.shorter_seq_len}")
+        if ways:
+            ways[0] = ways[0].replace("--quantize", "with --quantize", 1)
+            text += (
+                " It fits "
+                + (ways[0] if len(ways) == 1 else ", ".join(ways[:-1]) + " or " + ways[-1])
+                + "."
+            )
+        else:
+            text += f" Nothing fits: free memory on {where}, or use a smaller model."
+        return text
+
+
+def device_words(device: torch.device) -> str:
+    if device.type == "cpu":
+        return "this machine's RAM"
+    if device.type == "mps":
+        return "this Mac's GPU"
+    return "this GPU"
+
+
+def fmt_gb(n: int) -> str:
+    return f"{n / GB:.1f} GB"
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes the device can still allocate: CUDA's free memory, or available RAM on CPU and MPS."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    import psutil
+
+    available = psutil.virtual_memory().available
+    if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+        return min(
+            available, torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+        )
+    return available
+
+
+def option(
+    args: ModelArgs,
+    dtype: torch.dtype,
+    quantize: str | None,
+    batch: int,
+    seq_len: int,
+    *,
+    gpu: bool,
+    offload_layers: int = 0,
+) -> Option:
+    on_device = args.n_layers - offload_layers
+    lb = layer_bytes(args, dtype, quantize)
+    return Option(
+        dtype=dtype,
+        quantize=quantize,
+        weights=on_device * lb + outer_bytes(args, dtype, quantize),
+        kv_cache=kv_cache_bytes(args, batch, seq_len, dtype, on_device),
+        working=working_bytes(args, batch, seq_len, dtype, gpu=gpu),
+        offload_layers=offload_layers,
+        offloaded=offload_layers * lb + kv_cache_bytes(args, batch, seq_len, dtype, offload_layers),
+    )
+
+
+def plan_memory(
+    args: ModelArgs,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    quantize: str | None = None,
+    batch: int = 1,
+    seq_len: int = 2048,
+    offload: bool = False,
+    name: str = "This model",
+    free: int | None = None,
+    free_cpu: int | None = None,
+    memory: Callable[[torch.device], int] = free_memory,
+) -> Plan:
+    """Pick how to run: `quantize` None/"int8"/"int4" as asked, or "auto" for the best quality that
+    fits (dtype, then int8, then int4); with `offload`, blocks that do not fit go to the CPU.
+    `free`/`free_cpu` (bytes) or `memory(device)` stand in for the real probes in tests."""
+    device = torch.device(device)
+    gpu = device.type != "cpu"
+    free = memory(device) if free is None else free
+    if free_cpu is None:
+        free_cpu = free if not gpu else memory(torch.device("cpu"))
+    if quantize not in (None, "auto", *QUANTIZE_MODES):
+        raise MemoryPlanError(f"--quantize {quantize!r} is not a mode; choose int8, int4 or auto")
+
+    def make(q: str | None, offload_layers: int = 0) -> Option:
+        return option(args, dtype, q, batch, seq_len, gpu=gpu, offload_layers=offload_layers)
+
+    candidates = [make(q) for q in (None, *QUANTIZE_MODES)]
+    fitting = [o for o in candidates if o.total <= free]
+    asked = candidates[0] if quantize in (None, "auto") else make(quantize)
+    off = fewest_offloaded(args, make, asked.quantize, free, free_cpu) if gpu else None
+    if quantize == "auto":
+        chosen = (
+            fitting[0]
+            if fitting
+            else (fewest_offloaded(args, make, "int4", free, free_cpu) if offload and gpu else None)
+        )
+    else:
+        chosen = asked if asked.total <= free else (off if offload else None)
+    shorter = next(
+        (
+            s
+            for s in _halvings(seq_len)
+            if option(args, dtype, asked.quantize, batch, s, gpu=gpu).total <= free
+        ),
+        None,
+    )
+    return Plan(
+        name,
+        device,
+        free,
+        free_cpu,
+        seq_len,
+        batch,
+        asked,
+        chosen,
+        args.n_layers,
+        fitting,
+        off if off is not None and off.offload_layers else None,
+        shorter if asked.total > free else None,
+    )
+
+
+def _halvings(seq_len: int) -> list[int]:
+    """Shorter contexts worth suggesting: seq_len/2, /4, ... down to 256 tokens."""
+    out, s = [], seq_len // 2
+    while s >= 256:
+        out.append(s)
+        s //= 2
+    return out
+
+
+def fewest_offloaded(
+    args: ModelArgs, make: Callable[..., Option], quantize: str | None, free: int, free_cpu: int
+) -> Option | None:
+    """The option with the fewest blocks on the CPU whose device part fits `free` and whose CPU
+    part fits `free_cpu`; None when even all blocks on the CPU leave too little on the device."""
+    for n in range(args.n_layers + 1):
+        o = make(quantize, n)
+        if o.total <= free:
+            return o if o.offloaded <= free_cpu else None
+    return None
+
+
+def check_fits(plan: Plan) -> Option:
+    """The option to load with, or MemoryPlanError with the figures and what would fit."""
+    if plan.chosen is None:
+        raise MemoryPlanError(plan.describe())
+    return plan.chosen

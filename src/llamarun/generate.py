@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -18,6 +19,7 @@ from .errors import RequestError
 from .model import Transformer
 from .sampling import SamplingParams, apply_penalties, sample
 from .tokenizer import Tokenizer
+from .tokenizer.chat import ChatFormat, Message, get_chat_format
 from .tokenizer.stream import StreamDecoder
 
 DEFAULT_PARAMS = SamplingParams()  # frozen, so safe as a shared default
@@ -394,3 +396,49 @@ class LLM:
                 "this model was loaded without a tokenizer: pass tokenizer=PATH (CLI: --tokenizer PATH)"
             )
         return self.tokenizer
+
+    @cached_property
+    def chat_format(self) -> ChatFormat:
+        """The checkpoint's chat format: its own template, else one its special tokens imply."""
+        return get_chat_format(self._need_tokenizer(), self.chat_template)
+
+    def chat_stream(
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams = DEFAULT_PARAMS,
+        *,
+        chat_template: str | None = None,
+    ) -> Iterator[str]:
+        """Yield the assistant's answer to `messages` as text pieces; the turn ends at any of the
+        format's stop ids. chat_template: a format name, a Jinja file or Jinja source overriding
+        the checkpoint's."""
+        tok = self._need_tokenizer()
+        fmt = self.chat_format
+        if chat_template is not None:
+            fmt = get_chat_format(tok, self.chat_template, chat_template)
+        text = TextStream(tok, params.stop, lstrip=True)
+        gen = self.generate([fmt.encode_dialog(messages)], params)
+        try:
+            for (token,) in gen:
+                if token is None or token in fmt.stop_ids:
+                    break
+                piece = text.feed(token)
+                if piece:
+                    yield piece
+                if text.stopped:
+                    break
+        finally:
+            gen.close()
+        tail = text.finish()
+        if tail:
+            yield tail
+
+    def chat(
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams = DEFAULT_PARAMS,
+        *,
+        chat_template: str | None = None,
+    ) -> str:
+        """The assistant's answer to `messages` (a list of {"role", "content"} dicts)."""
+        return "".join(self.chat_stream(messages, params, chat_template=chat_template))

@@ -1,0 +1,162 @@
+"""llama2.c `tokenizer.bin`, read, encoded and decoded the way llama2.c's run.c does it.
+
+File: uint32 max_token_length, then per token: float32 score, uint32 byte length, the bytes
+(SentencePiece's '▁' already turned into ' '; BOS/EOS written as "\\n<s>\\n" / "\\n</s>\\n").
+Ids follow SentencePiece: 0 <unk>, 1 BOS, 2 EOS, 3..258 the byte pieces <0x00>..<0xFF>.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..errors import TokenizerError
+from . import split_special
+
+BOS, EOS = 1, 2
+BYTE_OFFSET = 3  # run.c's byte fallback: byte b is token b + 3
+_BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
+
+
+def read_tokenizer_bin(data: bytes, where: str) -> tuple[list[bytes], list[float]]:
+    """Pieces and scores of a tokenizer.bin; TokenizerError when the layout does not add up."""
+    if len(data) < 4:
+        raise TokenizerError(
+            f"{where} is too short to be a llama2.c tokenizer.bin ({len(data)} bytes); restore it"
+        )
+    (max_len,) = struct.unpack_from("<I", data, 0)
+    pieces: list[bytes] = []
+    scores: list[float] = []
+    i = 4
+    while i < len(data):
+        if i + 8 > len(data):
+            raise TokenizerError(
+                f"{where} ends inside token {len(pieces)} (truncated at {len(data)} bytes); restore it from the original"
+            )
+        score, n = struct.unpack_from("<fI", data, i)
+        if n > max_len or i + 8 + n > len(data):
+            raise TokenizerError(
+                f"{where} is not a valid llama2.c tokenizer.bin: token {len(pieces)} claims {n} bytes "
+                f"(max_token_length {max_len}, file size {len(data)}); restore it from the original"
+            )
+        pieces.append(data[i + 8 : i + 8 + n])
+        scores.append(score)
+        i += 8 + n
+    if not pieces:
+        raise TokenizerError(f"{where} holds no tokens; it is not a llama2.c tokenizer.bin")
+    return pieces, scores
+
+
+def is_llama2c_tokenizer(path: Path, head: bytes, size: int) -> bool:
+    """Whether a file's contents walk as a tokenizer.bin from end to end (model .bin files and
+    anything else fail within the first few records)."""
+    from ..loaders import LLAMA2C_MAGIC, _llama2c_v0_consistent
+
+    if struct.unpack_from("<I", head, 0)[0] == LLAMA2C_MAGIC or (
+        len(head) >= 28 and _llama2c_v0_consistent(path, head)
+    ):
+        return False
+    max_len = struct.unpack_from("<I", head, 0)[0]
+    if not 1 <= max_len <= 1024:
+        return False
+    i, count = 4, 0
+    with open(path, "rb") as f:
+        data = head
+        f.seek(len(head))
+        while i < size:
+            if i + 8 > len(data) and len(data) < size:
+                data += f.read(1 << 20)
+            if i + 8 > len(data):
+                return False
+            _, n = struct.unpack_from("<fI", data, i)
+            if n > max_len:
+                return False
+            i += 8 + n
+            count += 1
+    return i == size and count >= 3
+
+
+class Llama2cTokenizer:
+    def __init__(self, path: str | Path, *, stop_ids: Iterable[int] = ()):
+        self.path = Path(path)
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:
+            raise TokenizerError(f"cannot read tokenizer {self.path} ({e})") from e
+        self.pieces, self.scores = read_tokenizer_bin(data, str(self.path))
+        self.vocab_size = len(self.pieces)
+        if self.vocab_size < BYTE_OFFSET + 256:
+            raise TokenizerError(
+                f"{self.path} has {self.vocab_size} tokens, fewer than llama2.c's 3 + 256 byte tokens; it is not a llama2.c tokenizer.bin"
+            )
+        self.lookup = {p: i for i, p in reversed(list(enumerate(self.pieces)))}  # first id wins
+        self.bos_id: int | None = BOS
+        self.eos_id: int | None = EOS
+        self.pad_id = -1
+        self.stop_ids = frozenset({EOS}) | frozenset(stop_ids)
+        self.add_bos = True
+        self.adds_dummy_prefix = True
+        self._bytes = [self._piece_bytes(i) for i in range(self.vocab_size)]
+
+    def _piece_bytes(self, token_id: int) -> bytes:
+        if token_id in (BOS, EOS):
+            return b""
+        m = _BYTE_PIECE.fullmatch(self.pieces[token_id])
+        return bytes([int(m.group(1), 16)]) if m else self.pieces[token_id]
+
+    def encode(
+        self, text: str, *, bos: bool = True, eos: bool = False, special: bool = False
+    ) -> list[int]:
+        ids = [BOS] if bos else []
+        if special:
+            for part in split_special(text, ("<s>", "</s>")):
+                ids += [BOS] if part == "<s>" else [EOS] if part == "</s>" else self._encode(part)
+        else:
+            ids += self._encode(text)
+        if eos:
+            ids.append(EOS)
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
+        """run.c's encode(): dummy-prefix space, one token per UTF-8 character (bytes + 3 when the
+        character is not in the vocabulary), then merge the best-scoring adjacent pair until none."""
+        if not text:
+            return []
+        tokens: list[int] = []
+        space = self.lookup.get(b" ")
+        tokens += [space] if space is not None else [ord(" ") + BYTE_OFFSET]
+        for ch in text:
+            piece = ch.encode("utf-8")
+            token = self.lookup.get(piece)
+            tokens += [token] if token is not None else [b + BYTE_OFFSET for b in piece]
+        pieces, scores, lookup = self.pieces, self.scores, self.lookup
+        while True:
+            best_score, best_id, best_i = float("-inf"), -1, -1
+            for i in range(len(tokens) - 1):
+                merged = lookup.get(pieces[tokens[i]] + pieces[tokens[i + 1]])
+                if merged is not None and scores[merged] > best_score:
+                    best_score, best_id, best_i = scores[merged], merged, i
+            if best_i < 0:
+                return tokens
+            tokens[best_i : best_i + 2] = [best_id]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Concatenated token bytes; like run.c, a piece right after BOS (or at the very start,
+        as SentencePiece's decode does) loses its leading space."""
+        out = bytearray()
+        strip = True  # the first token, and each token right after BOS
+        for token_id in map(int, ids):
+            piece = self.token_bytes(token_id)
+            out += piece[1:] if strip and piece.startswith(b" ") else piece
+            strip = token_id == BOS
+        return out.decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._bytes[token_id] if 0 <= token_id < self.vocab_size else b""
+
+    def token_to_id(self, piece: str) -> int | None:
+        if piece in ("<s>", "</s>"):
+            return BOS if piece == "<s>" else EOS
+        return self.lookup.get(piece.replace("\u2581", " ").encode("utf-8"))

@@ -24,6 +24,8 @@ PREFILL_CHUNK = 512  # prompt tokens per forward in generate.Engine
 INT4_GROUP_SIZE = 32  # weights per int4 group (one scale and one zero each)
 GPU_RESERVE = 512 * 2**20  # cuBLAS workspace, kernel scratch and allocator slack on a GPU
 QUANTIZE_MODES = ("int8", "int4")
+# GGUF block types a file's linears stay packed in: (weights per block, bytes per block)
+PACKED_BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20)}
 GB = 1e9
 
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -57,6 +59,9 @@ def linear_bytes(
     if quantize == "int4":
         groups = out_features * -(-in_features // INT4_GROUP_SIZE)
         return n // 2 + groups * 2 * b
+    if quantize in PACKED_BLOCKS:
+        block, size = PACKED_BLOCKS[quantize]
+        return n // block * size
     raise MemoryPlanError(f"--quantize {quantize!r} is not a mode; choose int8, int4 or auto")
 
 
@@ -246,22 +251,26 @@ def plan_memory(
     free: int | None = None,
     free_cpu: int | None = None,
     memory: Callable[[torch.device], int] = free_memory,
+    packed: str | None = None,
 ) -> Plan:
     """Pick how to run: `quantize` None/"int8"/"int4" as asked, or "auto" for the best quality that
     fits (dtype, then int8, then int4); with `offload`, blocks that do not fit go to the CPU.
-    `free`/`free_cpu` (bytes) or `memory(device)` stand in for the real probes in tests."""
+    `packed`: the GGUF block type (Q8_0/Q4_0/Q4_1) a file's linears stay in; then that is the only
+    option. `free`/`free_cpu` (bytes) or `memory(device)` stand in for the real probes in tests."""
     device = torch.device(device)
     gpu = device.type != "cpu"
     free = memory(device) if free is None else free
     if free_cpu is None:
         free_cpu = free if not gpu else memory(torch.device("cpu"))
-    if quantize not in (None, "auto", *QUANTIZE_MODES):
+    if quantize not in (None, "auto", *QUANTIZE_MODES) and packed is None:
         raise MemoryPlanError(f"--quantize {quantize!r} is not a mode; choose int8, int4 or auto")
 
     def make(q: str | None, offload_layers: int = 0) -> Option:
         return option(args, dtype, q, batch, seq_len, gpu=gpu, offload_layers=offload_layers)
 
-    candidates = [make(q) for q in (None, *QUANTIZE_MODES)]
+    if packed is not None:
+        quantize = packed  # already quantized in the file: no other option to offer
+    candidates = [make(q) for q in ((packed,) if packed else (None, *QUANTIZE_MODES))]
     fitting = [o for o in candidates if o.total <= free]
     asked = candidates[0] if quantize in (None, "auto") else make(quantize)
     off = fewest_offloaded(args, make, asked.quantize, free, free_cpu) if gpu else None

@@ -90,11 +90,18 @@ def load(
     max_seq_len: int | None = None,
     max_batch_size: int = 1,
     compile: bool = False,
+    offload: bool = False,
+    offload_layers: int | None = None,
 ) -> LLM:
     """Load a checkpoint (Meta folder, Hugging Face folder, GGUF or llama2.c file) ready to generate.
 
+    A memory plan runs first, from the config alone: if the model does not fit the device, this
+    raises MemoryPlanError with the figures and the options that would fit.
     max_seq_len: tokens of context to allocate the KV cache for (default: the model's, capped at 4096).
-    quantize: "int8" or "int4" weight-only quantization after loading.
+    quantize: "int8" or "int4" weight-only quantization after loading; "auto": the best quality
+    that fits (dtype, then int8, then int4).
+    offload: blocks that do not fit the GPU stay on the CPU and run there (slower, but it runs);
+    offload_layers forces that many of the last blocks onto the CPU.
     """
     from .device import pick_device, pick_dtype
 
@@ -105,15 +112,38 @@ def load(
         raise ConfigError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise ConfigError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
-    ckpt = load_checkpoint(path, tokenizer)
-    model = build_model(ckpt, device, dtype)
-    if quantize:
-        from .quantize import quantize_
+    from .loaders.args import read_args
+    from .offload import build_placed
+    from .plan import QUANTIZE_MODES, plan_load
 
-        quantize_(model, quantize)
-    seq_len = max_seq_len or min(ckpt.args.max_seq_len, 4096)
-    model.setup_caches(max_batch_size, seq_len, dtype)
+    header = read_args(path)  # config only: the plan runs before any weight is read
+    seq_len = max_seq_len or min(header.args.max_seq_len, 4096)
+    run = plan_load(
+        header.args,
+        device=device,
+        dtype=dtype,
+        quantize=quantize,
+        batch=max_batch_size,
+        seq_len=seq_len,
+        offload=offload,
+        offload_layers=offload_layers,
+        packed=header.packed,
+        name=header.name or Path(path).name,
+    )
+    mode = next((q for q in (run.quantize, quantize) if q in QUANTIZE_MODES), None)
+    ckpt = load_checkpoint(path, tokenizer)
+    model = build_placed(
+        ckpt,
+        device,
+        dtype,
+        quantize=mode,
+        n_offload=run.offload_layers,
+        max_batch_size=max_batch_size,
+        seq_len=seq_len,
+    )
     info = {
+        "quantize": mode,
+        "offload_layers": run.offload_layers,
         "format": ckpt.format,
         "path": str(ckpt.path),
         "load_s": time.perf_counter() - t0,

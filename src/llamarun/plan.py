@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ModelArgs
-from .errors import MemoryPlanError
+from .errors import ConfigError, MemoryPlanError
 
 PREFILL_CHUNK = 512  # prompt tokens per forward in generate.Engine
 INT4_GROUP_SIZE = 32  # weights per int4 group (one scale and one zero each)
@@ -250,7 +250,7 @@ def plan_memory(
     name: str = "This model",
     free: int | None = None,
     free_cpu: int | None = None,
-    memory: Callable[[torch.device], int] = free_memory,
+    memory: Callable[[torch.device], int] | None = None,
     packed: str | None = None,
 ) -> Plan:
     """Pick how to run: `quantize` None/"int8"/"int4" as asked, or "auto" for the best quality that
@@ -259,6 +259,7 @@ def plan_memory(
     option. `free`/`free_cpu` (bytes) or `memory(device)` stand in for the real probes in tests."""
     device = torch.device(device)
     gpu = device.type != "cpu"
+    memory = memory or free_memory  # looked up at call time so tests can stand in for it
     free = memory(device) if free is None else free
     if free_cpu is None:
         free_cpu = free if not gpu else memory(torch.device("cpu"))
@@ -332,3 +333,58 @@ def check_fits(plan: Plan) -> Option:
     if plan.chosen is None:
         raise MemoryPlanError(plan.describe())
     return plan.chosen
+
+
+def plan_load(
+    args: ModelArgs,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: str | None,
+    batch: int,
+    seq_len: int,
+    offload: bool = False,
+    offload_layers: int | None = None,
+    packed: str | None = None,
+    name: str = "This model",
+    memory: Callable[[torch.device], int] | None = None,
+) -> Option:
+    """The option `llamarun.load` runs with, or MemoryPlanError before any weight is read.
+    `offload_layers` forces that many blocks onto the CPU (implies offload), checked against memory."""
+    if offload_layers is not None and not (
+        isinstance(offload_layers, int) and 0 <= offload_layers <= args.n_layers
+    ):
+        raise ConfigError(
+            f"offload_layers must be an integer from 0 to n_layers ({args.n_layers}), got {offload_layers!r}"
+        )
+    plan = plan_memory(
+        args,
+        device=device,
+        dtype=dtype,
+        quantize=quantize,
+        batch=batch,
+        seq_len=seq_len,
+        offload=offload or offload_layers is not None,
+        name=name,
+        memory=memory,
+        packed=packed,
+    )
+    if offload_layers is None:
+        return check_fits(plan)
+    mode = (
+        plan.chosen.quantize
+        if plan.chosen is not None and quantize == "auto"
+        else plan.asked.quantize
+    )
+    forced = option(
+        args, dtype, mode, batch, seq_len, gpu=device.type != "cpu", offload_layers=offload_layers
+    )
+    on_cpu = device.type == "cpu"  # both parts then share the same RAM
+    if forced.total + (forced.offloaded if on_cpu else 0) > plan.free or (
+        not on_cpu and forced.offloaded > plan.free_cpu
+    ):
+        raise MemoryPlanError(
+            f"{plan.describe()} With {offload_layers} layers offloaded it needs {fmt_gb(forced.total)} on "
+            f"{device_words(device)} and {fmt_gb(forced.offloaded)} of CPU memory."
+        )
+    return forced

@@ -1,0 +1,100 @@
+"""Offload and the memory plan inside llamarun.load(), on CPU: both "devices" are the CPU, which
+runs the same code path (wrapping, moving activations at the boundary) as CPU + GPU."""
+
+import pytest
+import torch
+from tiny import llamarun_state, meta_params, write_meta
+
+import llamarun
+import llamarun.plan
+from llamarun.errors import ConfigError, MemoryPlanError
+from llamarun.offload import OffloadedBlock, block_devices, place_
+from llamarun.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_model, tiny_args):
+    return write_meta(llamarun_state(tiny_model), meta_params(tiny_args), tmp_path / "tiny")
+
+
+def greedy_tokens(llm) -> list[int]:
+    return [row[0] for row in llm.generate([[5, 17, 42, 3]], GREEDY)]
+
+
+def test_offloaded_half_gives_the_same_tokens_as_without(checkpoint):
+    whole = llamarun.load(checkpoint, device="cpu", max_seq_len=64)
+    half = llamarun.load(checkpoint, device="cpu", max_seq_len=64, offload_layers=1)
+
+    assert not isinstance(half.model.layers[0], OffloadedBlock)
+    assert isinstance(half.model.layers[1], OffloadedBlock)
+    assert half.info["offload_layers"] == 1
+    assert greedy_tokens(half) == greedy_tokens(whole)
+
+
+def test_offloaded_block_moves_inputs_and_returns_to_the_next_device(tiny_model):
+    tiny_model.setup_caches(1, 32)
+    x = torch.randn(1, 3, tiny_model.args.dim)
+    pos = torch.arange(3)[None]
+    cos, sin = tiny_model.rope_cos[pos].unsqueeze(2), tiny_model.rope_sin[pos].unsqueeze(2)
+    mask = (tiny_model.slot_ids <= pos.unsqueeze(-1)).unsqueeze(1)
+    expected = tiny_model.layers[0](x, cos, sin, mask, pos, None)
+    tiny_model.layers[0].attention.kv_cache.reset()
+
+    wrapped = OffloadedBlock(tiny_model.layers[0], torch.device("cpu"), torch.device("meta"))
+    out = wrapped(x, cos, sin, mask, pos, None)
+
+    assert out.device.type == "meta"  # the output went to the next block's device
+    assert wrapped.attention is tiny_model.layers[0].attention  # setup_caches/fuse_ still see it
+    torch.testing.assert_close(
+        wrapped.block(x, cos, sin, mask, pos, None), expected, rtol=0, atol=0
+    )
+
+
+def test_place_quantizes_each_block_on_its_device_then_the_rest(tiny_model):
+    seen = []
+
+    place_(
+        tiny_model,
+        torch.device("cpu"),
+        torch.float32,
+        n_offload=1,
+        quantize=lambda m: seen.append(type(m).__name__),
+    )
+
+    assert seen == ["TransformerBlock", "TransformerBlock", "Transformer"]
+    assert block_devices(tiny_model) == [torch.device("cpu")] * 2
+    assert [type(b).__name__ for b in tiny_model.layers] == ["TransformerBlock", "OffloadedBlock"]
+
+
+def test_offload_layers_out_of_range_is_a_config_error(checkpoint):
+    with pytest.raises(ConfigError, match="offload_layers must be an integer from 0 to n_layers"):
+        llamarun.load(checkpoint, device="cpu", offload_layers=3)
+
+
+def test_plan_fails_before_any_weight_is_read(checkpoint, monkeypatch):
+    def no_weights(*_args, **_kwargs):
+        raise AssertionError("load_checkpoint must not run when the plan fails")
+
+    monkeypatch.setattr(llamarun.plan, "free_memory", lambda device: 1000)
+    monkeypatch.setattr(llamarun, "load_checkpoint", no_weights)
+
+    with pytest.raises(
+        MemoryPlanError, match=r"needs .* in float32 .* this machine's RAM has 0\.0 GB free"
+    ):
+        llamarun.load(checkpoint, device="cpu", max_seq_len=64)
+
+
+def test_auto_quantizes_when_only_int8_fits(checkpoint, tiny_args, monkeypatch):
+    pytest.importorskip("llamarun.quantize")
+    from llamarun.plan import option
+
+    int8 = option(tiny_args, torch.float32, "int8", 1, 64, gpu=False)
+    monkeypatch.setattr(llamarun.plan, "free_memory", lambda device: int8.total + 1)
+
+    llm = llamarun.load(checkpoint, device="cpu", max_seq_len=64, quantize="auto")
+
+    assert llm.info["quantize"] == "int8"
+    assert not any(type(m) is torch.nn.Linear for m in llm.model.layers.modules())
+    assert len(greedy_tokens(llm)) == GREEDY.max_new_tokens

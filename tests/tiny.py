@@ -218,3 +218,188 @@ def write_meta_from_hf(model, directory: Path, *, shards: int = 1) -> Path:
 def llamarun_state(model) -> dict[str, torch.Tensor]:
     """A llamarun Transformer's canonical state dict (detached copies)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# GGUF tensor names for Meta names (the inverse of loaders/gguf.py's table, written out here).
+GGUF_NAMES = {
+    "attention.wq": "attn_q",
+    "attention.wk": "attn_k",
+    "attention.wv": "attn_v",
+    "attention.wo": "attn_output",
+    "feed_forward.w1": "ffn_gate",
+    "feed_forward.w2": "ffn_down",
+    "feed_forward.w3": "ffn_up",
+    "attention_norm": "attn_norm",
+    "ffn_norm": "ffn_norm",
+}
+
+
+def write_gguf(
+    state: dict[str, torch.Tensor],
+    args: ModelArgs,
+    path: Path,
+    *,
+    qtype: str = "F32",
+    arch: str = "llama",
+    rope_freqs: torch.Tensor | None = None,
+    tokenizer: dict | None = None,
+    blocks: dict | None = None,
+) -> Path:
+    """Write a Meta-named, interleaved-RoPE state dict as a GGUF file with gguf.GGUFWriter.
+
+    Matrices are stored as `qtype` (quantized with gguf.quants.quantize), norms as F32; an absent
+    output.weight means tied embeddings. `tokenizer`: extra metadata {key: value} written as is.
+    `blocks`: {Meta name: uint8 array of raw `qtype` blocks} written instead of quantizing (gguf-py
+    cannot quantize K-quants).
+    """
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(args.n_layers)
+    writer.add_context_length(args.max_seq_len)
+    writer.add_embedding_length(args.dim)
+    writer.add_feed_forward_length(args.hidden_dim)
+    writer.add_head_count(args.n_heads)
+    writer.add_head_count_kv(args.n_kv_heads)
+    writer.add_layer_norm_rms_eps(args.norm_eps)
+    writer.add_rope_freq_base(args.rope_theta)
+    writer.add_rope_dimension_count(args.head_dim)
+    for key, value in (tokenizer or {}).items():
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        elif isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        else:
+            writer.add_string(key, value)
+    kind = gguf.GGMLQuantizationType[qtype]
+    for name, tensor in state.items():
+        base, suffix = name.rsplit(".", 1)
+        if base.startswith("layers."):
+            _, i, rest = base.split(".", 2)
+            gguf_name = f"blk.{i}.{GGUF_NAMES[rest]}.{suffix}"
+        else:
+            gguf_name = (
+                {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output"}[base]
+                + "."
+                + suffix
+            )
+        array = tensor.detach().float().numpy()
+        if blocks and name in blocks:
+            writer.add_tensor(gguf_name, blocks[name], raw_dtype=kind)
+        elif array.ndim == 1 or qtype == "F32":
+            writer.add_tensor(gguf_name, array.astype(np.float32))
+        elif qtype == "F16":
+            writer.add_tensor(gguf_name, array.astype(np.float16))
+        elif qtype == "BF16":
+            bits = tensor.detach().to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+            writer.add_tensor(gguf_name, bits, raw_dtype=kind)  # byte shape (rows, 2 * cols)
+        else:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
+
+def half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta interleaved q/k rows -> HF half-split (transformers' convert_llama_weights_to_hf permute)."""
+    out_features, in_features = w.shape
+    return (
+        w.view(n_heads, out_features // n_heads // 2, 2, in_features)
+        .transpose(1, 2)
+        .reshape(out_features, in_features)
+    )
+
+
+def meta_to_hf(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """A canonical (Meta) state dict renamed to HF names, q/k permuted to HF's half-split layout."""
+    out = {
+        "model.embed_tokens.weight": state["tok_embeddings.weight"],
+        "model.norm.weight": state["norm.weight"],
+    }
+    if not args.tie_embeddings:
+        out["lm_head.weight"] = state["output.weight"]
+    for i in range(args.n_layers):
+        hf, meta = f"model.layers.{i}.", f"layers.{i}."
+        out |= {
+            hf + "self_attn.q_proj.weight": half_split(
+                state[meta + "attention.wq.weight"], args.n_heads
+            ),
+            hf + "self_attn.k_proj.weight": half_split(
+                state[meta + "attention.wk.weight"], args.n_kv_heads
+            ),
+            hf + "self_attn.v_proj.weight": state[meta + "attention.wv.weight"],
+            hf + "self_attn.o_proj.weight": state[meta + "attention.wo.weight"],
+            hf + "mlp.gate_proj.weight": state[meta + "feed_forward.w1.weight"],
+            hf + "mlp.down_proj.weight": state[meta + "feed_forward.w2.weight"],
+            hf + "mlp.up_proj.weight": state[meta + "feed_forward.w3.weight"],
+            hf + "input_layernorm.weight": state[meta + "attention_norm.weight"],
+            hf + "post_attention_layernorm.weight": state[meta + "ffn_norm.weight"],
+        }
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def hf_config(args: ModelArgs, **overrides) -> dict:
+    """config.json for ModelArgs, in the transformers 5 style (rope_parameters)."""
+    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.rope_scaling is not None:
+        s = args.rope_scaling
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": args.rope_theta,
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_seq_len,
+        }
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "num_hidden_layers": args.n_layers,
+        "head_dim": args.head_dim,
+        "rms_norm_eps": args.norm_eps,
+        "vocab_size": args.vocab_size,
+        "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_embeddings,
+        "rope_parameters": rope,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    return config | overrides
+
+
+def write_hf_state(
+    hf_state: dict[str, torch.Tensor], config: dict, directory: Path, *, shards: int = 1
+) -> Path:
+    """config.json + model.safetensors, or `shards` model-0000N-of-0000M.safetensors files with
+    model.safetensors.index.json (tensors dealt round-robin), without transformers."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    if shards == 1:
+        save_file(hf_state, directory / "model.safetensors", metadata={"format": "pt"})
+        return directory
+    names = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    weight_map = {key: names[i % shards] for i, key in enumerate(sorted(hf_state))}
+    for name in names:
+        part = {k: v for k, v in hf_state.items() if weight_map[k] == name}
+        save_file(part, directory / name, metadata={"format": "pt"})
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in hf_state.values())},
+        "weight_map": weight_map,
+    }
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return directory

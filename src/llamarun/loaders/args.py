@@ -50,12 +50,14 @@ def read_args(path: str | Path) -> CheckpointHeader:
 
 
 def _read_meta(path: Path) -> CheckpointHeader:
-    from .meta import find_shards, model_args, read_shard
+    from .meta import find_shards, merged_shapes, model_args, read_shard
 
     params_path = path / "params.json"
     shards = find_shards(path)
     first = read_shard(shards[0])  # memory-mapped: only the pickle index is read
-    args = model_args(read_json(params_path), first, params_path, len(shards))
+    args = model_args(
+        read_json(params_path), merged_shapes(first, len(shards)), params_path, len(shards)
+    )
     stored = _dtype_name(first["tok_embeddings.weight"].dtype)
     return CheckpointHeader(args, "meta", path, stored, tokenizer=describe_tokenizer_files(path))
 

@@ -33,7 +33,8 @@ def load(path: Path) -> Checkpoint:
         )
     shard_paths = find_shards(path)
     weights = merge_shards(shard_paths)
-    args = model_args(params, weights, params_path, len(shard_paths))
+    shapes = {name: tuple(t.shape) for name, t in weights.items()}
+    args = model_args(params, shapes, params_path, len(shard_paths))
     check_weights(args, weights, str(path), source=f"{params_path.name}")
     return Checkpoint(
         args=args,
@@ -123,41 +124,52 @@ def _concat_dim(name: str) -> int:
     return 1 if name.endswith(CONCAT_DIM_1) else 0
 
 
+def merged_shapes(shard: dict[str, torch.Tensor], n_shards: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the merged weights, from one shard (what merge_shards would produce)."""
+    shapes = {}
+    for name, t in shard.items():
+        shape = list(t.shape)
+        if len(shape) > 1:
+            shape[_concat_dim(name)] *= n_shards
+        shapes[name] = tuple(shape)
+    return shapes
+
+
 def model_args(
-    params: dict, weights: dict[str, torch.Tensor], params_path: Path, n_shards: int
+    params: dict, shapes: dict[str, tuple[int, ...]], params_path: Path, n_shards: int
 ) -> ModelArgs:
-    """ModelArgs from params.json, with vocab_size and hidden_dim taken from the tensor shapes."""
+    """ModelArgs from params.json, with vocab_size and hidden_dim taken from the merged weights'
+    shapes (see merged_shapes)."""
     for key in ("dim", "n_layers", "n_heads"):
         if not isinstance(params.get(key), int):
             raise CheckpointError(
                 f"{params_path} lacks an integer {key!r} (got {params.get(key)!r}); restore params.json from the original download"
             )
     dim = params["dim"]
-    embed = weights.get("tok_embeddings.weight")
-    w1 = weights.get("layers.0.feed_forward.w1.weight")
-    if embed is None or w1 is None or embed.dim() != 2 or w1.dim() != 2:
+    embed = shapes.get("tok_embeddings.weight")
+    w1 = shapes.get("layers.0.feed_forward.w1.weight")
+    if embed is None or w1 is None or len(embed) != 2 or len(w1) != 2:
         missing = (
             "tok_embeddings.weight"
-            if embed is None or embed.dim() != 2
+            if embed is None or len(embed) != 2
             else "layers.0.feed_forward.w1.weight"
         )
         raise CheckpointError(
             f"Missing or malformed weight {missing} in {params_path.parent}; the checkpoint is incomplete, download it again"
         )
-    if embed.shape[1] != dim:
+    if embed[1] != dim:
         hint = ""
-        if embed.shape[1] < dim and dim % embed.shape[1] == 0:
-            total = n_shards * dim // embed.shape[1]
+        if embed[1] < dim and dim % embed[1] == 0:
+            total = n_shards * dim // embed[1]
             hint = f" The weights look like {n_shards} of {total} shards: consolidated.{n_shards:02d}.pth and later are missing."
         raise CheckpointError(
-            f"tok_embeddings.weight in {params_path.parent} is {embed.shape[1]} wide but {params_path.name} says dim={dim}.{hint or ' Is params.json from a different model?'}"
+            f"tok_embeddings.weight in {params_path.parent} is {embed[1]} wide but {params_path.name} says dim={dim}.{hint or ' Is params.json from a different model?'}"
         )
     vocab_size = params.get("vocab_size", -1)
     if not isinstance(vocab_size, int) or vocab_size <= 0:
-        vocab_size = embed.shape[
-            0
-        ]  # Llama 2 writes -1: the tokenizer decides, the embedding shows it
-    hidden_dim = w1.shape[0]
+        # Llama 2 writes -1 (the tokenizer decides); the embedding shows it
+        vocab_size = embed[0]
+    hidden_dim = w1[0]
     if "multiple_of" in params:
         try:
             implied = ffn_hidden_dim(dim, params["multiple_of"], params.get("ffn_dim_multiplier"))

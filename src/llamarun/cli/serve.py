@@ -1,0 +1,79 @@
+"""`llamarun serve [MODEL]`: the OpenAI-compatible server (FastAPI + uvicorn) on one loaded model."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError
+from . import DEFAULT_MODEL, add_model_args, load_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser)
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1, this machine only)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=8000, help="TCP port (default: 8000; 0 picks a free one)"
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="requests decoded together; more wait in a queue (default: 8)",
+    )
+    parser.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes"
+    )
+    parser.add_argument(
+        "--model-name", default=None, help="the id clients pass as `model` (default: from MODEL)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="uvicorn's log level",
+    )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, so the URL printed below accepts connections at once."""
+    try:
+        sock = socket.create_server(
+            (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET
+        )
+    except OSError as e:
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({e.strerror}): pick another --port or --host"
+        ) from e
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..server import create_app
+
+    if args.max_batch_size < 1:
+        raise ConfigError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
+    sock = bind(args.host, args.port)
+    llm = load_from_args(args, max_batch_size=args.max_batch_size)
+    model_name = args.model_name or Path(args.model or DEFAULT_MODEL).stem
+    app = create_app(llm, model_name=model_name, api_key=args.api_key)
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=None)
+    )
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(
+        f"llamarun: serving {model_name} at http://{shown}:{port}/v1 (batch {args.max_batch_size}, context {llm.max_seq_len})",
+        file=sys.stderr,
+    )
+    server.run(sockets=[sock])
+    return 0

@@ -1,0 +1,356 @@
+"""The OpenAI-compatible server, tested over real HTTP with the official `openai` client.
+
+A tiny random model with a printable-character tokenizer and a minimal chat format stand in for a
+real model: the server only needs the Tokenizer protocol and encode_dialog/stop_ids.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from llamarun.config import ModelArgs
+from llamarun.generate import LLM
+from llamarun.model import Transformer
+from llamarun.server import create_app
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+API_KEY = "test-key"
+MODEL = "tiny"
+BOS, EOS = 256, 257
+
+
+class CharTokenizer:
+    """Ids 0..94 are the printable ASCII characters; every other id prints as one of them too,
+    so a random model always produces readable text. 256 is BOS, 257 EOS."""
+
+    vocab_size = 320
+    bos_id, eos_id, pad_id = BOS, EOS, -1
+    stop_ids = frozenset({EOS})
+    add_bos, adds_dummy_prefix = True, False
+
+    def encode(
+        self, text: str, *, bos: bool = True, eos: bool = False, special: bool = False
+    ) -> list[int]:
+        return [BOS] * bos + [ord(c) - 32 for c in text if 32 <= ord(c) < 127] + [EOS] * eos
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return b"" if token_id in (BOS, EOS) else bytes([32 + token_id % 95])
+
+    def decode(self, ids) -> str:
+        return b"".join(self.token_bytes(i) for i in ids).decode()
+
+    def token_to_id(self, piece: str) -> int | None:
+        return None
+
+
+class LineChatFormat:
+    """Stand-in for tokenizer.chat's ChatFormat: 'role: content' lines, then 'assistant:'."""
+
+    def __init__(self, tokenizer: CharTokenizer):
+        self.tokenizer = tokenizer
+        self.stop_ids = frozenset({EOS})
+
+    def encode_dialog(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return self.tokenizer.encode(text + ("assistant:" if add_generation_prompt else ""))
+
+
+def build_llm(max_batch_size: int = 4) -> LLM:
+    torch.manual_seed(0)
+    args = ModelArgs(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=320, max_seq_len=128
+    )
+    model = Transformer(args)
+    for param in model.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    with torch.no_grad():  # logit 0 for BOS and EOS: greedy text is then always len(max_tokens)
+        model.output.weight[[BOS, EOS]] = 0
+    model.eval().setup_caches(max_batch_size, 128)
+    return LLM(model, CharTokenizer())
+
+
+class ServerThread:
+    """uvicorn on an ephemeral loopback port, in a background thread."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(
+        1
+    )  # a tiny model gains nothing from threads, and they stall on a busy machine
+    llm = build_llm()
+    app = create_app(
+        llm, model_name=MODEL, api_key=API_KEY, chat_format=LineChatFormat(llm.tokenizer)
+    )
+    running = ServerThread(app)
+    running.app = app
+    yield running
+    running.stop()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=30)
+
+
+def chat(client, content: str, **kwargs):
+    kwargs.setdefault("temperature", 0)
+    return client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], **kwargs
+    )
+
+
+def test_models_lists_the_served_model(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_health(server):
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_completion_counts_tokens_and_stops_at_length(client):
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=7, temperature=0)
+    assert out.choices[0].finish_reason == "length"
+    assert len(out.choices[0].text) == 7  # one printable character per token
+    assert out.usage.prompt_tokens == 6  # BOS + 5 characters
+    assert out.usage.completion_tokens == 7 and out.usage.total_tokens == 13
+
+
+def test_completion_accepts_token_ids_and_several_prompts(client):
+    by_text = client.completions.create(
+        model=MODEL, prompt=["Hi", "Yo"], max_tokens=5, temperature=0
+    )
+    by_ids = client.completions.create(
+        model=MODEL, prompt=[[BOS, 40, 73], [BOS, 57, 79]], max_tokens=5, temperature=0
+    )
+    assert [c.text for c in by_text.choices] == [c.text for c in by_ids.choices]
+    assert by_text.choices[0].text != by_text.choices[1].text
+
+
+def test_chat_streaming_joins_to_the_non_streamed_answer(client):
+    whole = chat(client, "Tell me a story", max_tokens=20)
+    stream = chat(
+        client,
+        "Tell me a story",
+        max_tokens=20,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and len(text) == 20
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_stream_ends_with_done(server):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+
+
+def test_n2_sampled_choices_differ(client):
+    out = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Go"}],
+        n=2,
+        max_tokens=16,
+        temperature=1.0,
+        seed=3,
+    )
+    assert [c.index for c in out.choices] == [0, 1]
+    assert out.choices[0].message.content != out.choices[1].message.content
+    again = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Go"}],
+        n=2,
+        max_tokens=16,
+        temperature=1.0,
+        seed=3,
+    )
+    assert [c.message.content for c in again.choices] == [c.message.content for c in out.choices]
+    assert out.usage.completion_tokens == 32
+
+
+def test_stop_string_cuts_the_text_and_reports_stop(client):
+    full = chat(client, "Stop test", max_tokens=24).choices[0].message.content
+    stop = full[10:12]
+    cut = chat(client, "Stop test", max_tokens=24, stop=[stop, "\x00never"])
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_chat_logprobs_match_the_chosen_tokens(client):
+    out = chat(client, "Scores", max_tokens=5, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == out.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob)  # greedy picks the best
+        assert t.top_logprobs[0].token == t.token
+
+
+def test_completion_echo_with_logprobs_scores_the_prompt(client):
+    out = client.completions.create(
+        model=MODEL, prompt="abc", max_tokens=2, temperature=0, echo=True, logprobs=2
+    )
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text.startswith("abc") and len(out.choices[0].text) == 5
+    assert lp.tokens[:4] == ["", "a", "b", "c"]  # BOS prints as nothing
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    assert len(lp.token_logprobs) == 6 and lp.text_offset[-1] == 4
+
+
+def error_of(call) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as info:
+        call()
+    return info.value
+
+
+def test_invalid_value_is_a_400_naming_the_parameter(client):
+    err = error_of(lambda: chat(client, "x", temperature=-1))
+    assert err.status_code == 400 and err.body["param"] == "temperature"
+    assert err.body["type"] == "invalid_request_error" and "temperature" in err.body["message"]
+
+
+def test_malformed_json_is_a_400(server):
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"},
+    )
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_unknown_fields_are_ignored(client):
+    out = chat(
+        client, "x", max_tokens=2, extra_body={"logit_bias_unknown": {"1": 2}, "frobnicate": True}
+    )
+    assert out.choices[0].finish_reason == "length"
+
+
+def test_wrong_or_missing_key_is_a_401(server):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    assert error_of(lambda: bad.models.list()).status_code == 401
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_unknown_model_is_a_404(client):
+    err = error_of(lambda: client.completions.create(model="gpt-9", prompt="x"))
+    assert err.status_code == 404 and err.body["param"] == "model"
+
+
+def test_prompt_plus_max_tokens_beyond_context_is_a_400_with_numbers(client):
+    err = error_of(lambda: client.completions.create(model=MODEL, prompt="y" * 100, max_tokens=50))
+    assert err.status_code == 400 and err.body["param"] == "max_tokens"
+    assert (
+        "128" in err.body["message"]
+        and "101" in err.body["message"]
+        and "50" in err.body["message"]
+    )
+
+
+def test_concurrent_greedy_requests_equal_the_same_requests_alone(client):
+    prompts = [f"Request number {i} {'x' * i}" for i in range(8)]
+
+    def ask(i: int) -> str:
+        out = client.completions.create(
+            model=MODEL, prompt=prompts[i], max_tokens=12 + i, temperature=0
+        )
+        return out.choices[0].text
+
+    alone = [ask(i) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, range(8)))
+    assert together == alone
+
+
+def test_bad_request_does_not_disturb_others(client):
+    with ThreadPoolExecutor(4) as pool:
+        good = pool.submit(lambda: chat(client, "steady", max_tokens=10))
+        bad = [
+            pool.submit(
+                error_of, lambda: client.completions.create(model=MODEL, prompt=[[BOS, 9999]])
+            )
+            for _ in range(3)
+        ]
+        assert all(b.result().status_code == 400 for b in bad)
+        assert (
+            good.result().choices[0].message.content
+            == chat(client, "steady", max_tokens=10).choices[0].message.content
+        )
+
+
+def test_disconnected_streaming_client_frees_its_slot(server, monkeypatch):
+    scheduler = server.app.state.scheduler
+    step = scheduler.engine.step
+    monkeypatch.setattr(
+        scheduler.engine, "step", lambda: (time.sleep(0.02), step())[1]
+    )  # 100 tokens: 2 s
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "long"}],
+        "max_tokens": 100,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ) as r:
+        chunks = (json.loads(line.removeprefix("data: ")) for line in r.iter_lines() if line)
+        assert (
+            next(c for c in chunks if c["choices"][0]["delta"].get("content"))["object"]
+            == "chat.completion.chunk"
+        )
+        assert len(scheduler.running) == 1
+    left = time.monotonic()
+    while scheduler.running and time.monotonic() - left < 1.5:
+        time.sleep(0.01)
+    assert not scheduler.running and time.monotonic() - left < 0.5

@@ -195,8 +195,8 @@ def model_args(
             n_kv_heads=int(meta.get("llama.attention.head_count_kv", n_heads)),
             vocab_size=int(weights["tok_embeddings.weight"].shape[0]),
             hidden_dim=int(weights["layers.0.feed_forward.w1.weight"].shape[0]),
-            norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+            norm_eps=_float32(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=_float32(meta.get("llama.rope.freq_base", 10000.0)),
             rope_scaling=rope_scaling(meta, rope_freqs, head_dim, path),
             max_seq_len=int(meta.get("llama.context_length", 2048)),
             tie_embeddings="output.weight" not in weights,
@@ -237,6 +237,11 @@ def rope_scaling(
             f"{path} has rope_freqs factors that are not Llama 3.1-style scaling; llamarun cannot reproduce them"
         )
     return scaling
+
+
+def _float32(value: float) -> float:
+    """The shortest decimal of a float32 metadata value (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(value)))
 
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:

@@ -15,6 +15,7 @@ from functools import cached_property
 
 import torch
 
+from .device import as_token_ids
 from .errors import RequestError
 from .model import Transformer
 from .sampling import SamplingParams, apply_penalties, sample
@@ -286,7 +287,7 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] = DEFAULT_PARAMS,
     ) -> Iterator[list[int | None]]:
         """Yield one new token id per prompt per step (None once that prompt has finished)."""
-        prompts = [list(p) for p in prompts]
+        prompts = [as_token_ids(p) for p in prompts]  # lists, or tensors on any device
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(prompts) > self.max_batch_size:
             raise RequestError(

@@ -7,6 +7,10 @@ real model: the server only needs the Tokenizer protocol and encode_dialog/stop_
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +20,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from conftest import shared_model
 
 from llamarun.config import ModelArgs
 from llamarun.generate import LLM
@@ -354,3 +359,63 @@ def test_disconnected_streaming_client_frees_its_slot(server, monkeypatch):
     while scheduler.running and time.monotonic() - left < 1.5:
         time.sleep(0.01)
     assert not scheduler.running and time.monotonic() - left < 0.5
+
+
+def test_shutdown_finishes_in_flight_streams_then_stops_the_engine(monkeypatch):
+    llm = build_llm(max_batch_size=2)
+    app = create_app(llm, model_name=MODEL, chat_format=LineChatFormat(llm.tokenizer))
+    running, scheduler = ServerThread(app), app.state.scheduler
+    step = scheduler.engine.step
+    monkeypatch.setattr(scheduler.engine, "step", lambda: (time.sleep(0.01), step())[1])
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "bye"}],
+        "max_tokens": 40,
+        "stream": True,
+    }
+    with httpx.stream("POST", running.url + "/v1/chat/completions", json=body) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if '"content":"' in line and '"content":""' not in line)
+        running.server.should_exit = True  # what uvicorn's SIGTERM handler sets
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]" and '"finish_reason":"length"' in rest[-2]
+    running.thread.join(timeout=10)
+    assert not running.thread.is_alive() and not scheduler.thread.is_alive()
+
+
+@pytest.mark.slow
+def test_serve_cli_answers_then_exits_on_sigterm():
+    model = shared_model("stories260K/stories260K.bin")
+    cmd = [
+        sys.executable,
+        "-m",
+        "llamarun",
+        "serve",
+        str(model),
+        "--tokenizer",
+        str(model.parent / "tok512.model"),
+        "--port",
+        "0",
+        "--max-seq-len",
+        "256",
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        url = re.search(r"http://\S+/v1", line).group(0)
+        out = openai.OpenAI(base_url=url, api_key="none").completions.create(
+            model="stories260K", prompt="Once upon a time", max_tokens=8, temperature=0
+        )
+        assert out.choices[0].text.startswith(
+            ", there was a little girl"
+        )  # llama2.c's run.c output
+        with pytest.raises(openai.BadRequestError, match="only continues text"):
+            openai.OpenAI(base_url=url, api_key="none").chat.completions.create(
+                model="stories260K", messages=[{"role": "user", "content": "hi"}]
+            )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+    finally:
+        proc.kill()

@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-name", default=None, help="the id clients pass as `model` (default: from MODEL)"
     )
     parser.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="NAME|FILE",
+        help="chat format for /v1/chat/completions: llama2, llama3, chatml or a Jinja file (default: the model's own)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -65,7 +71,12 @@ def run(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)
     llm = load_from_args(args, max_batch_size=args.max_batch_size)
     model_name = args.model_name or Path(args.model or DEFAULT_MODEL).stem
-    app = create_app(llm, model_name=model_name, api_key=args.api_key)
+    chat_format = None
+    if args.chat_template is not None:
+        from ..tokenizer.chat import get_chat_format
+
+        chat_format = get_chat_format(llm.tokenizer, llm.chat_template, args.chat_template)
+    app = create_app(llm, model_name=model_name, api_key=args.api_key, chat_format=chat_format)
     server = uvicorn.Server(
         uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=None)
     )

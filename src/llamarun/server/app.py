@@ -48,14 +48,19 @@ def error_response(e: Exception) -> tuple[int, dict]:
 def create_app(
     llm: LLM, *, model_name: str, api_key: str | None = None, chat_format=None
 ) -> FastAPI:
-    """chat_format: renders chat messages (default: the model's own, from get_chat_format)."""
+    """chat_format: renders chat messages (default: the model's own, `llm.chat_format`)."""
     tokenizer = llm.tokenizer
     if tokenizer is None:
         raise TokenizerError("the server needs a tokenizer: pass --tokenizer PATH")
+    no_chat = None  # why /v1/chat/completions is refused, for a base model
     if chat_format is None:
-        from ..tokenizer.chat import get_chat_format
-
-        chat_format = get_chat_format(tokenizer, llm.chat_template)
+        try:
+            chat_format = llm.chat_format
+        except TokenizerError:
+            no_chat = (
+                "this model has no chat template or chat tokens, so it only continues text: use "
+                "/v1/completions, or restart the server with --chat-template NAME|FILE"
+            )
     scheduler = Scheduler(llm)
     created = int(time.time())
 
@@ -253,11 +258,8 @@ def create_app(
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(body: p.ChatCompletionRequest, request: Request):
         check_model(body.model)
-        if chat_format is None:
-            raise RequestError(
-                "this model has no chat template: use /v1/completions, or serve a chat model",
-                param="messages",
-            )
+        if no_chat is not None:
+            raise RequestError(no_chat, param="messages")
         prompts = [
             list(
                 chat_format.encode_dialog(

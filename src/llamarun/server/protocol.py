@@ -72,13 +72,14 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
 
     def as_dict(self) -> dict[str, str]:
+        role = "system" if self.role == "developer" else self.role  # OpenAI's newer name for it
         if isinstance(self.content, list):
             if any(p.type != "text" or p.text is None for p in self.content):
                 raise RequestError(
                     "only text content parts are supported in messages", param="messages"
                 )
-            return {"role": self.role, "content": "".join(p.text for p in self.content)}
-        return {"role": self.role, "content": self.content or ""}
+            return {"role": role, "content": "".join(p.text for p in self.content)}
+        return {"role": role, "content": self.content or ""}
 
 
 class ChatCompletionRequest(_SamplingRequest):

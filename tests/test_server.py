@@ -419,3 +419,34 @@ def test_serve_cli_answers_then_exits_on_sigterm():
         assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
     finally:
         proc.kill()
+
+
+@pytest.mark.slow
+def test_real_chat_model_answers_and_streams_the_same_text():
+    import llamarun
+
+    llm = llamarun.load(
+        shared_model("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        max_batch_size=2,
+        max_seq_len=256,
+    )
+    running = ServerThread(create_app(llm, model_name="smollm2"))
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
+        ask = dict(
+            model="smollm2",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+            max_tokens=30,
+        )
+        whole = client.chat.completions.create(**ask)
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(**ask, stream=True)
+        )
+        assert whole.choices[0].message.content == "The capital of France is Paris." == streamed
+        assert (
+            whole.choices[0].finish_reason == "stop"
+        )  # ended by <|im_end|>, the chat format's stop id
+    finally:
+        running.stop()

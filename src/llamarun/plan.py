@@ -197,7 +197,12 @@ def device_words(device: torch.device) -> str:
 
 
 def fmt_gb(n: int) -> str:
-    return f"{n / GB:.1f} GB"
+    """Bytes in decimal units: GB from 1 GB up, MB below, kB for the smallest."""
+    if n >= GB:
+        return f"{n / GB:.1f} GB"
+    if n >= 1e6:
+        return f"{n / 1e6:.0f} MB"
+    return f"{n / 1e3:.0f} kB"
 
 
 def free_memory(device: torch.device) -> int:

@@ -1,0 +1,175 @@
+"""`llamarun info MODEL`: detected format, architecture, parameter count, tokenizer and the memory
+needed per dtype and quantization. It reads only the config or header: no weights are loaded.
+
+MODEL is a checkpoint path, a catalogue name (pulled on first use), or a shape from
+config.KNOWN_MODELS (e.g. llama-2-7b) to see what such a model would need.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..config import KNOWN_MODELS, ModelArgs
+from ..loaders.args import CheckpointHeader
+from ..plan import GPU_RESERVE, QUANTIZE_MODES, Option, dtype_name, fmt_gb, option
+
+TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+QUANTIZED_DTYPE = torch.bfloat16  # compute dtype (and scales, KV cache) of the int8/int4 rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="checkpoint path, catalogue name, or a known shape such as llama-2-7b",
+    )
+    add_memory_args(parser)
+
+
+def add_memory_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="context to size the KV cache for (default: the model's, capped at 4096)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=1, help="rows of KV cache (max_batch_size; default: 1)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    model_args, header = describe_target(args.model, pull=True)
+    seq_len = context_length(model_args, args.max_seq_len)
+    for label, value in summary(model_args, header):
+        print(f"{label:<14}{value}")
+    print()
+    print(
+        f"Memory at {seq_len} tokens of context x {args.batch} row(s) (working memory: CPU; a GPU adds {fmt_gb(GPU_RESERVE)}):"
+    )
+    rows = memory_rows(
+        model_args, args.batch, seq_len, gpu=False, packed=header.packed if header else None
+    )
+    print(render_table(rows))
+    return 0
+
+
+def describe_target(name: str | None, *, pull: bool) -> tuple[ModelArgs, CheckpointHeader | None]:
+    """(ModelArgs, header) for a path or catalogue name; (ModelArgs, None) for a KNOWN_MODELS shape.
+    With pull=False a catalogue model must already be cached (doctor never downloads)."""
+    from ..errors import CheckpointError
+    from ..loaders.args import read_args
+    from . import resolve_model
+
+    if name is not None and not Path(name).expanduser().exists():
+        known = {k.lower(): v for k, v in KNOWN_MODELS.items()}
+        if name.lower() in known:
+            return known[name.lower()], None
+        if not pull:
+            from .. import catalogue
+
+            cached = catalogue.cached_path(name) if name in catalogue.CATALOGUE else None
+            if cached is None:
+                raise CheckpointError(
+                    f"{name} is neither a checkpoint path, a cached catalogue model, nor a known shape "
+                    f"({', '.join(KNOWN_MODELS)}); give a path, or run `llamarun pull {name}` first"
+                )
+            name = str(cached)
+    header = read_args(resolve_model(name) if pull else name)
+    return header.args, header
+
+
+def context_length(args: ModelArgs, max_seq_len: int | None) -> int:
+    return max_seq_len or min(args.max_seq_len, 4096)  # llamarun.load's default
+
+
+def summary(args: ModelArgs, header: CheckpointHeader | None) -> list[tuple[str, str]]:
+    rope = f"rope_theta={args.rope_theta:g}"
+    if args.rope_scaling is not None:
+        s = args.rope_scaling
+        rope += f", llama3 scaling x{s.factor:g} from {s.original_max_seq_len}"
+    lines = []
+    if header is not None:
+        lines += [
+            (
+                "model",
+                f"{header.path} ({header.format} format)"
+                + (f", named {header.name!r}" if header.name else ""),
+            )
+        ]
+    lines += [
+        (
+            "architecture",
+            f"dim={args.dim} n_layers={args.n_layers} n_heads={args.n_heads} n_kv_heads={args.n_kv_heads} "
+            f"head_dim={args.head_dim} hidden_dim={args.hidden_dim} vocab_size={args.vocab_size}",
+        ),
+        (
+            "",
+            f"max_seq_len={args.max_seq_len} {rope} norm_eps={args.norm_eps:g}"
+            + (" tied embeddings" if args.tie_embeddings else ""),
+        ),
+        ("parameters", f"{args.n_params():,} ({count_words(args.n_params())})"),
+    ]
+    if header is not None:
+        stored = header.stored + (
+            f"; linear weights stay packed in {header.packed}" if header.packed else ""
+        )
+        lines += [
+            ("stored as", stored),
+            (
+                "tokenizer",
+                header.tokenizer or "none found beside the checkpoint (pass --tokenizer)",
+            ),
+        ]
+    return lines
+
+
+def memory_rows(
+    args: ModelArgs, batch: int, seq_len: int, *, gpu: bool, packed: str | None = None
+) -> list[Option]:
+    """One option per dtype and per quantization (int8/int4 computing in bfloat16)."""
+    rows = [option(args, dtype, None, batch, seq_len, gpu=gpu) for dtype in TABLE_DTYPES]
+    rows += [option(args, QUANTIZED_DTYPE, q, batch, seq_len, gpu=gpu) for q in QUANTIZE_MODES]
+    if packed:
+        rows.append(option(args, QUANTIZED_DTYPE, packed, batch, seq_len, gpu=gpu))
+    return rows
+
+
+def row_label(o: Option) -> str:
+    return (
+        dtype_name(o.dtype)
+        if o.quantize is None
+        else f"{o.quantize} ({'as stored, ' if o.quantize not in QUANTIZE_MODES else ''}{dtype_name(o.dtype)})"
+    )
+
+
+def render_table(rows: list[Option], extra: dict[str, list[str]] | None = None) -> str:
+    """A plain-text table: option, weights, KV cache, working, total, then any extra columns."""
+    header = ["option", "weights", "KV cache", "working", "total", *(extra or {})]
+    body = [
+        [row_label(o), fmt_gb(o.weights), fmt_gb(o.kv_cache), fmt_gb(o.working), fmt_gb(o.total)]
+        for o in rows
+    ]
+    for column in (extra or {}).values():
+        for line, cell in zip(body, column):
+            line.append(cell)
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    return "\n".join([line(header), *(line(r) for r in body)])
+
+
+def count_words(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.{2 if unit == 'B' else 1}f} {unit}"
+    return str(n)

@@ -90,11 +90,6 @@ class GGUFTokenizer:
             self._sp = _sentencepiece(
                 tokens, scores, token_types, self, path, dummy_prefix=self.adds_dummy_prefix
             )
-            self._sp_inner = (
-                _sentencepiece(tokens, scores, token_types, self, path, dummy_prefix=False)
-                if self.adds_dummy_prefix
-                else self._sp
-            )
             self._byte_of = {
                 i: bytes([int(t[3:5], 16)])
                 for i, t in enumerate(tokens)
@@ -135,19 +130,19 @@ class GGUFTokenizer:
                 chunks.append((text[start : m.start()], self._ids[m.group()]))
                 start = m.end()
         chunks.append((text[start:], None))
-        for i, (chunk, special_id) in enumerate(chunks):
+        for chunk, special_id in chunks:
             if chunk:
-                ids += self._encode_plain(chunk, at_start=i == 0)
+                ids += self._encode_plain(chunk)
             if special_id is not None:
                 ids.append(special_id)
         if eos and self.eos_id is not None:
             ids.append(self.eos_id)
         return ids
 
-    def _encode_plain(self, text: str, *, at_start: bool) -> list[int]:
+    def _encode_plain(self, text: str) -> list[int]:
         if self.kind == "llama":
-            # llama.cpp adds SentencePiece's dummy prefix only at the start of the text, not after specials
-            return (self._sp if at_start else self._sp_inner).encode(text)
+            # each text piece gets SentencePiece's dummy prefix, after a special token too (as llama.cpp)
+            return self._sp.encode(text)
         return self._bpe.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -1,0 +1,178 @@
+"""Tokenizers from GGUF metadata: the `llama` kind encodes like SentencePiece, the `gpt2` kind like
+transformers' GPT-2 style tokenizers, both from vocabularies embedded in real and tiny files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from conftest import shared_model  # noqa: E402
+from tiny_tokenizers import write_hf_tokenizer  # noqa: E402
+
+from llamarun.errors import TokenizerError  # noqa: E402
+from llamarun.loaders.gguf import open_reader, read_metadata  # noqa: E402
+from llamarun.tokenizer import Tokenizer  # noqa: E402
+from llamarun.tokenizer.gguf import CONTROL, NORMAL, GGUFTokenizer  # noqa: E402
+
+STRINGS = [
+    "Hello world",
+    "  two leading spaces",
+    "multiple   spaces  inside ",
+    "digits 1234567 and 3.14159",
+    "accents: café, naïve, Ünïcödé, señor",
+    "emoji 😀🎉 and a family 👩‍👩‍👧",
+    "CJK 你好世界 日本語",
+    "tabs\tand\nnew\n\nlines",
+    " ",
+    "don't I'll WE'RE they've",
+]
+SMOLLM2 = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_RANDOM = "llama-2-tiny-random/llama-2-tiny-random.gguf"
+
+
+def gguf_tokenizer(path: Path) -> GGUFTokenizer:
+    return GGUFTokenizer.from_metadata(read_metadata(open_reader(path)), path)
+
+
+@pytest.fixture(scope="module")
+def llama2_gguf() -> GGUFTokenizer:
+    return gguf_tokenizer(shared_model(TINY_RANDOM))
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> GGUFTokenizer:
+    return gguf_tokenizer(shared_model(SMOLLM2))
+
+
+def test_llama_vocab_encodes_like_sentencepiece(llama2_gguf):
+    import sentencepiece
+
+    reference = sentencepiece.SentencePieceProcessor(
+        model_file=str(shared_model("llama2-tokenizer/tokenizer.model"))
+    )
+
+    for text in STRINGS + ["", "<s> and </s> stay text", "x\u2581y"]:
+        ids = llama2_gguf.encode(text, bos=False)
+        assert ids == reference.encode(text), text
+        assert llama2_gguf.decode(ids) == reference.decode(ids), text
+
+
+def test_llama_vocab_literal_ids_and_specials(llama2_gguf):
+    ids = llama2_gguf.encode("Hello", special=True)
+
+    assert ids == [1, 15043]  # <s>, "▁Hello"
+    assert llama2_gguf.encode("<s>hi</s>", bos=False, special=True) == [
+        1,
+        7251,
+        2,
+    ]  # <s> "▁hi" </s>: text after a special keeps the dummy prefix
+    assert llama2_gguf.encode("<s>", bos=False) == [
+        529,
+        29879,
+        29958,
+    ]  # "▁<" "s" ">": text unless special
+    assert (llama2_gguf.bos_id, llama2_gguf.eos_id, llama2_gguf.pad_id) == (1, 2, -1)
+    assert llama2_gguf.stop_ids == {2} and llama2_gguf.add_bos and llama2_gguf.adds_dummy_prefix
+    assert isinstance(llama2_gguf, Tokenizer)
+
+
+def test_llama_vocab_token_bytes(llama2_gguf):
+    assert llama2_gguf.token_bytes(1) == b""  # <s> is a control token
+    assert llama2_gguf.token_bytes(3 + 0xE4) == b"\xe4"  # <0xE4> byte-fallback piece
+    assert llama2_gguf.token_bytes(15043) == b" Hello"  # ▁ is a space
+    assert llama2_gguf.token_to_id("▁Hello") == 15043
+
+
+@pytest.mark.slow  # transformers reads the whole 100 MB file (~15 s here)
+def test_gpt2_vocab_encodes_like_transformers_gguf_reader(smollm2):
+    transformers = pytest.importorskip("transformers")
+    path = shared_model(SMOLLM2)
+    reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+    texts = STRINGS + [
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+        "a<|endoftext|>b",
+    ]
+    for text in texts:
+        assert smollm2.encode(text, bos=False, special=True) == reference.encode(
+            text, add_special_tokens=False
+        ), text
+
+
+def test_gpt2_vocab_literal_ids_specials_and_stops(smollm2):
+    assert smollm2.encode("Hello world", bos=False) == [19556, 905]  # "Hello", "Ġworld"
+    assert smollm2.encode("2024", bos=False) == [
+        34,
+        32,
+        34,
+        36,
+    ]  # digits one by one (smollm pre-tokenizer)
+    assert smollm2.encode("<|im_end|>", bos=False, special=True) == [2]
+    assert 2 not in smollm2.encode("<|im_end|>", bos=False)  # plain text unless special=True
+    assert smollm2.stop_ids == {0, 2}  # <|endoftext|>, <|im_end|> (the file's eos)
+    assert not smollm2.add_bos and not smollm2.adds_dummy_prefix
+    assert smollm2.pad_id == 2 and smollm2.token_to_id("<|im_start|>") == 1
+
+
+def test_gpt2_token_bytes_undo_the_byte_alphabet(smollm2):
+    text = "café 😀 naïve"
+    ids = smollm2.encode(text, bos=False)
+
+    assert b"".join(smollm2.token_bytes(i) for i in ids) == text.encode()
+    assert smollm2.decode(ids) == text
+    assert smollm2.token_bytes(2) == b""
+
+
+def tiny_gpt2_metadata(tmp_path: Path, pre: str) -> dict:
+    """GGUF tokenizer metadata from a tiny byte-level BPE trained by `tokenizers`, plus ChatML specials."""
+    spec = json.loads(write_hf_tokenizer(tmp_path).read_text())
+    vocab = spec["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get) + ["<|im_start|>", "<|im_end|>"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    types = [
+        CONTROL if t in ("<s>", "</s>", "<|im_start|>", "<|im_end|>") else NORMAL for t in tokens
+    ]
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.bos_token_id": 0,
+        "tokenizer.ggml.eos_token_id": 1,
+        "tokenizer.ggml.add_bos_token": True,
+    }
+
+
+def test_tiny_gpt2_vocab_matches_transformers_fast_tokenizer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    meta = tiny_gpt2_metadata(tmp_path, "default")
+    reference = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "tokenizer.json")
+    )
+    reference.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+
+    tok = GGUFTokenizer.from_metadata(meta, tmp_path / "t.gguf")
+
+    for text in STRINGS + ["<|im_start|>user\nhi<|im_end|>"]:
+        assert tok.encode(text, bos=False, special=True) == reference.encode(
+            text, add_special_tokens=False
+        ), text
+    assert tok.encode("Lily", bos=True)[0] == 0 and tok.add_bos
+    assert tok.stop_ids == {1, tok.token_to_id("<|im_end|>")}
+
+
+def test_unknown_pre_tokenizer_and_model_are_named(tmp_path):
+    meta = tiny_gpt2_metadata(tmp_path, "qwen2")
+
+    with pytest.raises(
+        TokenizerError,
+        match=r"pre-tokenizer 'qwen2' \(tokenizer\.ggml\.pre\); llamarun knows default",
+    ):
+        GGUFTokenizer.from_metadata(meta, tmp_path / "t.gguf")
+    with pytest.raises(TokenizerError, match=r"tokenizer of kind 'rwkv'"):
+        GGUFTokenizer.from_metadata(meta | {"tokenizer.ggml.model": "rwkv"}, tmp_path / "t.gguf")

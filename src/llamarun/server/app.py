@@ -138,7 +138,7 @@ def create_app(
 
     def make_jobs(
         prompts: list[list[int]],
-        body: p._SamplingRequest,
+        body: p.SamplingRequest,
         max_tokens: int | None,
         emit: Callable,
         *,
@@ -235,25 +235,13 @@ def create_app(
         )
         return p.ChoiceLogprobs(content=[entry])
 
-    def sse(item: BaseModel | dict | str) -> bytes:
-        data = (
-            item.model_dump_json()
-            if isinstance(item, BaseModel)
-            else item
-            if isinstance(item, str)
-            else json.dumps(item)
-        )
-        return format_sse_event(data_str=data)
-
     async def sse_stream(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
         try:
             async for chunk in chunks:
-                yield sse(chunk)
-        except (
-            Exception
-        ) as e:  # the 200 status line is already sent: report the error in the stream
-            yield sse(error_response(e)[1])
-        yield sse("[DONE]")
+                yield format_sse_event(data_str=chunk.model_dump_json())
+        except Exception as e:  # the 200 status is already sent: report the error in the stream
+            yield format_sse_event(data_str=json.dumps(error_response(e)[1]))
+        yield format_sse_event(data_str="[DONE]")
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(body: p.ChatCompletionRequest, request: Request):

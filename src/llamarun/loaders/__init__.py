@@ -81,6 +81,10 @@ def detect_format(path: str | Path) -> str:
         return "llama2c"
     if len(head) == 28 and _llama2c_v0_consistent(path, head):
         return "llama2c"
+    if len(head) == 28:  # a llama2.c header with the wrong file size: say so, with both sizes
+        from .llama2c import raise_if_v0_mismatch
+
+        raise_if_v0_mismatch(path, head)
     raise CheckpointError(
         f"{path} is not a checkpoint llamarun can read: it is neither GGUF (magic 'GGUF'), nor a "
         "llama2.c .bin (a 7-int header consistent with the file size). For a Meta or Hugging Face "

@@ -74,6 +74,26 @@ def expected_v0_size(
     return {shared, shared + 4 * classifier}
 
 
+def raise_if_v0_mismatch(path: Path, head: bytes) -> None:
+    """For a file whose first 28 bytes read as a plausible legacy llama2.c header but whose size
+    does not fit it: raise CheckpointError naming both sizes (a truncated or damaged .bin)."""
+    dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = struct.unpack("<7i", head[:28])
+    if min(dim, hidden, n_layers, n_heads, n_kv_heads, seq_len, abs(vocab)) <= 0:
+        return
+    if (
+        dim % n_heads
+        or n_heads % n_kv_heads
+        or max(dim, hidden, abs(vocab), seq_len) > 1 << 20
+        or n_layers > 1 << 10
+    ):
+        return
+    sizes = sorted(
+        expected_v0_size(dim, hidden, n_layers, n_heads, n_kv_heads, abs(vocab), seq_len)
+    )
+    expected = sizes[0] if vocab > 0 else sizes[1]
+    _check_size(path, path.stat().st_size, expected, "legacy llama2.c (v0)")
+
+
 def load(path: Path) -> Checkpoint:
     """Memory-map a llama2.c .bin (v0, v1 or v2) into canonical weights, with the tokenizer beside it."""
     path = Path(path)

@@ -11,7 +11,7 @@ import platform
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +121,7 @@ class Machine:
     driver: str | None  # NVIDIA driver version from nvidia-smi
     driver_cuda: str | None  # newest CUDA the driver supports, from nvidia-smi's banner
     smi_gpus: tuple[str, ...]  # GPU names nvidia-smi lists
+    visible_devices: str | None  # CUDA_VISIBLE_DEVICES, when set
     distributed: bool
     nccl: bool
     gloo: bool
@@ -135,6 +136,7 @@ class Machine:
 def probe_machine(
     run: Callable[[list[str]], str | None] | None = None,
     exists: Callable[[str], bool] = os.path.exists,
+    env: Mapping[str, str] = os.environ,
 ) -> Machine:
     """Look at this machine. `run(argv)` returns a command's stdout or None when it is missing or
     fails; `exists(path)` tests a file. Nothing here initialises torch.distributed."""
@@ -163,6 +165,7 @@ def probe_machine(
         driver=rows[0][0].strip() if rows else _proc_driver_version(exists),
         driver_cuda=match.group(1) if match else None,
         smi_gpus=tuple(r[1].strip() for r in rows),
+        visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
         distributed=dist,
         nccl=dist and torch.distributed.is_nccl_available(),
         gloo=dist and torch.distributed.is_gloo_available(),

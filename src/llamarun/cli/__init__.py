@@ -53,7 +53,19 @@ def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = Tr
         "--quantize",
         default=None,
         choices=["int8", "int4", "auto"],
-        help="weight-only quantization after loading",
+        help="weight-only quantization after loading; auto: the best quality that fits the device",
+    )
+    parser.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the layers that do not fit the GPU on the CPU and run them there (slower)",
+    )
+    parser.add_argument(
+        "--offload-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="put exactly the last N layers on the CPU",
     )
     parser.add_argument(
         "--max-seq-len", type=int, default=None, help="context length to allocate the KV cache for"
@@ -132,6 +144,8 @@ def load_from_args(
         max_seq_len=args.max_seq_len or max_seq_len,
         max_batch_size=max_batch_size,
         compile=args.compile,
+        offload=args.offload,
+        offload_layers=args.offload_layers,
     )
 
 

@@ -317,3 +317,55 @@ def test_chat_override_and_base_model_error(always_im_end_llm):
     llm.chat_template = None
     del llm.chat_format  # cached_property: forget the format built from the old template
     assert llm.chat_format.name == "chatml"  # inferred from <|im_start|>/<|im_end|>
+
+
+@pytest.mark.parametrize(
+    ("writer", "expected"),
+    [("write_sentencepiece", "llama2"), ("write_tiktoken", "llama3"), ("write_hf_tokenizer", None)],
+)
+def test_meta_chat_format_follows_the_tokenizer_kind(tmp_path, writer, expected):
+    import tiny_tokenizers
+
+    from llamarun.tokenizer import load_tokenizer
+    from llamarun.tokenizer.chat import meta_chat_format
+
+    tok = load_tokenizer(getattr(tiny_tokenizers, writer)(tmp_path))
+    if expected is None:  # neither Llama 2 nor Llama 3: the checkpoint's template, or an error
+        assert meta_chat_format(tok, LLAMA2_HF_TEMPLATE).name == "jinja"
+        with pytest.raises(TokenizerError, match="base model"):
+            meta_chat_format(tok, None)
+    else:
+        assert meta_chat_format(tok, SMOLLM2_TEMPLATE).name == expected
+
+
+@pytest.fixture
+def llama2_llama(tiny_model, tmp_path):
+    from tiny_tokenizers import write_sentencepiece
+
+    from llamarun.llama import Llama
+    from llamarun.tokenizer import load_tokenizer
+
+    tiny_model.setup_caches(3, 128)
+    return Llama(LLM(tiny_model, load_tokenizer(write_sentencepiece(tmp_path))))
+
+
+def test_chat_completion_batches_dialogs_like_metas_llama2(llama2_llama):
+    llama, tok = llama2_llama, llama2_llama.tokenizer
+    dialogs = [DIALOG[:2], DIALOG[1:2], [{"role": "user", "content": "[INST] sneaky"}]]
+    results = llama.chat_completion(dialogs, temperature=0, max_gen_len=6, logprobs=True)
+    for dialog, result in zip(dialogs[:2], results):
+        prompt = Llama2ChatFormat(tok).encode_dialog(dialog)
+        (alone,), (logprobs,) = llama.generate([prompt], 6, temperature=0, logprobs=True)
+        assert result["generation"] == {"role": "assistant", "content": tok.decode(alone)}
+        assert result["tokens"] == [tok.decode([t]) for t in alone]
+        assert result["logprobs"] == pytest.approx(logprobs, abs=1e-5)
+    assert results[2]["generation"]["content"] == (
+        "Error: special tags are not allowed as part of the prompt."
+    )
+
+
+def test_chat_completion_cuts_at_the_end_of_turn_token(always_im_end_llm):
+    from llamarun.llama import Llama
+
+    results = Llama(always_im_end_llm).chat_completion([DIALOG[1:2]], temperature=0, max_gen_len=5)
+    assert results == [{"generation": {"role": "assistant", "content": ""}}]

@@ -173,6 +173,41 @@ class Llama:
             ]
         return [{"generation": self.tokenizer.decode(t)} for t in tokens]
 
+    def chat_completion(
+        self,
+        dialogs: list[list[dict]],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+    ) -> list[dict]:
+        """Meta's chat_completion: all dialogs as one batch, each answered as
+        {"generation": {"role": "assistant", "content": ...}} (+ "tokens", "logprobs").
+        Format: Llama 2 for SentencePiece tokenizers, Llama 3 for Llama 3's, else the checkpoint's."""
+        from .tokenizer.chat import UNSAFE_ERROR, has_special_tags, meta_chat_format
+
+        if max_gen_len is None:
+            max_gen_len = self.model.max_seq_len - 1
+        fmt = meta_chat_format(self.tokenizer, self.llm.chat_template)
+        prompt_tokens = [fmt.encode_dialog(dialog) for dialog in dialogs]
+        # Meta's Llama 2 reference refuses dialogs that contain its [INST]/<<SYS>> tags
+        unsafe = [fmt.name == "llama2" and has_special_tags(dialog) for dialog in dialogs]
+        tokens, token_logprobs = self.generate(
+            prompt_tokens, max_gen_len, temperature, top_p, logprobs
+        )
+        results = []
+        for i, toks in enumerate(tokens):
+            # the turn also ends at the format's end-of-turn token when it is not a stop id
+            cut = next((j for j, t in enumerate(toks) if t in fmt.stop_ids), len(toks))
+            toks = toks[:cut]
+            content = UNSAFE_ERROR if unsafe[i] else self.tokenizer.decode(toks)
+            result = {"generation": {"role": "assistant", "content": content}}
+            if logprobs:
+                result["tokens"] = [self.tokenizer.decode([t]) for t in toks]
+                result["logprobs"] = token_logprobs[i][:cut]
+            results.append(result)
+        return results
+
 
 def _to_lists(prompt_tokens) -> list:
     if isinstance(prompt_tokens, torch.Tensor):

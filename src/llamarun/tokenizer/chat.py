@@ -29,6 +29,7 @@ ROLES = ("system", "user", "assistant")
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
+UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 
 # Tokens that chat templates write at the end of a turn; the model must stop on them even when
 # they are not its EOS (Llama 3's <|eot_id|>, ChatML's <|im_end|>, Phi-3's <|end|>, Gemma's).
@@ -363,6 +364,16 @@ def get_chat_format(
         "continues text: use `llamarun generate`, or pass --chat-template NAME|FILE "
         f"(NAME: {', '.join(FORMATS)}) if it was trained on one"
     )
+
+
+def meta_chat_format(tokenizer: Tokenizer, chat_template: str | None) -> ChatFormat:
+    """The format Meta's chat_completion uses: Llama 2 for SentencePiece tokenizers (a Llama 2 chat
+    checkpoint has no template), Llama 3 for Llama 3's tokenizer, else the checkpoint's own."""
+    if tokenizer.adds_dummy_prefix:
+        return Llama2ChatFormat(tokenizer)
+    if tokenizer.token_to_id("<|start_header_id|>") is not None:
+        return Llama3ChatFormat(tokenizer)
+    return get_chat_format(tokenizer, chat_template)
 
 
 def has_special_tags(messages: Sequence[Message]) -> bool:

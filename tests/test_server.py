@@ -342,6 +342,7 @@ def test_disconnected_streaming_client_frees_its_slot(server, monkeypatch):
         "messages": [{"role": "user", "content": "long"}],
         "max_tokens": 100,
         "stream": True,
+        "temperature": 0,
     }
     with httpx.stream(
         "POST",
@@ -372,6 +373,7 @@ def test_shutdown_finishes_in_flight_streams_then_stops_the_engine(monkeypatch):
         "messages": [{"role": "user", "content": "bye"}],
         "max_tokens": 40,
         "stream": True,
+        "temperature": 0,
     }
     with httpx.stream("POST", running.url + "/v1/chat/completions", json=body) as r:
         lines = r.iter_lines()

@@ -162,6 +162,17 @@ def test_completion_accepts_token_ids_and_several_prompts(client):
     assert by_text.choices[0].text != by_text.choices[1].text
 
 
+def test_completion_streaming_joins_to_the_non_streamed_answer(client):
+    ask = dict(model=MODEL, prompt="Once", max_tokens=9, temperature=0, echo=True)
+    whole = client.completions.create(**ask)
+    chunks = list(
+        client.completions.create(**ask, stream=True, stream_options={"include_usage": True})
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert whole.choices[0].text.startswith("Once") and len(whole.choices[0].text) == 4 + 9
+    assert chunks[-1].usage.completion_tokens == 9 and chunks[-1].usage.prompt_tokens == 5
+
+
 def test_chat_streaming_joins_to_the_non_streamed_answer(client):
     whole = chat(client, "Tell me a story", max_tokens=20)
     stream = chat(

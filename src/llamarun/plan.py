@@ -1,8 +1,8 @@
 """Memory plan: will a model fit a device, worked out from ModelArgs alone before any weight is read.
 
 Three parts, each explicit:
-- weights: every parameter in the run dtype; with int8/int4, the linear layers (and an untied
-  output) shrink to 1 or 0.5 byte per weight plus their scales, while embeddings and norms stay;
+- weights: every parameter in the run dtype; with int8/int4, the linear layers shrink to 1 or 0.5
+  byte per weight plus their scales (the output to int8 in both), while embeddings and norms stay;
 - KV cache: batch x context x layers x kv_heads x head_dim x 2 (k and v) x bytes of the dtype;
 - working memory: logits and sampling buffers, one prefill chunk's activations, and on a GPU a
   fixed reserve for cuBLAS/kernel workspaces (see `working_bytes`).
@@ -21,11 +21,17 @@ from .config import ModelArgs
 from .errors import ConfigError, MemoryPlanError
 
 PREFILL_CHUNK = 512  # prompt tokens per forward in generate.Engine
-INT4_GROUP_SIZE = 32  # weights per int4 group (one scale and one zero each)
 GPU_RESERVE = 512 * 2**20  # cuBLAS workspace, kernel scratch and allocator slack on a GPU
 QUANTIZE_MODES = ("int8", "int4")
-# GGUF block types a file's linears stay packed in: (weights per block, bytes per block)
-PACKED_BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20)}
+# Layouts of quantize.py's layers, in bytes: Int8Linear keeps an int8 weight and float32 scales,
+# one per output channel (or per 32 weights for GGUF Q8_0); Int4Linear keeps 4-bit weights with a
+# float16 scale and minimum per 32 weights, and on CUDA also a tile-packed copy (int4 + a bfloat16
+# scale/zero pair per 32) made on the device at its first forward. in_features pad to 32.
+BLOCK = 32
+INT8_SCALE_BYTES = 4
+INT4_GROUP_BYTES = 2 + 2
+CUDA_INT4_COPY_GROUP_BYTES = 2 * 2
+PACKED_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # GGUF linears kept packed: Q8_0 as int8, Q4_x as int4
 GB = 1e9
 
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -47,42 +53,64 @@ def _linear_shapes(args: ModelArgs) -> list[tuple[int, int]]:
 
 
 def linear_bytes(
-    out_features: int, in_features: int, dtype: torch.dtype, quantize: str | None
+    out_features: int,
+    in_features: int,
+    dtype: torch.dtype,
+    quantize: str | None,
+    *,
+    gpu: bool = False,
 ) -> int:
-    """Bytes of one linear weight: dense in `dtype`, or int8 (per-output-channel scale) or int4
-    (groups of INT4_GROUP_SIZE along in_features, one scale and one zero per group, in `dtype`)."""
-    n, b = out_features * in_features, dtype_bytes(dtype)
+    """Bytes of one linear weight: dense in `dtype`, or as quantize.py's Int8Linear/Int4Linear hold
+    it (see the constants above); `quantize` may also name a GGUF type kept packed."""
     if quantize is None:
-        return n * b
+        return out_features * in_features * dtype_bytes(dtype)
+    padded = -(-in_features // BLOCK) * BLOCK
+    n, blocks = out_features * padded, out_features * padded // BLOCK
     if quantize == "int8":
-        return n + out_features * b
-    if quantize == "int4":
-        groups = out_features * -(-in_features // INT4_GROUP_SIZE)
-        return n // 2 + groups * 2 * b
-    if quantize in PACKED_BLOCKS:
-        block, size = PACKED_BLOCKS[quantize]
-        return n // block * size
+        return n + out_features * INT8_SCALE_BYTES
+    if quantize == "Q8_0":
+        return n + blocks * INT8_SCALE_BYTES
+    if quantize in ("int4", "Q4_0", "Q4_1"):
+        copy = gpu and cuda_int4_packs(in_features, dtype)
+        cuda_copy = (
+            out_features * in_features // 2 + blocks * CUDA_INT4_COPY_GROUP_BYTES if copy else 0
+        )
+        return n // 2 + blocks * INT4_GROUP_BYTES + cuda_copy
     raise MemoryPlanError(f"--quantize {quantize!r} is not a mode; choose int8, int4 or auto")
 
 
-def layer_bytes(args: ModelArgs, dtype: torch.dtype, quantize: str | None = None) -> int:
+def cuda_int4_packs(in_features: int, dtype: torch.dtype) -> bool:
+    """Whether Int4Linear runs torch's packed int4 kernel on CUDA (else it dequantizes per call)."""
+    return dtype == torch.bfloat16 and in_features % 1024 == 0
+
+
+def layer_bytes(
+    args: ModelArgs, dtype: torch.dtype, quantize: str | None = None, *, gpu: bool = False
+) -> int:
     """Weights of one transformer block: its seven linears plus two norms (norms stay in dtype)."""
-    linears = sum(linear_bytes(o, i, dtype, quantize) for o, i in _linear_shapes(args))
+    linears = sum(linear_bytes(o, i, dtype, quantize, gpu=gpu) for o, i in _linear_shapes(args))
     return linears + 2 * args.dim * dtype_bytes(dtype)
 
 
 def outer_bytes(args: ModelArgs, dtype: torch.dtype, quantize: str | None = None) -> int:
-    """Weights outside the blocks: embeddings and final norm in dtype, the output linear
-    quantized like the blocks when it is untied (a tied one is the embedding itself)."""
+    """Weights outside the blocks: embeddings and final norm stay in dtype. quantize_ turns the
+    output linear into int8 in both modes, tied or not (a tied one then gets its own int8 copy);
+    a GGUF file's untied output stays in its packed type, a tied one is the embedding itself."""
     b = dtype_bytes(dtype)
     total = (args.vocab_size * args.dim + args.dim) * b
-    if not args.tie_embeddings:
+    if quantize in QUANTIZE_MODES:
+        total += linear_bytes(args.vocab_size, args.dim, dtype, "int8")
+    elif not args.tie_embeddings:
         total += linear_bytes(args.vocab_size, args.dim, dtype, quantize)
     return total
 
 
-def weight_bytes(args: ModelArgs, dtype: torch.dtype, quantize: str | None = None) -> int:
-    return args.n_layers * layer_bytes(args, dtype, quantize) + outer_bytes(args, dtype, quantize)
+def weight_bytes(
+    args: ModelArgs, dtype: torch.dtype, quantize: str | None = None, *, gpu: bool = False
+) -> int:
+    return args.n_layers * layer_bytes(args, dtype, quantize, gpu=gpu) + outer_bytes(
+        args, dtype, quantize
+    )
 
 
 def kv_cache_bytes(
@@ -94,7 +122,13 @@ def kv_cache_bytes(
 
 
 def working_bytes(
-    args: ModelArgs, batch: int, seq_len: int, dtype: torch.dtype, *, gpu: bool
+    args: ModelArgs,
+    batch: int,
+    seq_len: int,
+    dtype: torch.dtype,
+    *,
+    gpu: bool,
+    quantize: str | None = None,
 ) -> int:
     """Peak memory besides weights and cache, during the prefill of one PREFILL_CHUNK:
     - logits (B, V) in dtype, their float32 copy and the sampling probabilities (float32);
@@ -103,7 +137,8 @@ def working_bytes(
     - the cache rows read back and expanded to all heads for grouped-query attention (B, H, S, D) x 2;
     - attention scores (B, H, T, S) in float32 (SDPA's math path; fused kernels need less);
     - the feed-forward's gate, up and their product (B, T, F);
-    - on a GPU, GPU_RESERVE for library workspaces and allocator slack."""
+    - on a GPU, GPU_RESERVE for library workspaces and allocator slack, and with int4 the
+      float32 and dtype copies of the largest weight Int4Linear dequantizes per call there."""
     b, T, S = dtype_bytes(dtype), min(PREFILL_CHUNK, seq_len), seq_len
     C, F, H, D, V = args.dim, args.hidden_dim, args.n_heads, args.head_dim, args.vocab_size
     q_kv = T * (H + 2 * args.n_kv_heads) * D
@@ -111,7 +146,11 @@ def working_bytes(
     residual = T * C * (3 * b + 4)
     attention = q_kv * b + T * (H + args.n_kv_heads) * D * 4 + 2 * H * S * D * b + H * T * S * 4
     ffn = 3 * T * F * b
-    return batch * (logits + residual + attention + ffn) + (GPU_RESERVE if gpu else 0)
+    dequantized = 0
+    if gpu and quantize in ("int4", "Q4_0", "Q4_1"):
+        sizes = [o * i for o, i in _linear_shapes(args) if not cuda_int4_packs(i, dtype)]
+        dequantized = max(sizes, default=0) * (4 + b)
+    return batch * (logits + residual + attention + ffn) + (GPU_RESERVE + dequantized if gpu else 0)
 
 
 @dataclass(frozen=True)
@@ -231,15 +270,16 @@ def option(
     offload_layers: int = 0,
 ) -> Option:
     on_device = args.n_layers - offload_layers
-    lb = layer_bytes(args, dtype, quantize)
+    lb = layer_bytes(args, dtype, quantize, gpu=gpu)
     return Option(
         dtype=dtype,
         quantize=quantize,
         weights=on_device * lb + outer_bytes(args, dtype, quantize),
         kv_cache=kv_cache_bytes(args, batch, seq_len, dtype, on_device),
-        working=working_bytes(args, batch, seq_len, dtype, gpu=gpu),
+        working=working_bytes(args, batch, seq_len, dtype, gpu=gpu, quantize=quantize),
         offload_layers=offload_layers,
-        offloaded=offload_layers * lb + kv_cache_bytes(args, batch, seq_len, dtype, offload_layers),
+        offloaded=offload_layers * layer_bytes(args, dtype, quantize)  # on the CPU: no CUDA copies
+        + kv_cache_bytes(args, batch, seq_len, dtype, offload_layers),
     )
 
 

@@ -169,8 +169,9 @@ def test_packed_q8_0_model_matches_the_dequantized_one(tmp_path):
 
     packed = gguf_logits(path, TOKENS)
 
+    # loose: the CPU kernels quantize activations to int8 per block of 32, as llama.cpp does
     torch.testing.assert_close(
-        packed, gguf_logits(path, TOKENS, keep_quantized=False), atol=2e-3, rtol=2e-3
+        packed, gguf_logits(path, TOKENS, keep_quantized=False), atol=0.1, rtol=0.05
     )
 
 

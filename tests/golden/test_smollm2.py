@@ -1,0 +1,50 @@
+"""Golden: the real SmolLM2-135M-Instruct GGUF (Q4_1, gpt2 vocabulary, ChatML template from the
+file) answers README's question like the reference: greedy, float32 from the dequantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import shared_model
+
+import llamarun
+from llamarun import build_model
+from llamarun.generate import LLM
+from llamarun.loaders.gguf import load
+from llamarun.sampling import SamplingParams
+
+SMOLLM2 = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+ANSWER = "The capital of France is Paris."
+GREEDY = SamplingParams(temperature=0, max_new_tokens=24)
+
+
+def test_smollm2_dequantized_answers_paris():
+    ckpt = load(shared_model(SMOLLM2), keep_quantized=False)
+    model = build_model(ckpt, torch.device("cpu"), torch.float32)
+    model.setup_caches(1, 256, torch.float32)
+    llm = LLM(model, ckpt.tokenizer, chat_template=ckpt.chat_template)
+
+    prompt_ids = llm.chat_format.encode_dialog(QUESTION)
+
+    # the file's template adds its default system prompt; ids checked against transformers' reader
+    assert ckpt.tokenizer.decode(prompt_ids).startswith(
+        "system\nYou are a helpful AI assistant named SmolLM"
+    )
+    assert prompt_ids[:2] == [1, 9690] and prompt_ids[-3:] == [
+        520,
+        9531,
+        198,
+    ]  # <|im_start|> system ... assistant \n
+    assert llm.chat(QUESTION, GREEDY) == ANSWER
+
+
+@pytest.mark.slow  # loads the model a second time; README's path (packed Q4_1 layers)
+def test_smollm2_packed_answers_paris():
+    quantize = pytest.importorskip("llamarun.quantize")
+    if not hasattr(quantize, "linear_from_packed"):
+        pytest.skip("llamarun.quantize.linear_from_packed is not available yet")
+
+    llm = llamarun.load(shared_model(SMOLLM2), max_seq_len=256)
+
+    assert llm.chat(QUESTION, GREEDY) == ANSWER

@@ -9,7 +9,6 @@ is plausible for a few tokens and then diverges.
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from ..config import ModelArgs, RopeScaling
 from ..errors import CheckpointError, ConfigError
 from . import Checkpoint, check_weights, expected_shapes, read_json
+from .meta import read_state_dict
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 DROPPED = re.compile(r".*rotary_emb\.inv_freq$")  # a buffer older transformers versions saved
@@ -219,17 +219,7 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def read_bin(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise CheckpointError(
-            f"{file} could not be read as a PyTorch checkpoint ({_first_line(e)}); the file is truncated or corrupt, download it again"
-        ) from e
-    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-        raise CheckpointError(
-            f"{file} does not hold a dict of tensors (a state_dict); is it a Hugging Face pytorch_model.bin?"
-        )
-    return state
+    return read_state_dict(file, "a Hugging Face pytorch_model.bin")
 
 
 def _first_line(e: Exception) -> str:

@@ -68,18 +68,40 @@ def find_shards(path: Path) -> list[Path]:
 
 def read_shard(shard_path: Path) -> dict[str, torch.Tensor]:
     """One consolidated.NN.pth, memory-mapped; a corrupt file becomes one CheckpointError."""
+    state = read_state_dict(shard_path, "a Meta consolidated.NN.pth file")
+    return {k: t for k, t in state.items() if k not in DROPPED}
+
+
+def read_state_dict(file: Path, kind: str) -> dict[str, torch.Tensor]:
+    """A torch.save'd state dict: memory-mapped when it is a zip file (torch >= 1.6), else read
+    whole (the legacy pickle format cannot be mapped). Only tensors are unpickled."""
     try:
-        state = torch.load(shard_path, map_location="cpu", mmap=True, weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        with open(file, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
         raise CheckpointError(
-            f"{shard_path} could not be read as a PyTorch checkpoint ({reason}); the file is truncated or corrupt, download it again"
+            f"{file} could not be opened ({e}); check that it exists and is readable"
+        ) from e
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise CheckpointError(
+            f"{file} is not a PyTorch checkpoint (it starts with neither a zip nor a pickle header); the file is corrupt, download it again"
+        )
+    try:
+        state = torch.load(file, map_location="cpu", mmap=head == b"PK\x03\x04", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise CheckpointError(
+            f"{file} could not be read as a PyTorch checkpoint ({_first_sentence(e)}); the file is truncated or corrupt, download it again"
         ) from e
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise CheckpointError(
-            f"{shard_path} does not hold a dict of tensors (a state_dict); is it a Meta consolidated.NN.pth file?"
+            f"{file} does not hold a dict of tensors (a state_dict); is it {kind}?"
         )
-    return {k: t for k, t in state.items() if k not in DROPPED}
+    return state
+
+
+def _first_sentence(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.split(". ")[0].rstrip(".")
 
 
 def merge_shards(shard_paths: list[Path]) -> dict[str, torch.Tensor]:
@@ -161,7 +183,7 @@ def model_args(
         hint = ""
         if embed[1] < dim and dim % embed[1] == 0:
             total = n_shards * dim // embed[1]
-            hint = f" The weights look like {n_shards} of {total} shards: consolidated.{n_shards:02d}.pth and later are missing."
+            hint = f" The weights look like {n_shards} of {total} shards: consolidated.{n_shards:02d}.pth and later are missing; download them again."
         raise CheckpointError(
             f"tok_embeddings.weight in {params_path.parent} is {embed[1]} wide but {params_path.name} says dim={dim}.{hint or ' Is params.json from a different model?'}"
         )

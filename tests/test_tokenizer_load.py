@@ -125,3 +125,9 @@ def test_corrupt_rank_file_is_an_error(tmp_path):
     path.write_text(path.read_text() + "!!notbase64 9999\n")
     with pytest.raises(TokenizerError):
         load_tokenizer(path)
+
+
+def test_stop_ids_may_be_a_single_id_or_a_generator(tmp_path):
+    write_sentencepiece(tmp_path)
+    assert load_tokenizer(tmp_path, stop_ids=9).stop_ids == {2, 9}
+    assert find_tokenizer(tmp_path, stop_ids=(i for i in [5, 6])).stop_ids == {2, 5, 6}

@@ -84,6 +84,7 @@ def find_tokenizer(
     from ..errors import TokenizerError
 
     directory = Path(directory)
+    stop_ids = _as_ids(stop_ids)
     found: list[tuple[int, Path, str]] = []
     for p in sorted(directory.iterdir()):
         if p.is_file():
@@ -201,7 +202,7 @@ def _is_tiktoken(head: bytes, size: int) -> bool:
     return bool(lines) and all(re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+\r?", ln) for ln in lines[:64])
 
 
-def _build(kind: str, path: Path, stop_ids: Iterable[int]) -> Tokenizer:
+def _build(kind: str, path: Path, stop_ids: Iterable[int] | int) -> Tokenizer:
     if kind == "hf":
         from .hf import HFTokenizer as cls
     elif kind == "sentencepiece":
@@ -210,7 +211,11 @@ def _build(kind: str, path: Path, stop_ids: Iterable[int]) -> Tokenizer:
         from .tiktoken import TiktokenTokenizer as cls
     else:
         from .llama2c import Llama2cTokenizer as cls
-    return cls(path, stop_ids=stop_ids)
+    return cls(path, stop_ids=_as_ids(stop_ids))
+
+
+def _as_ids(ids: Iterable[int] | int) -> tuple[int, ...]:
+    return (ids,) if isinstance(ids, int) else tuple(ids)  # config.json's eos_token_id: int or list
 
 
 def split_special(text: str, specials: Iterable[str]) -> list[str]:

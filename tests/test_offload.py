@@ -128,3 +128,20 @@ def test_cli_offload_layers_gives_the_same_text(capsys):
         texts.append(capsys.readouterr().out)
 
     assert texts[0] == texts[1] and "Lily" in texts[0]
+
+
+@pytest.mark.slow
+def test_offloading_packed_gguf_layers_keeps_their_layout_and_tokens():
+    from conftest import shared_model
+
+    path = shared_model("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+    whole = llamarun.load(path, device="cpu", max_seq_len=64)
+    half = llamarun.load(path, device="cpu", max_seq_len=64, offload_layers=15)
+    ids = whole.encode("The capital of France is")
+
+    assert half.model.layers[20].attention.wq.d.dtype == torch.float16  # scales not cast to dtype
+    assert greedy_tokens_of(half, ids) == greedy_tokens_of(whole, ids)
+
+
+def greedy_tokens_of(llm, ids: list[int]) -> list[int]:
+    return [row[0] for row in llm.generate([ids], GREEDY)]

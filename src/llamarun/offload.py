@@ -72,19 +72,27 @@ def place_(
     first_offloaded = n_layers - n_offload
     devices = [device if i < first_offloaded else offload_device for i in range(n_layers)]
     for i, block in enumerate(list(model.layers)):
-        block.to(device=devices[i], dtype=dtype)
+        _move(block, devices[i], dtype)
         if quantize is not None:
             quantize(block)
         if i >= first_offloaded:
             out_device = devices[i + 1] if i + 1 < n_layers else device
             model.layers[i] = OffloadedBlock(block, devices[i], out_device)
     for child in (model.tok_embeddings, model.norm, model.output):
-        child.to(device=device, dtype=dtype)
+        _move(child, device, dtype)
     for name, buffer in list(model.named_buffers(recurse=False)):  # RoPE tables, slot ids
         setattr(model, name, buffer.to(device))
     if quantize is not None:
         quantize(model)  # what is left outside the blocks (an untied output)
     return model
+
+
+def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Float parameters to `dtype` and everything to `device`. Buffers keep their dtype: the KV
+    cache is made in the run dtype, and quantized layers' scales have the dtype their kernels need."""
+    for p in module.parameters():
+        p.data = p.data.to(device=device, dtype=dtype if p.is_floating_point() else p.dtype)
+    module.to(device)
 
 
 def block_devices(model: Transformer) -> list[torch.device]:

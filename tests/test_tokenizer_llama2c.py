@@ -131,3 +131,10 @@ def test_token_longer_than_the_header_allows_is_an_error(tmp_path):
     path.write_bytes(struct.pack("<I", 2) + struct.pack("<fI", 0.0, 5) + b"hello")
     with pytest.raises(TokenizerError, match="claims 5 bytes"):
         Llama2cTokenizer(path)
+
+
+def test_long_text_encodes_like_sentencepiece_and_fast(llama2_pair):
+    bin_tok, sp_tok = llama2_pair
+    text = " ".join(STRINGS) * 40  # ~5,000 characters: run.c's rescan would take seconds here
+
+    assert bin_tok.encode(text) == sp_tok.encode(text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -59,6 +60,7 @@ class HFTokenizer:
             spec.get("pre_tokenizer"), "ByteLevel"
         )
         self._bytes: dict[int, bytes] = {}
+        self._lock = threading.Lock()
 
         post_bos, post_eos = self._post_processor_specials()
         self.bos_id: int | None = self._config_id(config, "bos_token", post_bos)
@@ -106,8 +108,9 @@ class HFTokenizer:
     def encode(
         self, text: str, *, bos: bool = True, eos: bool = False, special: bool = False
     ) -> list[int]:
-        self.tok.encode_special_tokens = not special  # True: "<|eot_id|>" in text stays text
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+        with self._lock:  # encode_special_tokens is state on the shared tokenizer
+            self.tok.encode_special_tokens = not special  # True: "<|eot_id|>" in text stays text
+            ids = self.tok.encode(text, add_special_tokens=False).ids
         if bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         if eos and self.eos_id is not None:

@@ -7,6 +7,7 @@ Ids follow SentencePiece: 0 <unk>, 1 BOS, 2 EOS, 3..258 the byte pieces <0x00>..
 
 from __future__ import annotations
 
+import heapq
 import re
 import struct
 from collections.abc import Iterable
@@ -121,26 +122,41 @@ class Llama2cTokenizer:
 
     def _encode(self, text: str) -> list[int]:
         """run.c's encode(): dummy-prefix space, one token per UTF-8 character (bytes + 3 when the
-        character is not in the vocabulary), then merge the best-scoring adjacent pair until none."""
+        character is not in the vocabulary), then merge the best-scoring adjacent pair (the
+        leftmost on ties) until none is left. run.c rescans every pair after each merge; a heap
+        keyed (-score, position) picks the same pair each time in O(n log n)."""
         if not text:
             return []
-        tokens: list[int] = []
         space = self.lookup.get(b" ")
-        tokens += [space] if space is not None else [ord(" ") + BYTE_OFFSET]
+        tokens = [space] if space is not None else [ord(" ") + BYTE_OFFSET]
         for ch in text:
             piece = ch.encode("utf-8")
             token = self.lookup.get(piece)
             tokens += [token] if token is not None else [b + BYTE_OFFSET for b in piece]
-        pieces, scores, lookup = self.pieces, self.scores, self.lookup
-        while True:
-            best_score, best_id, best_i = float("-inf"), -1, -1
-            for i in range(len(tokens) - 1):
-                merged = lookup.get(pieces[tokens[i]] + pieces[tokens[i + 1]])
-                if merged is not None and scores[merged] > best_score:
-                    best_score, best_id, best_i = scores[merged], merged, i
-            if best_i < 0:
-                return tokens
-            tokens[best_i : best_i + 2] = [best_id]
+        n = len(tokens)
+        nxt = list(range(1, n + 1))  # n: no right neighbour
+        prv = list(range(-1, n - 1))
+        heap: list[tuple[float, int, int, int, int, int]] = []
+
+        def push(i: int, j: int) -> None:
+            merged = self.lookup.get(self.pieces[tokens[i]] + self.pieces[tokens[j]])
+            if merged is not None:
+                heapq.heappush(heap, (-self.scores[merged], i, j, tokens[i], tokens[j], merged))
+
+        for i in range(n - 1):
+            push(i, i + 1)
+        while heap:
+            _, i, j, left, right, merged = heapq.heappop(heap)
+            if nxt[i] != j or tokens[i] != left or tokens[j] != right:
+                continue  # stale: one side has merged since
+            tokens[i], tokens[j] = merged, -1
+            nxt[i] = nxt[j]
+            if nxt[i] < n:
+                prv[nxt[i]] = i
+                push(i, nxt[i])
+            if prv[i] >= 0:
+                push(prv[i], i)
+        return [t for t in tokens if t >= 0]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Concatenated token bytes; like run.c, a piece right after BOS (or at the very start,

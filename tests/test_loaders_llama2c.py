@@ -262,3 +262,13 @@ def test_peak_memory_while_loading_stays_under_1_3x_the_file(tmp_path):
         f"peak RSS growth while loading + one forward: {grown} bytes = {grown / size:.3f}x the {size}-byte file"
     )
     assert grown < 1.3 * size, f"peak RSS grew by {grown / size:.2f}x the file size ({size} bytes)"
+
+
+def test_a_folder_with_one_llama2c_file_loads_it(tmp_path, tiny_model):
+    path = write_llama2c(tmp_path / "model.bin", tiny_model, 1)
+    write_llama2c_tokenizer(write_sentencepiece(tmp_path), tmp_path / "tokenizer.bin")
+
+    assert detect_format(tmp_path) == "llama2c"
+    ckpt = load_checkpoint(tmp_path)
+
+    assert ckpt.path == path and ckpt.tokenizer is not None

@@ -69,6 +69,10 @@ def detect_format(path: str | Path) -> str:
         ggufs = [p for p in sorted(path.iterdir()) if p.is_file() and _head(p, 4) == b"GGUF"]
         if len(ggufs) == 1:
             return "gguf"
+        from .llama2c import model_files
+
+        if len(model_files(path)) == 1:
+            return "llama2c"
         raise CheckpointError(
             f"No checkpoint found in {path}: expected params.json with consolidated.*.pth (Meta), "
             "config.json with *.safetensors or pytorch_model*.bin (Hugging Face), a .gguf file, "

@@ -74,6 +74,22 @@ def expected_v0_size(
     return {shared, shared + 4 * classifier}
 
 
+def model_files(directory: Path) -> list[Path]:
+    """The llama2.c checkpoints in a folder, recognised by contents (magic or a v0 header that fits
+    the file size); tokenizer.bin and other files are not."""
+    from . import _head, _llama2c_v0_consistent
+
+    found = []
+    for p in sorted(directory.iterdir()):
+        if p.is_file() and p.stat().st_size >= 28:
+            head = _head(p, 28)
+            if struct.unpack_from("<I", head)[0] == LLAMA2C_MAGIC or _llama2c_v0_consistent(
+                p, head
+            ):
+                found.append(p)
+    return found
+
+
 def raise_if_v0_mismatch(path: Path, head: bytes) -> None:
     """For a file whose first 28 bytes read as a plausible legacy llama2.c header but whose size
     does not fit it: raise CheckpointError naming both sizes (a truncated or damaged .bin)."""
@@ -95,8 +111,17 @@ def raise_if_v0_mismatch(path: Path, head: bytes) -> None:
 
 
 def load(path: Path) -> Checkpoint:
-    """Memory-map a llama2.c .bin (v0, v1 or v2) into canonical weights, with the tokenizer beside it."""
+    """Memory-map a llama2.c .bin (v0, v1 or v2; or the one in a folder) into canonical weights,
+    with the tokenizer found beside it."""
     path = Path(path)
+    if path.is_dir():
+        files = model_files(path)
+        if len(files) != 1:
+            names = ", ".join(p.name for p in files) or "none"
+            raise CheckpointError(
+                f"{path} holds {len(files)} llama2.c checkpoints ({names}): give the .bin file itself"
+            )
+        path = files[0]
     size = path.stat().st_size
     if size < 28:
         raise CheckpointError(

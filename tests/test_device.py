@@ -127,3 +127,14 @@ def test_cuda_is_chosen_with_bf16_and_cpu_prompts_run_on_it(tiny_model):
 
     assert device.type == "cuda" and pick_dtype(None, device) == torch.bfloat16
     assert len(tokens) == GREEDY.max_new_tokens
+
+
+@pytest.mark.slow
+def test_compile_time_is_reported_apart_from_load_and_decoding(tmp_path, tiny_model, tiny_args):
+    path = write_meta(llamarun_state(tiny_model), meta_params(tiny_args), tmp_path / "tiny")
+    eager = llamarun.load(path, device="cpu", max_seq_len=32)
+
+    compiled = llamarun.load(path, device="cpu", max_seq_len=32, compile=True)
+
+    assert compiled.info["compile_s"] > 0 and "compile_s" not in eager.info
+    assert list(compiled.generate([[1, 2, 3]], GREEDY)) == list(eager.generate([[1, 2, 3]], GREEDY))

@@ -149,7 +149,13 @@ def load(
         "load_s": time.perf_counter() - t0,
         "dtype": str(dtype).removeprefix("torch."),
     }
-    return LLM(model, ckpt.tokenizer, chat_template=ckpt.chat_template, compile=compile, info=info)
+    llm = LLM(model, ckpt.tokenizer, chat_template=ckpt.chat_template, compile=compile, info=info)
+    if compile:  # compile now (the first compiled decode steps), timed apart from load and decoding
+        t1 = time.perf_counter()
+        for _ in llm.generate([[0]], SamplingParams(temperature=0, max_new_tokens=3)):
+            pass
+        info["compile_s"] = time.perf_counter() - t1
+    return llm
 
 
 def __getattr__(name: str):

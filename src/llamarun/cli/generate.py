@@ -64,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
         s = llm.last_stats
         print(
             f"[{s.new_tokens} new tokens, {s.prompt_tokens} prompt tokens; prefill {s.prefill_tps:.1f} tok/s, "
-            f"decode {s.decode_tps:.1f} tok/s; load {llm.info.get('load_s', 0):.2f} s]",
+            f"decode {s.decode_tps:.1f} tok/s; load {llm.info.get('load_s', 0):.2f} s"
+            + (f", compile {llm.info['compile_s']:.1f} s" if "compile_s" in llm.info else "")
+            + "]",
             file=sys.stderr,
         )
     return 0

@@ -102,6 +102,10 @@ def _read_llama2c(path: Path) -> CheckpointHeader:
     # The header is dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len; v1/v2 put
     # the magic and a version before it and a shared-classifier byte after. norm_eps=1e-5 and
     # rope_theta=10000 are not stored: llama2.c's run.c hard-codes them.
+    if path.is_dir():  # detect_format accepts a folder holding exactly one llama2.c checkpoint
+        from .llama2c import model_files
+
+        path = model_files(path)[0]
     with open(path, "rb") as f:
         head = f.read(256)
     stored = "float32"

@@ -36,6 +36,8 @@ HF_VARIANTS: dict[str, dict] = {
         max_position_embeddings=131072,
     ),
     "head_dim": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    # model_type "mistral": the same tensors; sliding_window=None as in Mistral v0.2 and later
+    "mistral": dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None),
 }
 
 
@@ -51,7 +53,7 @@ def tiny_hf_model(
 ):
     """A random float32 transformers LlamaForCausalLM; weights drawn with std 0.1 (norms around 1)
     so logits are spread out and greedy choices are not near-ties."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     fields = dict(
         hidden_size=dim,
@@ -63,9 +65,14 @@ def tiny_hf_model(
         bos_token_id=1,
         eos_token_id=2,
     )
-    config = LlamaConfig(**(fields | HF_VARIANTS[variant]))
+    config_class, model_class = (
+        (MistralConfig, MistralForCausalLM)
+        if variant == "mistral"
+        else (LlamaConfig, LlamaForCausalLM)
+    )
+    config = config_class(**(fields | HF_VARIANTS[variant]))
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).float().eval()
+    model = model_class(config).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:

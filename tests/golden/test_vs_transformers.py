@@ -19,13 +19,28 @@ from llamarun.sampling import SamplingParams  # noqa: E402
 
 PROMPT_LEN = 12
 GREEDY_STEPS = 24
-# Meta's params.json has no head_dim field, so that variant exists only as a HF folder.
-CASES = [
-    (variant, fmt)
-    for variant in ("mha", "gqa", "tied", "llama3", "head_dim")
-    for fmt in ("hf", "meta-1", "meta-2")
-    if not (variant == "head_dim" and fmt != "hf")
-]
+# Meta's params.json has no head_dim field, so that variant exists only as a HF folder; the
+# other HF layouts (sharded safetensors + index, pytorch_model.bin) and Mistral's model_type are
+# checked on one variant each.
+FORMATS = {
+    "mha": ("hf", "meta-1", "meta-2"),
+    "gqa": ("hf", "meta-1", "meta-2", "hf-sharded", "hf-bin"),
+    "tied": ("hf", "meta-1", "meta-2"),
+    "llama3": ("hf", "meta-1", "meta-2"),
+    "head_dim": ("hf",),
+    "mistral": ("hf",),
+}
+CASES = [(variant, fmt) for variant, fmts in FORMATS.items() for fmt in fmts]
+
+
+def _write(hf, fmt: str, path):
+    if fmt == "hf":
+        return write_hf(hf, path)
+    if fmt == "hf-sharded":
+        return write_hf(hf, path, max_shard_size="40KB")
+    if fmt == "hf-bin":
+        return write_hf(hf, path, bin_format=True)
+    return write_meta_from_hf(hf, path, shards=int(fmt[-1]))
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +52,7 @@ def reference(tmp_path_factory):
         if variant not in cache:
             hf = tiny_hf_model(variant)
             root = tmp_path_factory.mktemp(variant)
-            folders = {"hf": write_hf(hf, root / "hf")}
-            if variant != "head_dim":
-                folders["meta-1"] = write_meta_from_hf(hf, root / "meta1", shards=1)
-                folders["meta-2"] = write_meta_from_hf(hf, root / "meta2", shards=2)
+            folders = {fmt: _write(hf, fmt, root / fmt) for fmt in FORMATS[variant]}
             prompt = torch.randint(
                 0, hf.config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1)
             )
@@ -68,6 +80,8 @@ def test_prompt_logprobs_match_transformers(reference, variant, fmt):
     logprobs = torch.log_softmax(logits, dim=-1)[0]
 
     assert llm.info["format"] == fmt.split("-")[0]
+    if fmt == "hf-sharded":
+        assert len(list(folders[fmt].glob("model-*-of-*.safetensors"))) > 1
     torch.testing.assert_close(logprobs, expected, atol=1e-4, rtol=0)
 
 

@@ -289,3 +289,21 @@ def test_folder_with_config_but_no_weights(tiny_args, tmp_path):
     message = _error(tmp_path)
 
     assert str(tmp_path) in message and "safetensors" in message
+
+
+def test_safetensors_preferred_over_pytorch_model_bin(state, hf_state, tiny_args, tmp_path):
+    path = write_hf_state(hf_state, hf_config(tiny_args), tmp_path / "m")
+    (path / "pytorch_model.bin").write_bytes(b"not read")
+    (path / "pytorch_model.bin.index.json").write_text("{}")
+
+    _assert_same_weights(load(path).weights, state)
+
+
+def test_numbered_shards_without_index_must_all_be_there(hf_state, tiny_args, tmp_path):
+    path = write_hf_state(hf_state, hf_config(tiny_args), tmp_path / "m", shards=3)
+    (path / "model.safetensors.index.json").unlink()
+    (path / "model-00003-of-00003.safetensors").unlink()
+
+    message = _error(path)
+
+    assert "model-00003-of-00003.safetensors" in message and str(path) in message

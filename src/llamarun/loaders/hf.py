@@ -161,35 +161,39 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The weight files to read: those an index names (all must exist), else model.safetensors,
-    else every *.safetensors, else pytorch_model*.bin."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    """The weight files to read, safetensors before pytorch_model*.bin: the files an index names
+    (all must exist), else model.safetensors, else every *.safetensors (numbered shards complete)."""
+    for index_name, single, pattern in (
+        ("model.safetensors.index.json", "model.safetensors", "*.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin"),
+    ):
         index_path = path / index_name
         if index_path.is_file():
-            index = read_json(index_path)
-            weight_map = index.get("weight_map") if isinstance(index, dict) else None
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(
-                    f"{index_path} has no weight_map object; restore it from the original download"
-                )
-            names = sorted(set(weight_map.values()))
-            missing = [n for n in names if not (path / n).is_file()]
-            if missing:
-                raise CheckpointError(
-                    f"Missing shard file(s) {', '.join(missing)} in {path}: {index_name} lists {len(names)} files. Download the missing file(s) again."
-                )
-            return [path / n for n in names]
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    safetensors = sorted(path.glob("*.safetensors"))
-    if safetensors:
-        return _check_numbered(path, safetensors)
-    bins = sorted(path.glob("pytorch_model*.bin"))
-    if bins:
-        return _check_numbered(path, bins)
+            return _indexed_files(path, index_path)
+        if (path / single).is_file():
+            return [path / single]
+        files = sorted(path.glob(pattern))
+        if files:
+            return _check_numbered(path, files)
     raise CheckpointError(
         f"No weights in {path}: expected model.safetensors, model-0000N-of-0000M.safetensors with model.safetensors.index.json, or pytorch_model*.bin beside config.json"
     )
+
+
+def _indexed_files(path: Path, index_path: Path) -> list[Path]:
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(
+            f"{index_path} has no weight_map object; restore it from the original download"
+        )
+    names = sorted(set(weight_map.values()))
+    missing = [n for n in names if not (path / n).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"Missing shard file(s) {', '.join(missing)} in {path}: {index_path.name} lists {len(names)} files. Download the missing file(s) again."
+        )
+    return [path / n for n in names]
 
 
 def _check_numbered(path: Path, files: list[Path]) -> list[Path]:

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import ModelArgs, RopeScaling
 from ..errors import CheckpointError, ConfigError
+from ..tokenizer import find_tokenizer
 from . import Checkpoint, check_weights, expected_shapes, read_json
 from .meta import read_state_dict
 
@@ -55,8 +56,6 @@ def load(path: Path) -> Checkpoint:
     weights = to_canonical(raw, args, path)
     check_weights(args, weights, str(path), source=config_path.name)
     stop_ids = _stop_ids(config, path)
-    from ..tokenizer import find_tokenizer
-
     return Checkpoint(
         args=args,
         weights=weights,

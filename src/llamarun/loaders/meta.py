@@ -15,6 +15,7 @@ import torch
 
 from ..config import ModelArgs, RopeScaling, ffn_hidden_dim
 from ..errors import CheckpointError, ConfigError
+from ..tokenizer import Tokenizer, find_tokenizer
 from . import Checkpoint, check_weights, read_json
 
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
@@ -35,7 +36,7 @@ def load(path: Path) -> Checkpoint:
     weights = merge_shards(shard_paths)
     shapes = {name: tuple(t.shape) for name, t in weights.items()}
     args = model_args(params, shapes, params_path, len(shard_paths))
-    check_weights(args, weights, str(path), source=f"{params_path.name}")
+    check_weights(args, weights, str(path), source=params_path.name)
     return Checkpoint(
         args=args,
         weights=weights,
@@ -235,10 +236,8 @@ def model_args(
         ) from e
 
 
-def _find_tokenizer(path: Path, vocab_size: int):
+def _find_tokenizer(path: Path, vocab_size: int) -> Tokenizer | None:
     # Meta's download puts tokenizer.model beside the shards or one folder up (llama-2-7b/../).
-    from ..tokenizer import find_tokenizer
-
     for folder in (path, path.parent):
         tokenizer = find_tokenizer(folder, vocab_size)
         if tokenizer is not None:

@@ -97,3 +97,21 @@ def test_greedy_tokens_match_transformers_generate(reference, variant, fmt):
 
     assert len(expected) == GREEDY_STEPS
     assert tokens == expected
+
+
+def test_batch_of_different_lengths_matches_transformers_per_prompt(reference):
+    folders, _, _, _ = reference("gqa")
+    hf = tiny_hf_model("gqa")
+    prompts = [[5, 17, 99], [42, 8, 8, 200, 7, 61, 13, 2, 150, 31], [77, 3, 250, 14, 9]]
+    with torch.no_grad():
+        expected = [
+            hf.generate(torch.tensor([p]), max_new_tokens=GREEDY_STEPS, do_sample=False)[
+                0, len(p) :
+            ].tolist()
+            for p in prompts
+        ]
+    llm = llamarun.load(folders["meta-2"], max_seq_len=64, max_batch_size=len(prompts))
+
+    rows = list(llm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=GREEDY_STEPS)))
+
+    assert [[row[i] for row in rows] for i in range(len(prompts))] == expected

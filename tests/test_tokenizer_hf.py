@@ -150,3 +150,31 @@ def test_corrupt_tokenizer_json_is_an_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "truncation": null, "model": {')
     with pytest.raises(TokenizerError, match="tokenizer.json"):
         HFTokenizer(tmp_path / "tokenizer.json")
+
+
+@pytest.mark.slow
+def test_llama3_as_tokenizer_json_matches_the_tiktoken_file(tmp_path):
+    from conftest import shared_model
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from llamarun.tokenizer.tiktoken import PATTERN, TiktokenTokenizer, special_tokens
+
+    rank_file = shared_model("llama3-tokenizer/tokenizer.model")
+    converted = TikTokenConverter(
+        vocab_file=str(rank_file), pattern=PATTERN, extra_special_tokens=special_tokens(128000)
+    ).converted()
+    converted.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"})
+    )
+    tiktoken_tok = TiktokenTokenizer(rank_file)
+
+    tok = HFTokenizer(tmp_path / "tokenizer.json")
+
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (128256, 128000, 128001)
+    assert all(
+        tok.token_bytes(i) == tiktoken_tok.token_bytes(i) for i in range(tok.vocab_size)
+    )  # GPT-2 alphabet undone
+    for text in ["This is a test sentence.", "café 日本語 😀", " 12345\n\n  x", "<|eot_id|>"]:
+        assert tok.encode(text) == tiktoken_tok.encode(text)
+        assert tok.encode(text, special=True) == tiktoken_tok.encode(text, special=True)

@@ -65,12 +65,13 @@ def test_v0_and_v1_load_identical_canonical_weights(tmp_path, tiny_model):
             assert torch.equal(w, state[name]), name
 
 
-def test_v2_dequantizes_q8_0_groups(tmp_path, tiny_model):
-    path = write_llama2c(tmp_path / "q8.bin", tiny_model, 2, group_size=32)
+@pytest.mark.parametrize("group_size", [16, 64])
+def test_v2_dequantizes_q8_0_groups(tmp_path, tiny_model, group_size):
+    path = write_llama2c(tmp_path / "q8.bin", tiny_model, 2, group_size=group_size)
     ckpt = load_checkpoint(path)
 
     w = tiny_model.state_dict()["layers.1.feed_forward.w2.weight"]
-    expected = dequantize_q80(*quantize_q80(w, 32), tuple(w.shape))
+    expected = dequantize_q80(*quantize_q80(w, group_size), tuple(w.shape))
     assert ckpt.weights["layers.1.feed_forward.w2.weight"].dtype == torch.float32
     torch.testing.assert_close(
         ckpt.weights["layers.1.feed_forward.w2.weight"], expected, atol=0, rtol=0

@@ -117,11 +117,13 @@ def sniff_tokenizer(path: Path) -> str | None:
     recognised and skipped without reading them."""
     try:
         size = path.stat().st_size
+        if size > _MAX_TOKENIZER_BYTES:
+            return None
         with open(path, "rb") as f:
             head = f.read(4096)
     except OSError:
         return None
-    if size > _MAX_TOKENIZER_BYTES or len(head) < 8:
+    if len(head) < 8:
         return None
     if head[:4] in (b"GGUF", b"PK\x03\x04") or head[:1] == b"\x80":  # GGUF, torch zip, pickle
         return None

@@ -102,14 +102,19 @@ def test_mirror_file_url_replaces_every_source(monkeypatch, tmp_path):
     assert path.read_bytes() == MODEL
 
 
-def test_unreachable_hub_falls_through_to_the_next_source(monkeypatch, server):
+def test_unreachable_hub_falls_through_to_the_next_source(monkeypatch, server, capsys):
     monkeypatch.setenv("HF_ENDPOINT", CLOSED)
     name = add_entry(
         monkeypatch,
         model_file(HubSource("someone/repo", "model.gguf"), URLSource(f"{server}/model.gguf")),
     )
 
-    assert pull(name, progress=False).read_bytes() == MODEL
+    assert pull(name).read_bytes() == MODEL
+    err = capsys.readouterr().err
+    assert (
+        "llamarun: Hugging Face someone/repo/model.gguf: " in err
+        and "trying the next source" in err
+    )
 
 
 def test_checksum_mismatch_discards_the_download(monkeypatch, server, cache_home):

@@ -250,10 +250,11 @@ def fetch(
                 return
             mismatch = f"{source.describe()} gave {problem}"
             failures.append(f"{source.describe()}: {problem}")
-        except (
-            Exception
-        ) as e:  # any failure of one source (OSError, httpx, pip, zip) moves on to the next
+        # any failure of one source (OSError, httpx, pip, zip) moves on to the next one
+        except Exception as e:
             failures.append(f"{source.describe()}: {_short(e)}")
+            if progress and source is not sources[-1]:
+                print(f"llamarun: {failures[-1]}; trying the next source", file=sys.stderr)
         finally:
             tmp.unlink(missing_ok=True)
     if mismatch is not None:

@@ -138,3 +138,68 @@ def test_compile_time_is_reported_apart_from_load_and_decoding(tmp_path, tiny_mo
 
     assert compiled.info["compile_s"] > 0 and "compile_s" not in eager.info
     assert list(compiled.generate([[1, 2, 3]], GREEDY)) == list(eager.generate([[1, 2, 3]], GREEDY))
+
+
+def gpu_decode():
+    """benchmarks/gpu_decode.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_decode.py"
+    spec = importlib.util.spec_from_file_location("gpu_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_decode"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_arithmetic(tiny_model, tiny_args):
+    bench = gpu_decode()
+    C, F, V, L = tiny_args.dim, tiny_args.hidden_dim, tiny_args.vocab_size, tiny_args.n_layers
+    kv = tiny_args.n_kv_heads * tiny_args.head_dim
+    per_layer = (2 * C * C + 2 * kv * C + 3 * C * F + 2 * C) * 4  # float32 linears and norms
+    tiny_model.setup_caches(1, 16)  # caches and RoPE tables are not weights
+
+    assert (
+        bench.weight_bytes_read(tiny_model) == L * per_layer + (C + V * C) * 4
+    )  # no embedding table
+    assert bench.achieved_bandwidth(13_476_831_232, 200.0) == pytest.approx(2.695e12, rel=1e-3)
+    assert bench.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert bench.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    results = [
+        bench.Result("bfloat16", True, 100.0, 10**9),
+        bench.Result("int8", True, 170.0, 5 * 10**8),
+        bench.Result("transformers bfloat16", False, 25.0, 10**9),
+    ]
+    assert bench.ratios(results) == [
+        "int8 / bfloat16: 1.70x (target >= 1.6x)",
+        "bfloat16 / transformers: 4.00x (target >= 3x)",
+    ]
+    assert "100.0" in bench.render(results, 3.35e12) and "3%" in bench.render(results, 3.35e12)
+
+
+def test_gpu_benchmark_runs_tiny_on_cpu(capsys):
+    results = gpu_decode().main(
+        ["--tiny", "--new-tokens", "3", "--modes", "dtype", "--no-transformers"]
+    )
+
+    assert [(r.label, r.compiled) for r in results] == [("float32", False)]
+    assert results[0].tokens_per_s > 0
+    assert "weights/token" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_tiny_with_quantized_and_transformers(capsys):
+    results = gpu_decode().main(["--tiny", "--new-tokens", "4"])
+
+    assert [r.label for r in results] == ["float32", "int8", "int4", "transformers float32"]
+    assert "transformers' logits match llamarun's" in capsys.readouterr().out
+
+
+@pytest.mark.cuda
+@no_cuda
+def test_gpu_benchmark_on_the_gpu_quick(capsys):
+    results = gpu_decode().main(["--new-tokens", "16", "--modes", "dtype", "--no-compile"])
+
+    assert results[0].tokens_per_s > 0 and results[-1].label == "transformers bfloat16"

@@ -40,6 +40,18 @@ def test_any_number_of_shards_merges_to_the_original_weights(
         torch.testing.assert_close(ckpt.weights[name], t, atol=0, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("shards", [2, 4])
+def test_llama3_vocab_parallel_embedding_shards(state, params, tmp_path, shards):
+    path = write_meta(state, params, tmp_path / "m", shards=shards, vocab_parallel=True)
+
+    ckpt = load(path)
+
+    assert ckpt.args.vocab_size == 320
+    torch.testing.assert_close(
+        ckpt.weights["tok_embeddings.weight"], state["tok_embeddings.weight"], atol=0, rtol=0
+    )
+
+
 def test_vocab_size_minus_one_comes_from_the_embedding(state, params, tmp_path):
     assert params["vocab_size"] == -1  # Llama 2 style
     ckpt = load(write_meta(state, params, tmp_path / "m"))

@@ -194,14 +194,20 @@ def meta_params(args: ModelArgs) -> dict:
     }
 
 
-CONCAT_DIM_1 = ("tok_embeddings.weight", ".attention.wo.weight", ".feed_forward.w2.weight")
+CONCAT_DIM_1 = (".attention.wo.weight", ".feed_forward.w2.weight")
 
 
 def write_meta(
-    state: dict[str, torch.Tensor], params: dict, directory: Path, *, shards: int = 1
+    state: dict[str, torch.Tensor],
+    params: dict,
+    directory: Path,
+    *,
+    shards: int = 1,
+    vocab_parallel: bool = False,
 ) -> Path:
     """params.json + consolidated.NN.pth, matrices split in `shards` parts along Meta's axes
-    (dim 1 for tok_embeddings, wo, w2; dim 0 for the others), 1-D norms replicated."""
+    (dim 1 for wo, w2; dim 0 for the others), 1-D norms replicated. tok_embeddings is split along
+    the model dim as Llama 2 does, or along the vocabulary as Llama 3 does (vocab_parallel)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "params.json").write_text(json.dumps(params, indent=2))
@@ -212,14 +218,18 @@ def write_meta(
                 part[name] = t.clone()
             else:
                 dim = 1 if name.endswith(CONCAT_DIM_1) else 0
+                if name == "tok_embeddings.weight":
+                    dim = 0 if vocab_parallel else 1
                 part[name] = t.chunk(shards, dim=dim)[rank].clone()  # clone: save only this part
         torch.save(part, directory / f"consolidated.{rank:02d}.pth")
     return directory
 
 
-def write_meta_from_hf(model, directory: Path, *, shards: int = 1) -> Path:
+def write_meta_from_hf(
+    model, directory: Path, *, shards: int = 1, vocab_parallel: bool = False
+) -> Path:
     params, state = hf_to_meta(model)
-    return write_meta(state, params, directory, shards=shards)
+    return write_meta(state, params, directory, shards=shards, vocab_parallel=vocab_parallel)
 
 
 def llamarun_state(model) -> dict[str, torch.Tensor]:

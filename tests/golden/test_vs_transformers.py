@@ -33,14 +33,15 @@ FORMATS = {
 CASES = [(variant, fmt) for variant, fmts in FORMATS.items() for fmt in fmts]
 
 
-def _write(hf, fmt: str, path):
+def _write(hf, variant: str, fmt: str, path):
     if fmt == "hf":
         return write_hf(hf, path)
     if fmt == "hf-sharded":
         return write_hf(hf, path, max_shard_size="40KB")
     if fmt == "hf-bin":
         return write_hf(hf, path, bin_format=True)
-    return write_meta_from_hf(hf, path, shards=int(fmt[-1]))
+    # Llama 3 splits the embedding along the vocabulary, Llama 2 along the model dim
+    return write_meta_from_hf(hf, path, shards=int(fmt[-1]), vocab_parallel=variant == "llama3")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def reference(tmp_path_factory):
         if variant not in cache:
             hf = tiny_hf_model(variant)
             root = tmp_path_factory.mktemp(variant)
-            folders = {fmt: _write(hf, fmt, root / fmt) for fmt in FORMATS[variant]}
+            folders = {fmt: _write(hf, variant, fmt, root / fmt) for fmt in FORMATS[variant]}
             prompt = torch.randint(
                 0, hf.config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1)
             )

@@ -1,8 +1,11 @@
 """Meta checkpoints: a folder with params.json and consolidated.NN.pth (any number of shards).
 
 Shards are merged in this one process, the way llama2.c's export.py and tinygrad do it: matrices
-split across model-parallel ranks are concatenated (dim 1 for tok_embeddings, wo and w2; dim 0 for
-the rest) and the replicated 1-D norms are taken from shard 0. A single shard stays memory-mapped.
+split across model-parallel ranks are concatenated (dim 1 for wo and w2; dim 0 for the rest) and the
+replicated 1-D norms are taken from shard 0. tok_embeddings is split along the model dim in Llama 2
+(ParallelEmbedding) but along the vocabulary in Llama 3 (VocabParallelEmbedding); the shard's shape
+says which (transformers' convert_llama_weights_to_hf does the same by model name). A single shard
+stays memory-mapped.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from ..tokenizer import Tokenizer, find_tokenizer
 from . import Checkpoint, check_weights, read_json
 
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
-CONCAT_DIM_1 = ("tok_embeddings.weight", ".attention.wo.weight", ".feed_forward.w2.weight")
+CONCAT_DIM_1 = (".attention.wo.weight", ".feed_forward.w2.weight")
 DROPPED = ("rope.freqs",)  # Llama 1/2 store their RoPE table; we compute it from params.json
 
 
@@ -118,7 +121,7 @@ def merge_shards(shard_paths: list[Path]) -> dict[str, torch.Tensor]:
             merged[name] = t.clone()  # replicated norm: shard 0's copy
         else:
             shape = list(t.shape)
-            shape[_concat_dim(name)] *= n
+            shape[_concat_dim(name, first)] *= n
             merged[name] = torch.empty(shape, dtype=t.dtype)
     for i, shard_path in enumerate(shard_paths):
         shard = first if i == 0 else read_shard(shard_path)
@@ -131,9 +134,9 @@ def merge_shards(shard_paths: list[Path]) -> dict[str, torch.Tensor]:
             out = merged[name]
             if t.dim() == 1:
                 continue
-            dim = _concat_dim(name)
-            size = t.shape[dim]
-            if out.shape[dim] != size * n or t.dim() != out.dim():
+            dim = _concat_dim(name, shard)
+            size = out.shape[dim] // n
+            if t.shape != out.narrow(dim, 0, size).shape:
                 raise CheckpointError(
                     f"{name} in {shard_path} has shape {tuple(t.shape)}, which does not match the other shards; the shards come from different checkpoints"
                 )
@@ -143,7 +146,11 @@ def merge_shards(shard_paths: list[Path]) -> dict[str, torch.Tensor]:
     return merged
 
 
-def _concat_dim(name: str) -> int:
+def _concat_dim(name: str, shard: dict[str, torch.Tensor]) -> int:
+    if name == "tok_embeddings.weight":
+        # Llama 3 shards the vocabulary (rows keep the full model dim, norm.weight's length)
+        norm = shard.get("norm.weight")
+        return 0 if norm is not None and shard[name].shape[1] == norm.shape[0] else 1
     return 1 if name.endswith(CONCAT_DIM_1) else 0
 
 
@@ -153,7 +160,7 @@ def merged_shapes(shard: dict[str, torch.Tensor], n_shards: int) -> dict[str, tu
     for name, t in shard.items():
         shape = list(t.shape)
         if len(shape) > 1:
-            shape[_concat_dim(name)] *= n_shards
+            shape[_concat_dim(name, shard)] *= n_shards
         shapes[name] = tuple(shape)
     return shapes
 

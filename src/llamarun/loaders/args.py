@@ -59,7 +59,9 @@ def _read_meta(path: Path) -> CheckpointHeader:
         read_json(params_path), merged_shapes(first, len(shards)), params_path, len(shards)
     )
     stored = _dtype_name(first["tok_embeddings.weight"].dtype)
-    return CheckpointHeader(args, "meta", path, stored, tokenizer=describe_tokenizer_files(path))
+    # the Meta loader also looks one folder up, where Meta's download puts tokenizer.model
+    tokenizer = describe_tokenizer_files(path) or describe_tokenizer_files(path.parent)
+    return CheckpointHeader(args, "meta", path, stored, tokenizer=tokenizer)
 
 
 def _read_hf(path: Path) -> CheckpointHeader:

@@ -87,9 +87,15 @@ def write_hf(
     model, directory: Path, *, max_shard_size: str | int | None = None, bin_format: bool = False
 ) -> Path:
     """Save a transformers model as a Hugging Face folder: model.safetensors, sharded safetensors
-    with an index (max_shard_size), or pytorch_model.bin (bin_format)."""
+    with an index (max_shard_size), or pytorch_model.bin (bin_format). A llamarun Transformer is
+    converted without transformers (see meta_to_hf) and written as model.safetensors."""
+    from llamarun.model import Transformer
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, Transformer):
+        hf_state = meta_to_hf(llamarun_state(model), model.args)
+        return write_hf_state(hf_state, hf_config(model.args), directory)
     if bin_format:
         model.config.save_pretrained(directory)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -199,7 +205,7 @@ CONCAT_DIM_1 = (".attention.wo.weight", ".feed_forward.w2.weight")
 
 def write_meta(
     state: dict[str, torch.Tensor],
-    params: dict,
+    params: dict | ModelArgs,
     directory: Path,
     *,
     shards: int = 1,
@@ -208,6 +214,8 @@ def write_meta(
     """params.json + consolidated.NN.pth, matrices split in `shards` parts along Meta's axes
     (dim 1 for wo, w2; dim 0 for the others), 1-D norms replicated. tok_embeddings is split along
     the model dim as Llama 2 does, or along the vocabulary as Llama 3 does (vocab_parallel)."""
+    if isinstance(params, ModelArgs):
+        params = meta_params(params)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "params.json").write_text(json.dumps(params, indent=2))

@@ -176,3 +176,70 @@ def test_unknown_pre_tokenizer_and_model_are_named(tmp_path):
         GGUFTokenizer.from_metadata(meta, tmp_path / "t.gguf")
     with pytest.raises(TokenizerError, match=r"tokenizer of kind 'rwkv'"):
         GGUFTokenizer.from_metadata(meta | {"tokenizer.ggml.model": "rwkv"}, tmp_path / "t.gguf")
+
+
+def llama3_gguf_metadata(rank_path: Path) -> tuple[dict, dict[bytes, int]]:
+    """GGUF metadata for Meta's Llama 3 tokenizer the way llama.cpp stores it: tokens in the GPT-2
+    byte alphabet, merges = every split of a token into two tokens (as transformers' tiktoken
+    converter derives them), 256 special tokens as CONTROL."""
+    import base64
+
+    from llamarun.tokenizer.gguf import _bytes_to_unicode
+    from llamarun.tokenizer.tiktoken import special_tokens
+
+    ranks = {}
+    for line in rank_path.read_bytes().splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    alphabet = _bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(alphabet[x] for x in b)
+
+    ordered = sorted(ranks, key=ranks.get)
+    merges = []
+    for token in ordered:
+        splits = [
+            (ranks[token[:i]], ranks[token[i:]], i)
+            for i in range(1, len(token))
+            if token[:i] in ranks and token[i:] in ranks
+        ]
+        merges += [f"{text(token[:i])} {text(token[i:])}" for _, _, i in sorted(splits)]
+    specials = special_tokens(len(ranks))
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "llama-bpe",
+        "tokenizer.ggml.tokens": [text(t) for t in ordered] + specials,
+        "tokenizer.ggml.token_type": [NORMAL] * len(ranks) + [CONTROL] * len(specials),
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.bos_token_id": 128000,
+        "tokenizer.ggml.eos_token_id": 128009,
+        "tokenizer.ggml.add_bos_token": True,
+    }
+    return meta, ranks
+
+
+def test_llama_bpe_vocab_encodes_like_tiktoken():
+    import tiktoken
+
+    from llamarun.tokenizer.tiktoken import PATTERN, special_tokens
+
+    meta, ranks = llama3_gguf_metadata(shared_model("llama3-tokenizer/tokenizer.model"))
+    specials = {t: len(ranks) + i for i, t in enumerate(special_tokens(len(ranks)))}
+    reference = tiktoken.Encoding(
+        "llama3", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=specials
+    )
+
+    tok = GGUFTokenizer.from_metadata(meta, Path("llama3.gguf"))
+
+    texts = STRINGS + [
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>",
+        "a" * 40,
+        "   \n\n  x",
+    ]
+    for text in texts:
+        assert tok.encode(text, bos=False, special=True) == reference.encode(
+            text, allowed_special="all"
+        ), text
+    assert tok.encode("This is a test sentence.") == [128000, 2028, 374, 264, 1296, 11914, 13]
+    assert tok.stop_ids == {128001, 128008, 128009}  # <|end_of_text|>, <|eom_id|>, <|eot_id|>

@@ -22,9 +22,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append((name, _human(size), str(path)))
         elif args.all:
             size = entry.files[0].size
-            rows.append(
-                (name, "~" + _human(size) if size else "?", f"not cached: {entry.description}")
-            )
+            rows.append((name, _human(size) if size else "?", f"not cached: {entry.description}"))
     if not rows:
         print(
             f"No models cached in {home() / 'models'}. `llamarun pull NAME` fetches one; `llamarun list --all` shows the catalogue."

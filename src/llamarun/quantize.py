@@ -1,0 +1,265 @@
+"""Weight-only quantization: Int8Linear (per output channel, or per block of 32 for GGUF Q8_0) and
+Int4Linear (groups of 32, w = d * q + m with q in 0..15, like GGUF Q4_1; Q4_0 is m = -8 d).
+
+`quantize_(model, mode)` swaps the model's nn.Linear layers in place after loading;
+`linear_from_packed` turns GGUF Q8_0/Q4_0/Q4_1 blocks into these layers without a float copy.
+Kernels: on x86 CPUs the C++ ones in cpu_kernels.py (int8 activations x int8/4-bit weights, as
+llama.cpp does); on CUDA torch's int4 tile-packed matmul and a fused int8 dequant; elsewhere a
+plain dequantize-then-matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import cpu_kernels
+from .errors import ConfigError
+from .loaders import PackedWeight
+
+BLOCK = 32  # columns per activation block and per stored 4-bit group
+MODES = ("int8", "int4")
+Q8_0_BYTES, Q4_0_BYTES, Q4_1_BYTES = 34, 18, 20  # bytes per 32-weight block in GGUF
+
+
+def _padded(in_features: int) -> int:
+    return -(-in_features // BLOCK) * BLOCK
+
+
+def _cpu_ops(x: torch.Tensor):
+    return cpu_kernels.ops() if x.device.type == "cpu" else None
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (weight * scales).T with int8 weight (out, in padded to 32) and float32 scales
+    (out, 1) per output channel or (out, in/32) per block of 32 columns."""
+
+    def __init__(
+        self, in_features: int, out_features: int, *, per_block: bool = False, device=None
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        padded = _padded(in_features)
+        groups = padded // BLOCK if per_block else 1
+        self.register_buffer(
+            "weight", torch.zeros(out_features, padded, dtype=torch.int8, device=device)
+        )
+        self.register_buffer(
+            "scales", torch.ones(out_features, groups, dtype=torch.float32, device=device)
+        )
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> Int8Linear:
+        """Symmetric per-output-channel quantization of a float (out, in) weight."""
+        out_features, in_features = weight.shape
+        w = F.pad(weight.detach().float(), (0, _padded(in_features) - in_features))
+        scales = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)  # (out, 1)
+        layer = cls(in_features, out_features, device="meta")
+        layer.weight = torch.round(w / scales).clamp(-127, 127).to(torch.int8)
+        layer.scales = scales
+        return layer
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 (out, in) weight these integers stand for."""
+        groups = self.scales.shape[1]
+        w = self.weight.float().view(self.out_features, groups, -1) * self.scales[:, :, None]
+        return w.view(self.out_features, -1)[:, : self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = _cpu_ops(x)
+        if ops is not None:
+            return ops.int8_linear(x, self.weight, self.scales)
+        if self.scales.shape[1] == 1:  # per channel: the scale moves out of the product
+            w = self.weight[:, : self.in_features].to(x.dtype)
+            return F.linear(x, w) * self.scales[:, 0].to(x.dtype)
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+    def extra_repr(self) -> str:
+        kind = "per_block" if self.scales.shape[1] > 1 else "per_channel"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+
+
+class Int4Linear(nn.Module):
+    """4-bit weights in groups of 32: qs (out, in/2) uint8 in GGUF order (byte i of a group holds
+    element i in the low nibble and element i+16 in the high one), d and m (out, in/32) float16."""
+
+    def __init__(self, in_features: int, out_features: int, *, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        padded = _padded(in_features)
+        self.register_buffer(
+            "qs", torch.zeros(out_features, padded // 2, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer(
+            "d", torch.zeros(out_features, padded // BLOCK, dtype=torch.float16, device=device)
+        )
+        self.register_buffer(
+            "m", torch.zeros(out_features, padded // BLOCK, dtype=torch.float16, device=device)
+        )
+        self._cuda_packed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int = BLOCK) -> Int4Linear:
+        """Asymmetric quantization: per group of `group_size` columns (a multiple of 32),
+        d = (max - min) / 15 and m = min, rounded to float16 before the integers are chosen."""
+        if group_size % BLOCK or group_size <= 0:
+            raise ConfigError(
+                f"int4 group_size must be a positive multiple of {BLOCK}, got {group_size}"
+            )
+        out_features, in_features = weight.shape
+        padded = -(-in_features // group_size) * group_size
+        w = F.pad(weight.detach().float(), (0, padded - in_features)).view(
+            out_features, -1, group_size
+        )
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (out, groups)
+        d = ((hi - lo) / 15).half()
+        m = lo.half()
+        inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros_like(lo))
+        q = torch.round((w - m.float()[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8)
+        per_block = group_size // BLOCK  # the kernels keep one (d, m) per 32 columns
+        q = q.view(out_features, -1, BLOCK)[:, : _padded(in_features) // BLOCK]
+        layer = cls(in_features, out_features, device="meta")
+        layer.qs = (q[..., :16] | (q[..., 16:] << 4)).reshape(out_features, -1)
+        layer.d = d.repeat_interleave(per_block, dim=1)[:, : q.shape[1]].contiguous()
+        layer.m = m.repeat_interleave(per_block, dim=1)[:, : q.shape[1]].contiguous()
+        layer._cuda_packed = None
+        return layer
+
+    def nibbles(self) -> torch.Tensor:
+        """The integers 0..15 as uint8 (out, in padded to 32)."""
+        qs = self.qs.view(self.out_features, -1, 16)
+        return torch.cat([qs & 0x0F, qs >> 4], dim=-1).view(self.out_features, -1)
+
+    def dequantize(self) -> torch.Tensor:
+        q = self.nibbles().float().view(self.out_features, -1, BLOCK)
+        w = q * self.d.float()[..., None] + self.m.float()[..., None]
+        return w.view(self.out_features, -1)[:, : self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = _cpu_ops(x)
+        if ops is not None:
+            return ops.q4_linear(x, self.qs, self.d, self.m)
+        if x.device.type == "cuda" and x.dtype == torch.bfloat16 and self.in_features % 1024 == 0:
+            return self._cuda_forward(x)
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+    def _cuda_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torch's tile-packed int4 matmul computes w = (q - 8) * scale + zero, so zero = m + 8 d;
+        # the packing depends on the GPU, hence it is made here, on the device, once.
+        if self._cuda_packed is None or self._cuda_packed[0].device != x.device:
+            q = self.nibbles()[:, : self.in_features].to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack(
+                ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8), 8
+            )
+            d, m = self.d.float(), self.m.float()
+            scales_zeros = (
+                torch.stack([d, m + 8 * d], dim=-1).transpose(0, 1).contiguous()
+            )  # (groups, out, 2)
+            self._cuda_packed = (packed, scales_zeros.to(torch.bfloat16))
+        packed, scales_zeros = self._cuda_packed
+        out = torch.ops.aten._weight_int4pack_mm(
+            x.reshape(-1, self.in_features), packed, BLOCK, scales_zeros
+        )
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={BLOCK}"
+        )
+
+
+QuantizedLinear = (Int8Linear, Int4Linear)
+
+
+def quantize_(model: nn.Module, mode: str, *, group_size: int = BLOCK) -> nn.Module:
+    """Swap every nn.Linear of `model` for an int8 or int4 layer, in place.
+
+    The classifier (`output`) goes to int8 in both modes: it is the largest single matrix, and
+    4 bits there cost more perplexity than the speed they buy (llama.cpp keeps it at 6 bits).
+    Embeddings stay float. Returns the model.
+    """
+    if mode not in MODES:
+        raise ConfigError(
+            f"--quantize {mode!r} is not a quantization mode; choose one of: {', '.join(MODES)}"
+        )
+    if group_size % BLOCK or group_size <= 0:
+        raise ConfigError(
+            f"int4 group_size must be a positive multiple of {BLOCK}, got {group_size}"
+        )
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear) or child.bias is not None:
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            if mode == "int8" or full == "output":
+                new = Int8Linear.from_float(child.weight)
+            else:
+                new = Int4Linear.from_float(child.weight, group_size)
+            setattr(module, child_name, new.to(child.weight.device))
+    _warm_kernels(model)
+    return model
+
+
+def linear_from_packed(packed: PackedWeight, dtype: torch.dtype | None = None) -> nn.Module:
+    """A quantized layer holding the GGUF blocks of `packed` (Q8_0, Q4_0 or Q4_1), split into the
+    layer's integer and scale tensors without dequantizing. `dtype` is the activations' dtype."""
+    out_features, in_features = packed.shape
+    blocks = in_features // BLOCK
+    raw = packed.data.reshape(out_features, blocks, -1)  # (out, blocks, bytes per block)
+    expected = {"Q8_0": Q8_0_BYTES, "Q4_0": Q4_0_BYTES, "Q4_1": Q4_1_BYTES}.get(packed.qtype)
+    if expected is None:
+        raise ConfigError(
+            f"packed weight type {packed.qtype} has no quantized layer; supported: Q8_0, Q4_0, Q4_1"
+        )
+    if in_features % BLOCK or raw.shape[-1] != expected:
+        raise ConfigError(
+            f"packed {packed.qtype} weight of shape {packed.shape} has {packed.data.shape[-1]} bytes per row; "
+            f"expected {blocks * expected} ({blocks} blocks of {expected} bytes)"
+        )
+    if packed.qtype == "Q8_0":
+        layer = Int8Linear(in_features, out_features, per_block=True, device="meta")
+        layer.weight = raw[..., 2:].contiguous().view(torch.int8).view(out_features, in_features)
+        layer.scales = (
+            raw[..., :2].contiguous().view(torch.float16).view(out_features, blocks).float()
+        )
+        return layer
+    layer = Int4Linear(in_features, out_features, device="meta")
+    layer.d = raw[..., :2].contiguous().view(torch.float16).view(out_features, blocks)
+    if packed.qtype == "Q4_0":  # w = d * (q - 8): the same as m = -8 d, exact in float16
+        layer.m = -8 * layer.d
+        layer.qs = raw[..., 2:].reshape(out_features, -1).contiguous()
+    else:
+        layer.m = raw[..., 2:4].contiguous().view(torch.float16).view(out_features, blocks)
+        layer.qs = raw[..., 4:].reshape(out_features, -1).contiguous()
+    layer._cuda_packed = None
+    cpu_kernels.ops()  # build or load the CPU extension now, not inside a traced forward
+    return layer
+
+
+def cat_quantized(layers: list[nn.Module]) -> nn.Module:
+    """One quantized layer computing the given layers' outputs concatenated (for fuse_)."""
+    first = layers[0]
+    if not all(type(lin) is type(first) and lin.in_features == first.in_features for lin in layers):
+        raise ConfigError("cannot fuse quantized layers of different kinds or input sizes")
+    out_features = sum(lin.out_features for lin in layers)
+    if isinstance(first, Int8Linear):
+        if len({lin.scales.shape[1] for lin in layers}) != 1:
+            raise ConfigError("cannot fuse int8 layers mixing per-channel and per-block scales")
+        fused = Int8Linear(first.in_features, out_features, device="meta")
+        fused.weight = torch.cat([lin.weight for lin in layers])
+        fused.scales = torch.cat([lin.scales for lin in layers])
+        return fused
+    fused = Int4Linear(first.in_features, out_features, device="meta")
+    fused.qs = torch.cat([lin.qs for lin in layers])
+    fused.d = torch.cat([lin.d for lin in layers])
+    fused.m = torch.cat([lin.m for lin in layers])
+    fused._cuda_packed = None
+    return fused
+
+
+def _warm_kernels(model: nn.Module) -> None:
+    # Build (or load from the cache) the CPU extension now rather than inside the first forward,
+    # where torch.compile would be tracing.
+    if any(b.device.type == "cpu" for b in model.buffers()):
+        cpu_kernels.ops()

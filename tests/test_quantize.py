@@ -1,0 +1,162 @@
+"""Int8/Int4 layers against float nn.Linear, GGUF blocks against gguf-py, quantize_ and fuse_."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from llamarun import cpu_kernels
+from llamarun.errors import ConfigError
+from llamarun.loaders import PackedWeight
+from llamarun.model import fuse_
+from llamarun.quantize import Int4Linear, Int8Linear, linear_from_packed, quantize_
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def path(request, monkeypatch):
+    """Run each layer test on the C++ kernels and on the plain torch fallback."""
+    if request.param == "kernel" and cpu_kernels.ops() is None:
+        pytest.skip("no CPU kernels on this machine (needs x86 AVX2 and a C++ compiler)")
+    if request.param == "torch":
+        monkeypatch.setitem(cpu_kernels._state, "ops", None)
+    return request.param
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).norm() / b.norm()).detach())
+
+
+@pytest.mark.parametrize("in_features", [96, 100])  # 100: padded to 128 columns
+def test_int8_linear_close_to_float(path, in_features):
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, 48, bias=False)
+    x = torch.randn(3, 5, in_features)
+    # Act
+    out = Int8Linear.from_float(linear.weight)(x)
+    # Assert: int8 weights and (on the kernel path) int8 activations keep ~1% error
+    assert out.shape == (3, 5, 48)
+    assert rel_error(out, linear(x)) < 0.02
+
+
+@pytest.mark.parametrize("in_features", [96, 100])
+def test_int4_linear_close_to_float(path, in_features):
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, 48, bias=False)
+    x = torch.randn(4, in_features)
+    out = Int4Linear.from_float(linear.weight)(x)
+    assert out.shape == (4, 48)
+    assert rel_error(out, linear(x)) < 0.12  # 16 levels per group of 32
+
+
+def test_int4_kernel_equals_dequantized_matmul(path):
+    torch.manual_seed(1)
+    layer = Int4Linear.from_float(torch.randn(40, 320), group_size=64)
+    x = torch.randn(7, 320)  # batch 7: a tile of 4 rows plus 3 single rows
+    expected = x @ layer.dequantize().T
+    assert rel_error(layer(x), expected) < 0.01  # int8 activations only
+
+
+def test_int4_group_64_is_coarser_than_32():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    err32 = rel_error(Int4Linear.from_float(w, 32).dequantize(), w)
+    err64 = rel_error(Int4Linear.from_float(w, 64).dequantize(), w)
+    assert err32 < err64 < 0.15
+
+
+def gguf_blocks(w: np.ndarray, qtype: str) -> PackedWeight:
+    qt = gguf.GGMLQuantizationType[qtype]
+    data = gguf.quants.quantize(w, qt)  # (out, bytes per row) uint8
+    return PackedWeight(qtype, torch.from_numpy(data), tuple(w.shape))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_linear_from_packed_equals_gguf_dequantize(qtype):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((24, 96)).astype(np.float32)
+    packed = gguf_blocks(w, qtype)
+    expected = gguf.quants.dequantize(packed.data.numpy(), gguf.GGMLQuantizationType[qtype])
+    # Act
+    layer = linear_from_packed(packed, torch.float32)
+    # Assert: the layer stands for exactly gguf-py's weights (no float copy was made)
+    assert layer.dequantize().numpy() == pytest.approx(expected, abs=1e-6)
+    assert max((b.numel() for b in layer.buffers() if b.dtype == torch.float32), default=0) < w.size
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_packed_layer_forward_matches_dequantized(path, qtype):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((32, 128)).astype(np.float32)
+    layer = linear_from_packed(gguf_blocks(w, qtype), torch.float32)
+    x = torch.randn(2, 128)
+    assert rel_error(layer(x), x @ layer.dequantize().T) < 0.01
+
+
+def test_linear_from_packed_rejects_wrong_row_size():
+    packed = PackedWeight("Q4_0", torch.zeros(4, 17, dtype=torch.uint8), (4, 32))
+    with pytest.raises(ConfigError, match="bytes per row"):
+        linear_from_packed(packed, torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_leaves_no_linear_and_keeps_embedding(tiny_model, mode):
+    quantize_(tiny_model, mode)
+    linears = [n for n, m in tiny_model.named_modules() if isinstance(m, nn.Linear)]
+    assert linears == []
+    assert isinstance(tiny_model.tok_embeddings, nn.Embedding)
+    assert isinstance(tiny_model.output, Int8Linear)  # the classifier stays at 8 bits
+    expected = Int8Linear if mode == "int8" else Int4Linear
+    assert isinstance(tiny_model.layers[0].feed_forward.w2, expected)
+
+
+def test_quantize_rejects_unknown_mode(tiny_model):
+    with pytest.raises(ConfigError, match="int3"):
+        quantize_(tiny_model, "int3")
+
+
+def greedy(model, prompt: list[int], steps: int) -> list[int]:
+    model.setup_caches(1, 64)
+    tokens = list(prompt)
+    with torch.inference_mode():
+        for _ in range(steps):
+            ids = torch.tensor([tokens])
+            logits = model(ids, torch.arange(len(tokens))[None])
+            tokens.append(int(logits[0].argmax()))
+    return tokens[len(prompt) :]
+
+
+@pytest.mark.parametrize("mode, min_agree", [("int8", 12), ("int4", 3)])
+def test_quantized_greedy_tokens_follow_float(tiny_model, mode, min_agree):
+    expected = greedy(tiny_model, [1, 5, 9], 12)
+    quantize_(tiny_model, mode)
+    got = greedy(tiny_model, [1, 5, 9], 12)
+    agree = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), len(got))
+    # A random tiny model has small logit margins: int4 may drift after a few tokens.
+    assert agree >= min_agree
+
+
+def test_quantized_logits_close_to_float(tiny_model):
+    tiny_model.setup_caches(1, 16)
+    tokens, pos = torch.tensor([[3, 1, 4, 1, 5, 9]]), torch.arange(6)[None]
+    with torch.inference_mode():
+        expected = tiny_model(tokens, pos, all_logits=True)
+        quantize_(tiny_model, "int4")
+        got = tiny_model(tokens, pos, all_logits=True)
+    assert rel_error(got, expected) < 0.1
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fused_quantized_equals_unfused(tiny_model, mode):
+    quantize_(tiny_model, mode)
+    tiny_model.setup_caches(1, 16)
+    tokens, pos = torch.tensor([[3, 1, 4, 1, 5]]), torch.arange(5)[None]
+    with torch.inference_mode():
+        expected = tiny_model(tokens, pos, all_logits=True)
+        fuse_(tiny_model)
+        got = tiny_model(tokens, pos, all_logits=True)
+    assert tiny_model.layers[0].attention.wqkv is not None
+    assert not hasattr(tiny_model.layers[0].attention, "wq")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -145,3 +145,16 @@ def test_offloading_packed_gguf_layers_keeps_their_layout_and_tokens():
 
 def greedy_tokens_of(llm, ids: list[int]) -> list[int]:
     return [row[0] for row in llm.generate([ids], GREEDY)]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_offload_on_a_gpu_runs_the_last_layer_on_the_cpu(checkpoint):
+    whole = llamarun.load(checkpoint, device="cuda", dtype="float32", max_seq_len=64)
+    half = llamarun.load(
+        checkpoint, device="cuda", dtype="float32", max_seq_len=64, offload_layers=1
+    )
+
+    assert block_devices(half.model) == [torch.device("cuda", 0), torch.device("cpu")]
+    assert half.model.layers[1].attention.kv_cache.k.device.type == "cpu"
+    assert greedy_tokens(half) == greedy_tokens(whole)

@@ -203,3 +203,13 @@ def test_probes_are_injectable():
 def test_unknown_quantize_mode_is_a_user_error():
     with pytest.raises(MemoryPlanError, match="int8, int4 or auto"):
         plan_memory(KNOWN_MODELS["stories15M"], device="cpu", dtype=BF16, quantize="int3", free=GB)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_free_memory_on_cuda_comes_from_mem_get_info():
+    from llamarun.plan import free_memory
+
+    free, total = torch.cuda.mem_get_info()
+
+    assert abs(free_memory(torch.device("cuda")) - free) < 0.05 * total

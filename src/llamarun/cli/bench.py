@@ -1,0 +1,171 @@
+"""`llamarun bench MODEL`: prefill and decode speed on random prompts, the bandwidth that decode
+speed implies (weight bytes read per step x steps/s) against this machine's measured memory
+bandwidth, peak RSS and load time. Figures go to stdout (`--json`: one JSON object)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+
+from . import add_model_args, load_from_args
+
+BANDWIDTH_BYTES = 512 << 20  # a tensor far larger than any CPU cache
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser)
+    parser.add_argument(
+        "--batch", type=int, default=1, help="sequences decoded together (default: 1)"
+    )
+    parser.add_argument(
+        "--prompt-len", type=int, default=128, help="prompt tokens per sequence (default: 128)"
+    )
+    parser.add_argument(
+        "--gen-len", type=int, default=128, help="new tokens per sequence (default: 128)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+
+    for flag in ("batch", "prompt_len", "gen_len"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
+            )
+    llm = load_from_args(
+        args, max_batch_size=args.batch, max_seq_len=args.prompt_len + args.gen_len + 1
+    )
+    report = measure(llm, args.batch, args.prompt_len, args.gen_len, seed=args.seed)
+    report["load_s"] = llm.info.get("load_s", 0.0)
+    report["peak_rss_mb"] = peak_rss_mb()  # before the bandwidth probe allocates its tensor
+    report["memory_bandwidth_gbs"] = memory_bandwidth_gbs(llm.device)
+    report["bandwidth_fraction"] = report["decode_gbs"] / report["memory_bandwidth_gbs"]
+    report.update(
+        model=args.model,
+        quantize=llm.info.get("quantize"),
+        dtype=llm.info.get("dtype"),
+        device=str(llm.device),
+        threads=torch.get_num_threads(),
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 0
+
+
+def measure(llm, batch: int, prompt_len: int, gen_len: int, *, seed: int = 0) -> dict:
+    """Time prefill of `batch` random prompts and `gen_len - 1` greedy decode steps after it.
+    A short untimed run first warms the kernels (and the compiled step, if any)."""
+    from ..sampling import SamplingParams
+
+    engine = llm.engine
+    vocab = llm.model.args.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    params = SamplingParams(temperature=0, max_new_tokens=gen_len)
+    # EOS must not end a row early: the engine stops only on length here
+    stop_ids, engine.stop_ids = engine.stop_ids, frozenset()
+    try:
+        _run(engine, [p[:8] for p in prompts], SamplingParams(temperature=0, max_new_tokens=4))
+        prefill_s, decode_s, steps = _run(engine, prompts, params)
+    finally:
+        engine.stop_ids = stop_ids
+    step_bytes = weight_bytes_per_step(llm.model)
+    steps_per_s = steps / decode_s if decode_s else 0.0
+    return {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "gen_len": gen_len,
+        "prefill_s": prefill_s,
+        "prefill_tok_s": batch * prompt_len / prefill_s,
+        "decode_s": decode_s,
+        "decode_steps": steps,
+        "decode_tok_s": batch * steps_per_s,
+        "weight_bytes_per_step": step_bytes,
+        "decode_gbs": step_bytes * steps_per_s / 1e9,
+    }
+
+
+def _run(engine, prompts: list[list[int]], params) -> tuple[float, float, int]:
+    t0 = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add(i, prompt, params)
+    t1 = time.perf_counter()
+    steps = 0
+    while engine.step():
+        steps += 1
+    t2 = time.perf_counter()
+    for i in range(len(prompts)):
+        engine.release(i)
+    return t1 - t0, t2 - t1, steps
+
+
+def weight_bytes_per_step(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer except the embedding
+    table (one row per token), the KV caches and the RoPE tables; a classifier tied to the
+    embedding counts once, as the classifier."""
+    skip = {
+        id(t)
+        for name, t in model.named_buffers()
+        if "kv_cache" in name or name.startswith(("rope_", "slot_ids"))
+    }
+    embedding = model.tok_embeddings.weight
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in skip or id(t) in seen or t is embedding:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    output_weight = getattr(model.output, "weight", None)
+    if output_weight is embedding:
+        total += embedding.numel() * embedding.element_size()
+    return total
+
+
+def memory_bandwidth_gbs(device: torch.device, repeats: int = 5) -> float:
+    """Read bandwidth: the best of `repeats` sums over a 512 MiB float32 tensor."""
+    x = torch.ones(BANDWIDTH_BYTES // 4, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass faults the pages in
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        x.sum().item()
+        best = min(best, time.perf_counter() - t0)
+    del x
+    return BANDWIDTH_BYTES / best / 1e9
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (
+        peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+    )  # bytes on macOS, KiB on Linux
+
+
+def print_report(r: dict) -> None:
+    print(
+        f"model        {r['model']} ({r['dtype']}, quantize={r['quantize']}, {r['device']}, {r['threads']} threads)"
+    )
+    print(f"load         {r['load_s']:.2f} s")
+    print(
+        f"prefill      {r['prefill_tok_s']:.1f} tok/s  ({r['batch']} x {r['prompt_len']} tokens in {r['prefill_s']:.2f} s)"
+    )
+    print(
+        f"decode       {r['decode_tok_s']:.1f} tok/s  ({r['batch']} x {r['decode_steps']} steps in {r['decode_s']:.2f} s)"
+    )
+    print(
+        f"bandwidth    {r['decode_gbs']:.1f} GB/s = {r['weight_bytes_per_step'] / 1e6:.1f} MB of weights per step; "
+        f"{100 * r['bandwidth_fraction']:.0f}% of the {r['memory_bandwidth_gbs']:.1f} GB/s measured"
+    )
+    print(f"peak RSS     {r['peak_rss_mb']:.0f} MB")

@@ -158,3 +158,16 @@ def test_offload_on_a_gpu_runs_the_last_layer_on_the_cpu(checkpoint):
     assert block_devices(half.model) == [torch.device("cuda", 0), torch.device("cpu")]
     assert half.model.layers[1].attention.kv_cache.k.device.type == "cpu"
     assert greedy_tokens(half) == greedy_tokens(whole)
+
+
+def test_quantizing_block_by_block_while_offloading_equals_quantizing_whole(checkpoint):
+    pytest.importorskip("llamarun.quantize")
+
+    whole = llamarun.load(checkpoint, device="cpu", max_seq_len=64, quantize="int4")
+    placed = llamarun.load(
+        checkpoint, device="cpu", max_seq_len=64, quantize="int4", offload_layers=1
+    )
+
+    kinds = {type(m).__name__ for m in placed.model.modules()}
+    assert "Int4Linear" in kinds and "Int8Linear" in kinds and "Linear" not in kinds  # output: int8
+    assert greedy_tokens(placed) == greedy_tokens(whole)

@@ -100,6 +100,7 @@ def test_auto_quantizes_when_only_int8_fits(checkpoint, tiny_args, monkeypatch):
     assert len(greedy_tokens(llm)) == GREEDY.max_new_tokens
 
 
+@pytest.mark.slow
 def test_cli_offload_layers_gives_the_same_text(capsys):
     from conftest import shared_model
 

@@ -124,8 +124,8 @@ class Engine:
             s = self.slots[i]
             if s is not None and s.finish_reason is None:
                 tokens[i, 0], input_pos[i, 0] = s.tokens[-1], s.pos
-            else:  # write into a position that a later prefill of this row overwrites first
-                input_pos[i, 0] = self.max_seq_len - 1
+            else:  # position 0: a later prefill of this row overwrites it first, and the attended
+                input_pos[i, 0] = 0  # length (the batch's furthest position) does not grow
         logits = self._decode(tokens.to(self.device), input_pos.to(self.device))  # (hi, V)
         for i in running:
             self.slots[i].pos += 1

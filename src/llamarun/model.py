@@ -86,9 +86,11 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         keys, values = self.kv_cache.update(rows, input_pos, k, v)  # (B, Hkv, S, D)
+        length = mask.shape[-1]  # slots that can be attended to (see Transformer.forward)
+        keys, values = keys[:, :, :length], values[:, :, :length]  # (B, Hkv, L, D)
         n_rep = self.n_heads // self.n_kv_heads
         if n_rep > 1:
-            keys = keys.repeat_interleave(n_rep, dim=1)  # (B, H, S, D)
+            keys = keys.repeat_interleave(n_rep, dim=1)  # (B, H, L, D)
             values = values.repeat_interleave(n_rep, dim=1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
@@ -166,7 +168,10 @@ class Transformer(nn.Module):
         cos = self.rope_cos[input_pos].unsqueeze(2)  # (B, T, 1, D/2)
         sin = self.rope_sin[input_pos].unsqueeze(2)
         # A query at position p sees cache slots 0..p of its own row; later slots hold stale data.
-        mask = (self.slot_ids <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
+        # Only slots 0..L-1 (L: the furthest position in this batch) can be attended to, so eager
+        # runs read no more of the cache; a compiled step keeps the static length S (fixed shapes).
+        length = self.max_seq_len if torch.compiler.is_compiling() else int(input_pos.max()) + 1
+        mask = (self.slot_ids[:length] <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, L)
         h = self.tok_embeddings(tokens)  # (B, T, C)
         for layer in self.layers:
             h = layer(h, cos, sin, mask, input_pos, rows)

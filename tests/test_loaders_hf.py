@@ -307,3 +307,18 @@ def test_numbered_shards_without_index_must_all_be_there(hf_state, tiny_args, tm
     message = _error(path)
 
     assert "model-00003-of-00003.safetensors" in message and str(path) in message
+
+
+def test_sharded_pytorch_model_bin_with_index(state, hf_state, tiny_args, tmp_path):
+    path = tmp_path / "m"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(hf_config(tiny_args)))
+    names = ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+    weight_map = {k: names[i % 2] for i, k in enumerate(sorted(hf_state))}
+    for name in names:
+        torch.save({k: v for k, v in hf_state.items() if weight_map[k] == name}, path / name)
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    _assert_same_weights(load_checkpoint(path).weights, state)
+    (path / names[1]).unlink()
+    assert names[1] in _error(path)

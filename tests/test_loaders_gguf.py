@@ -230,6 +230,18 @@ def test_truncated_metadata_is_named(tmp_path):
         load(path)
 
 
+def test_version_2_file_loads(tmp_path):
+    state = random_state(ARGS)
+    path = write_gguf(state, ARGS, tmp_path / "m.gguf")
+    data = bytearray(path.read_bytes())
+    data[4:8] = (2).to_bytes(4, "little")  # v2 and v3 differ only in allowing big-endian files
+    path.write_bytes(bytes(data))
+
+    torch.testing.assert_close(
+        gguf_logits(path, TOKENS), logits_of(ARGS, state, TOKENS), atol=1e-5, rtol=1e-5
+    )
+
+
 def test_old_version_is_named(tmp_path):
     path = write_gguf(random_state(ARGS), ARGS, tmp_path / "m.gguf")
     data = bytearray(path.read_bytes())

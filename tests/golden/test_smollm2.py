@@ -45,6 +45,6 @@ def test_smollm2_packed_answers_paris():
     if not hasattr(quantize, "linear_from_packed"):
         pytest.skip("llamarun.quantize.linear_from_packed is not available yet")
 
-    llm = llamarun.load(shared_model(SMOLLM2), max_seq_len=256)
+    llm = llamarun.load(shared_model(SMOLLM2), device="cpu", dtype="float32", max_seq_len=256)
 
     assert llm.chat(QUESTION, GREEDY) == ANSWER

@@ -59,7 +59,7 @@ def gguf_from_hf(hf, path, qtype: str = "F32"):
 
 
 def llamarun_logprobs(path) -> torch.Tensor:
-    llm = llamarun.load(path, max_seq_len=64)
+    llm = llamarun.load(path, device="cpu", dtype="float32", max_seq_len=64)
     with torch.no_grad():
         logits = llm.model(PROMPT, torch.arange(PROMPT.shape[1])[None], all_logits=True)
     return torch.log_softmax(logits.float(), dim=-1)[0]
@@ -96,7 +96,7 @@ def test_f32_gguf_greedy_matches_transformers_generate(tmp_path):
             0, PROMPT.shape[1] :
         ].tolist()
 
-    llm = llamarun.load(path, max_seq_len=64)
+    llm = llamarun.load(path, device="cpu", dtype="float32", max_seq_len=64)
     got = [
         row[0]
         for row in llm.generate(

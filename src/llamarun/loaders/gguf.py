@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
 
@@ -42,6 +43,20 @@ LAYER_NAMES = {
 }
 # Precomputed rotary factors: the model computes its own (Llama 3 scaling is read from them below).
 DROPPED = ("rope_freqs.weight",)
+
+
+class MappedReader(gguf.GGUFReader):
+    """GGUFReader over a plain ndarray view of its np.memmap (the same mapped bytes): slicing the
+    memmap subclass costs an __array_finalize__ per field part, which made parsing SmolLM2's
+    vocabulary 3x slower (3.1 s vs 1.1 s here)."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._mapped
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._mapped = value.view(np.ndarray)
 
 
 def load(path: Path, *, keep_quantized: bool = True) -> Checkpoint:
@@ -102,8 +117,6 @@ def load(path: Path, *, keep_quantized: bool = True) -> Checkpoint:
 
 def open_reader(path: Path):
     """GGUFReader over `path`, with each way a file can be broken turned into one sentence."""
-    import gguf
-
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -119,7 +132,7 @@ def open_reader(path: Path):
             "(version 1 files are obsolete: convert the model again with a current llama.cpp)."
         )
     try:
-        reader = gguf.GGUFReader(path)
+        reader = MappedReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, MemoryError) as e:
         raise CheckpointError(
             f"{path} is a truncated or corrupt GGUF file ({size} bytes; the reader stopped with: {e}). "
@@ -252,8 +265,6 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
 
 def _to_tensor(t) -> torch.Tensor:
     """A float tensor in PyTorch order: mmapped for F32/F16/BF16, dequantized to float32 otherwise."""
-    import gguf
-
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     qtype = t.tensor_type.name
     if qtype in ("F32", "F16"):

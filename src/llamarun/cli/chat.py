@@ -144,3 +144,5 @@ class Chat:
             self.answer(text)
         except LlamarunError as e:  # a message that cannot be answered does not end the session
             self.err.write(f"llamarun: error: {e}\n")
+        except KeyboardInterrupt:  # Ctrl-C before the answer began streaming
+            self.err.write("\n[answer stopped]\n")

@@ -285,3 +285,13 @@ def test_missing_tensor_is_named(tmp_path):
 
     with pytest.raises(CheckpointError, match=r"layers\.1\.feed_forward\.w2\.weight"):
         load(path)
+
+
+def test_folder_with_one_gguf_file_loads_it(tmp_path):
+    state = random_state(ARGS)
+    write_gguf(state, ARGS, tmp_path / "model.gguf")
+    (tmp_path / "README.md").write_text("not a model")
+
+    ckpt = load(tmp_path)
+
+    assert detect_format(tmp_path) == "gguf" and ckpt.path == tmp_path / "model.gguf"

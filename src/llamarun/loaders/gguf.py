@@ -64,6 +64,13 @@ def load(path: Path, *, keep_quantized: bool = True) -> Checkpoint:
     from ..tokenizer.gguf import GGUFTokenizer
 
     path = Path(path)
+    if path.is_dir():  # detect_format accepts a folder holding exactly one GGUF file
+        found = [p for p in sorted(path.iterdir()) if p.is_file() and _magic(p) == b"GGUF"]
+        if len(found) != 1:
+            raise CheckpointError(
+                f"{path} holds {len(found)} GGUF files: give the .gguf file itself"
+            )
+        path = found[0]
     reader = open_reader(path)
     meta = read_metadata(reader)
     arch = meta.get("general.architecture")
@@ -113,6 +120,11 @@ def load(path: Path, *, keep_quantized: bool = True) -> Checkpoint:
         chat_template=meta.get("tokenizer.chat_template"),
         dtype=dtype,
     )
+
+
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
 
 
 def open_reader(path: Path):

@@ -16,7 +16,7 @@ from tiny_tokenizers import write_hf_tokenizer  # noqa: E402
 from llamarun.errors import TokenizerError  # noqa: E402
 from llamarun.loaders.gguf import open_reader, read_metadata  # noqa: E402
 from llamarun.tokenizer import Tokenizer  # noqa: E402
-from llamarun.tokenizer.gguf import CONTROL, NORMAL, GGUFTokenizer  # noqa: E402
+from llamarun.tokenizer.gguf import CONTROL, NORMAL, USER_DEFINED, GGUFTokenizer  # noqa: E402
 
 STRINGS = [
     "Hello world",
@@ -243,3 +243,17 @@ def test_llama_bpe_vocab_encodes_like_tiktoken():
         ), text
     assert tok.encode("This is a test sentence.") == [128000, 2028, 374, 264, 1296, 11914, 13]
     assert tok.stop_ids == {128001, 128008, 128009}  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+
+
+def test_user_defined_tokens_are_always_parsed_control_only_when_special(tmp_path):
+    meta = tiny_gpt2_metadata(tmp_path, "default")
+    meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"] + ["<think>"]
+    meta["tokenizer.ggml.token_type"] = meta["tokenizer.ggml.token_type"] + [USER_DEFINED]
+    think = len(meta["tokenizer.ggml.tokens"]) - 1
+
+    tok = GGUFTokenizer.from_metadata(meta, tmp_path / "t.gguf")
+
+    assert think in tok.encode("a<think>b", bos=False)
+    assert tok.token_to_id("<|im_end|>") not in tok.encode("a<|im_end|>", bos=False)
+    assert tok.encode("a<|im_end|>", bos=False, special=True)[-1] == tok.token_to_id("<|im_end|>")
+    assert tok.token_bytes(think) == b"<think>"

@@ -78,11 +78,11 @@ class GGUFTokenizer:
         self._ids = {}
         for i, t in enumerate(tokens):
             self._ids.setdefault(t, i)
-        specials = [t for t, ty in zip(tokens, token_types) if ty in (CONTROL, USER_DEFINED) and t]
-        self._special_re = (
-            re.compile("|".join(re.escape(s) for s in sorted(set(specials), key=len, reverse=True)))
-            if specials
-            else None
+        # CONTROL tokens are parsed from text only with special=True; USER_DEFINED ones always (as
+        # llama.cpp and transformers' added tokens do). SentencePiece matches USER_DEFINED itself.
+        self._special_re = _alternation(tokens, token_types, (CONTROL, USER_DEFINED))
+        self._user_re = (
+            _alternation(tokens, token_types, (USER_DEFINED,)) if model == "gpt2" else None
         )
         if model == "llama":
             self.adds_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
@@ -125,8 +125,9 @@ class GGUFTokenizer:
         ids: list[int] = [self.bos_id] if bos and self.bos_id is not None else []
         start = 0
         chunks: list[tuple[str, int | None]] = []
-        if special and self._special_re is not None:
-            for m in self._special_re.finditer(text):
+        pattern = self._special_re if special else self._user_re
+        if pattern is not None:
+            for m in pattern.finditer(text):
                 chunks.append((text[start : m.start()], self._ids[m.group()]))
                 start = m.end()
         chunks.append((text[start:], None))
@@ -173,6 +174,12 @@ class GGUFTokenizer:
 
     def token_to_id(self, piece: str) -> int | None:
         return self._ids.get(piece)
+
+
+def _alternation(tokens: list[str], types: list[int], kinds: tuple[int, ...]) -> re.Pattern | None:
+    """A regex matching any token of the given types, longest first; None when there is none."""
+    texts = sorted({t for t, ty in zip(tokens, types) if ty in kinds and t}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 
 def _sentencepiece(

@@ -231,6 +231,21 @@ def test_default_model_has_a_pypi_source_and_a_checksum():
     assert CATALOGUE["stories260K"].files[1].filename == "tok512.bin"
 
 
+@pytest.mark.parametrize(
+    "name, header",  # llama2.c header: dim, hidden, layers, heads, kv heads, vocab, seq_len
+    [
+        ("stories260K", (64, 172, 5, 8, 4, 512, 512)),
+        ("stories15M", (288, 768, 6, 6, 6, 32000, 256)),
+        ("stories42M", (512, 1376, 8, 8, 8, 32000, 1024)),
+        ("stories110M", (768, 2048, 12, 12, 12, 32000, 1024)),
+    ],
+)
+def test_llama2c_catalogue_sizes_fit_their_configs(name, header):
+    from llamarun.loaders.llama2c import expected_v0_size
+
+    assert CATALOGUE[name].files[0].size in expected_v0_size(*header)
+
+
 def test_cli_pull_list_rm(monkeypatch, server, capsys):
     name = add_entry(monkeypatch, model_file(URLSource(f"{server}/model.gguf")))
 

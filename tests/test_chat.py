@@ -63,6 +63,22 @@ DIALOG = [
     {"role": "user", "content": " Bye "},
 ]
 
+# fmt: off
+LLAMA2_IDS = [  # DIALOG in Meta's Llama 2 format with the Llama 2 tokenizer
+    1,                       # <s>
+    518, 25580, 29962,       # ▁[ INST ]
+    3532, 14816, 29903, 6778, 13,  # ▁<< SY S >> \n
+    3629, 11473, 29889, 13,  # Be ▁brief . \n
+    29966, 829, 14816, 29903, 6778, 13, 13,  # < </ SY S >> \n \n
+    18567,                   # Hi
+    518, 29914, 25580, 29962,  # ▁[ / INST ]
+    15043, 29991, 29871,     # ▁Hello ! ▁
+    2,                       # </s>
+    1,                       # <s>
+    518, 25580, 29962, 2648, 29872, 518, 29914, 25580, 29962,  # ▁[ INST ] ▁By e ▁[ / INST ]
+]
+# fmt: on
+
 
 def test_llama2_format_is_metas_inst_sys_layout():
     tok = TextTokenizer()
@@ -82,21 +98,7 @@ def test_llama2_format_literal_ids_with_the_llama2_tokenizer():
 
     tok = load_tokenizer(shared_model("llama2-tokenizer/tokenizer.model"))
     ids = Llama2ChatFormat(tok).encode_dialog(DIALOG)
-    # fmt: off
-    assert ids == [
-        1,                       # <s>
-        518, 25580, 29962,       # ▁[ INST ]
-        3532, 14816, 29903, 6778, 13,  # ▁<< SY S >> \n
-        3629, 11473, 29889, 13,  # Be ▁brief . \n
-        29966, 829, 14816, 29903, 6778, 13, 13,  # < </ SY S >> \n \n
-        18567,                   # Hi
-        518, 29914, 25580, 29962,  # ▁[ / INST ]
-        15043, 29991, 29871,     # ▁Hello ! ▁
-        2,                       # </s>
-        1,                       # <s>
-        518, 25580, 29962, 2648, 29872, 518, 29914, 25580, 29962,  # ▁[ INST ] ▁By e ▁[ / INST ]
-    ]
-    # fmt: on
+    assert ids == LLAMA2_IDS
 
 
 def test_llama2_format_rejects_non_alternating_roles():
@@ -186,11 +188,15 @@ FEATURES_TEMPLATE = """{{ bos_token }}
     {% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}{% endgeneration %}{% endif %}
 <|im_end|>
 {% endfor %}
-{% if add_generation_prompt %}<|im_start|>assistant ({{ ns.n }} turns, é "ok" <b>)
+{% if add_generation_prompt %}<|im_start|>assistant ({{ ns.n }} turns in {{ strftime_now('%Y') }}, é "ok" <b>)
 {% endif %}"""
 
 
-@pytest.mark.parametrize("template", [SMOLLM2_TEMPLATE, LLAMA2_HF_TEMPLATE, FEATURES_TEMPLATE])
+@pytest.mark.parametrize(
+    "template",
+    [SMOLLM2_TEMPLATE, LLAMA2_HF_TEMPLATE, FEATURES_TEMPLATE],
+    ids=["smollm2", "llama2_hf", "features"],
+)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_jinja_renders_like_transformers(tmp_path, template, add_generation_prompt):
     transformers = pytest.importorskip("transformers")
@@ -369,3 +375,19 @@ def test_chat_completion_cuts_at_the_end_of_turn_token(always_im_end_llm):
 
     results = Llama(always_im_end_llm).chat_completion([DIALOG[1:2]], temperature=0, max_gen_len=5)
     assert results == [{"generation": {"role": "assistant", "content": ""}}]
+
+
+def test_llama2_gguf_without_template_chats_in_metas_format_only():
+    from conftest import shared_model
+
+    from llamarun import load
+    from llamarun.llama import Llama
+    from llamarun.tokenizer.chat import meta_chat_format
+
+    llm = load(shared_model("llama-2-tiny-random/llama-2-tiny-random.gguf"), max_seq_len=128)
+    assert meta_chat_format(llm.tokenizer, llm.chat_template).encode_dialog(DIALOG) == LLAMA2_IDS
+    (alone,), _ = Llama(llm).generate([LLAMA2_IDS], 4, temperature=0)
+    (result,) = Llama(llm).chat_completion([DIALOG], temperature=0, max_gen_len=4)
+    assert result["generation"]["content"] == llm.tokenizer.decode(alone)
+    with pytest.raises(TokenizerError, match="base model"):  # the native API invents no format
+        llm.chat(DIALOG)

@@ -138,6 +138,8 @@ def spawn_chat(path, *flags):
 def test_interactive_session_in_a_terminal(tiny_dir, tiny_llm):
     answer = tiny_llm.chat([user("Hi")], GREEDY)
     child = spawn_chat(tiny_dir, *FLAGS)
+    child.sendintr()  # Ctrl-C at the prompt: a fresh prompt
+    child.expect_exact(">>> ")
     child.sendline("Hi")
     child.expect_exact(">>> ")
     assert answer in child.before.replace("\r\n", "\n")

@@ -117,6 +117,66 @@ def test_unreachable_hub_falls_through_to_the_next_source(monkeypatch, server, c
     )
 
 
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A loopback stand-in for the Hub's resolve endpoint: HEAD and GET of */resolve/*/model.gguf
+    with the LFS headers huggingface_hub reads (ETag = sha256, X-Repo-Commit). Yields a dict whose
+    "etag" the test may change."""
+    state = {"etag": sha(MODEL)}
+
+    class HubHandler(QuietHandler):
+        def _headers(self) -> bool:
+            if "/resolve/" not in self.path or not self.path.endswith("/model.gguf"):
+                self.send_response(404)
+                self.end_headers()
+                return False
+            self.send_response(200)
+            self.send_header("ETag", f'"{state["etag"]}"')
+            self.send_header("X-Repo-Commit", "a" * 40)
+            self.send_header("Content-Length", str(len(MODEL)))
+            self.end_headers()
+            return True
+
+        def do_HEAD(self):
+            self._headers()
+
+        def do_GET(self):
+            if self._headers():
+                self.wfile.write(MODEL)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{httpd.server_address[1]}")
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_hub_source_downloads_with_huggingface_hub(monkeypatch, fake_hub, cache_home):
+    name = add_entry(
+        monkeypatch, model_file(HubSource("someone/repo", "model.gguf"), sha256=None, size=None)
+    )
+
+    path = pull(name, progress=False)
+
+    assert path.read_bytes() == MODEL
+    assert leftovers(path.parent) == ["model.gguf"]  # huggingface_hub's scratch folder is gone
+
+
+def test_hub_lfs_sha256_is_checked_when_the_catalogue_has_none(monkeypatch, fake_hub, cache_home):
+    fake_hub["etag"] = "f" * 64
+    name = add_entry(
+        monkeypatch, model_file(HubSource("someone/repo", "model.gguf"), sha256=None, size=None)
+    )
+
+    with pytest.raises(
+        DownloadError,
+        match=r"Checksum mismatch for model\.gguf: Hugging Face someone/repo/model\.gguf gave sha256",
+    ):
+        pull(name, progress=False)
+    assert leftovers(cache_home / "models" / "tiny") == []
+
+
 def test_checksum_mismatch_discards_the_download(monkeypatch, server, cache_home):
     name = add_entry(monkeypatch, model_file(URLSource(f"{server}/model.gguf"), sha256="0" * 64))
 

@@ -103,12 +103,11 @@ def load(path: Path, *, keep_quantized: bool = True) -> Checkpoint:
             weights[canonical] = _to_tensor(t)
     args = model_args(meta, weights, path, rope_freqs)
     check_weights(args, weights, str(path), source="the GGUF metadata")
-    float_types = {t.tensor_type.name for t in tensors.values() if len(t.shape) == 2}
+    matrix_types = {t.tensor_type.name for t in tensors.values() if len(t.shape) == 2}
+    stored = {"F16": torch.float16, "BF16": torch.bfloat16}
     dtype = (
-        torch.float16
-        if float_types == {"F16"}
-        else torch.bfloat16
-        if float_types == {"BF16"}
+        stored[matrix_types.pop()]
+        if len(matrix_types) == 1 and matrix_types <= stored.keys()
         else torch.float32
     )
     return Checkpoint(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import signal
 import statistics
@@ -133,7 +134,8 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         "bench",
         *args.server_args,
     ]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stderr:
         sys.stderr.write(line)
         if found := re.search(r"http://\S+/v1", line):
@@ -156,6 +158,9 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=32, help="server slots")
     parser.add_argument("--max-seq-len", type=int, default=512, help="server context per slot")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="the server's torch threads (default: torch's)"
+    )
     parser.add_argument(
         "--server-args", nargs=argparse.REMAINDER, default=[], help="passed on to `llamarun serve`"
     )

@@ -342,6 +342,24 @@ def test_bad_request_does_not_disturb_others(client):
         )
 
 
+def test_engine_failure_fails_only_that_request(server, client, monkeypatch):
+    engine = server.app.state.scheduler.engine
+    add = engine.add
+
+    def flaky_add(slot, prompt_ids, params, **kwargs):
+        if ord("~") - 32 in prompt_ids:
+            raise RuntimeError("boom")
+        return add(slot, prompt_ids, params, **kwargs)
+
+    monkeypatch.setattr(engine, "add", flaky_add)
+    expected = chat(client, "fine", max_tokens=6).choices[0].message.content
+    with ThreadPoolExecutor(2) as pool:
+        bad = pool.submit(error_of, lambda: chat(client, "~", max_tokens=6))
+        good = pool.submit(lambda: chat(client, "fine", max_tokens=6))
+        assert bad.result().status_code == 500 and bad.result().body["type"] == "server_error"
+        assert good.result().choices[0].message.content == expected
+
+
 def test_disconnected_streaming_client_frees_its_slot(server, monkeypatch):
     scheduler = server.app.state.scheduler
     step = scheduler.engine.step

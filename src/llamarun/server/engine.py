@@ -82,10 +82,15 @@ class Scheduler:
             if idle and self.stopping and self.inbox.empty():
                 return
             self._take_inbox(block=idle)
-            self._retire_cancelled()
-            self._admit()
-            if self.running:
-                self._step()
+            try:
+                self._retire_cancelled()
+                self._admit()
+                if self.running:
+                    self._step()
+            except Exception as e:  # a bug, not a bad request: fail what is in flight, keep serving
+                log.exception("engine loop failed")
+                for slot in list(self.running):
+                    self._fail(slot, e)
 
     def _take_inbox(self, block: bool) -> None:
         try:

@@ -436,14 +436,14 @@ def test_serve_cli_answers_then_exits_on_sigterm():
     try:
         line = proc.stderr.readline()
         url = re.search(r"http://\S+/v1", line).group(0)
-        out = openai.OpenAI(base_url=url, api_key="none").completions.create(
+        out = openai.OpenAI(base_url=url, api_key="none", timeout=60).completions.create(
             model="stories260K", prompt="Once upon a time", max_tokens=8, temperature=0
         )
         assert out.choices[0].text.startswith(
             ", there was a little girl"
         )  # llama2.c's run.c output
         with pytest.raises(openai.BadRequestError, match="only continues text"):
-            openai.OpenAI(base_url=url, api_key="none").chat.completions.create(
+            openai.OpenAI(base_url=url, api_key="none", timeout=60).chat.completions.create(
                 model="stories260K", messages=[{"role": "user", "content": "hi"}]
             )
         proc.send_signal(signal.SIGTERM)
@@ -463,7 +463,9 @@ def test_real_chat_model_answers_and_streams_the_same_text():
     )
     running = ServerThread(create_app(llm, model_name="smollm2"))
     try:
-        client = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
+        client = openai.OpenAI(
+            base_url=running.url + "/v1", api_key="none", max_retries=0, timeout=120
+        )
         ask = dict(
             model="smollm2",
             messages=[{"role": "user", "content": "What is the capital of France?"}],

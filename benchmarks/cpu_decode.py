@@ -122,9 +122,7 @@ def write_gguf(state, args, path: Path, qtype: str) -> None:
             )
         data = t.numpy().astype(np.float32)
         if data.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(
-                gname, gguf.quants.quantize(data, kind), raw_shape=data.shape, raw_dtype=kind
-            )
+            writer.add_tensor(gname, gguf.quants.quantize(data, kind), raw_dtype=kind)
         else:
             writer.add_tensor(gname, data)
     writer.write_header_to_file()
@@ -235,6 +233,8 @@ def llamarun_cmd(path: Path, opts: argparse.Namespace, *extra: str) -> list[str]
         str(opts.prompt_len),
         "--gen-len",
         str(opts.gen_len),
+        "--threads",
+        str(opts.threads),
         *extra,
     ]
 

@@ -27,9 +27,15 @@ CPP_SOURCE = r"""
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace {
+
+// fn(begin, end) over parts of [0, N) on torch's intra-op threads
+void parallel_rows(int64_t N, const std::function<void(int64_t, int64_t)>& fn) {
+  at::parallel_for(0, N, std::max<int64_t>(16, N / (at::get_num_threads() * 4)), fn);
+}
 
 constexpr int QK = 32;  // block of the activation quantization (and of 4-bit weight groups)
 
@@ -64,7 +70,7 @@ inline float hsum(__m256 v) {
 // xs (B, Kp/32) = the block's exact float sum. Columns K..Kp are zero padding.
 void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq, float* dx, float* xs) {
   const int64_t nb = Kp / QK;
-  at::parallel_for(0, B * nb, 256, [&](int64_t begin, int64_t end) {
+  auto rows = [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / nb, blk = i % nb;
       const float* src = x + b * K + blk * QK;
@@ -87,7 +93,9 @@ void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq,
       dx[b * nb + blk] = d1 / 256.f;
       xs[b * nb + blk] = sum;
     }
-  });
+  };
+  if (B * nb < 512) rows(0, B * nb);
+  else parallel_rows(B * nb, rows);
 }
 
 struct QuantizedX {
@@ -192,6 +200,29 @@ inline void q4_rows(const uint8_t* qs, const at::Half* d, const at::Half* m, int
   }
 }
 
+// ---- float32 weights (out, K): batch-1 matrix-vector products near memory bandwidth
+template <int NB>
+inline void f32_rows(const float* w, int64_t K, const float* x, int64_t b0, float* out, int64_t N, int64_t o) {
+  constexpr int U = lanes<NB>();
+  __m256 acc[NB][U];
+  for (int j = 0; j < NB; ++j)
+    for (int u = 0; u < U; ++u) acc[j][u] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 * U <= K; k += 8 * U) {
+    for (int u = 0; u < U; ++u) {
+      const __m256 wv = _mm256_loadu_ps(w + k + 8 * u);
+      for (int j = 0; j < NB; ++j) acc[j][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (b0 + j) * K + k + 8 * u), acc[j][u]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    __m256 a = acc[j][0];
+    for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[j][u]);
+    float sum = hsum(a);
+    for (int64_t kk = k; kk < K; ++kk) sum += w[kk] * x[(b0 + j) * K + kk];
+    out[(b0 + j) * N + o] = sum;
+  }
+}
+
 constexpr int64_t TILE = 4;  // batch rows that share one read of a weight row
 
 at::Tensor flat_input(const at::Tensor& x) {
@@ -205,7 +236,6 @@ at::Tensor reshape_output(const at::Tensor& out2d, const at::Tensor& x) {
   return out2d.view(sizes).to(x.scalar_type());
 }
 
-int64_t grain(int64_t N) { return std::max<int64_t>(4, N / (at::get_num_threads() * 8)); }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw) {
   const auto x2d = flat_input(x);
@@ -219,7 +249,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const float* dx = qx.dx.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t B = qx.B;
-  at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
+  parallel_rows(N, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       const int8_t* wr = wp + o * Kp;
       const float* sr = sp + o * G;
@@ -245,7 +275,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   const float* xs = qx.xs.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t B = qx.B, nb = Kp / QK;
-  at::parallel_for(0, N, grain(N), [&](int64_t begin, int64_t end) {
+  parallel_rows(N, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       const uint8_t* qr = qp + o * (Kp / 2);
       int64_t b0 = 0;
@@ -256,16 +286,36 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   return reshape_output(out, x);
 }
 
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w) {
+  const auto x2d = flat_input(x);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous(), "f32_linear: weight must be contiguous float32");
+  const int64_t N = w.size(0), K = w.size(1), B = x2d.size(0);
+  auto out = at::empty({B, N}, x2d.options());
+  const float* wp = w.data_ptr<float>();
+  const float* xp = x2d.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  parallel_rows(N, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      int64_t b0 = 0;
+      for (; b0 + TILE <= B; b0 += TILE) f32_rows<TILE>(wp + o * K, K, xp, b0, op, N, o);
+      for (; b0 < B; ++b0) f32_rows<1>(wp + o * K, K, xp, b0, op, N, o);
+    }
+  });
+  return reshape_output(out, x);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llamarun_cpu, lib) {
   lib.def("int8_linear(Tensor x, Tensor w, Tensor sw) -> Tensor");
   lib.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
+  lib.def("f32_linear(Tensor x, Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llamarun_cpu, CPU, lib) {
   lib.impl("int8_linear", &int8_linear);
   lib.impl("q4_linear", &q4_linear);
+  lib.impl("f32_linear", &f32_linear);
 }
 """
 
@@ -325,3 +375,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("llamarun_cpu::q4_linear")
     def _(x, qs, d, m):
         return x.new_empty((*x.shape[:-1], qs.shape[0]))
+
+    @torch.library.register_fake("llamarun_cpu::f32_linear")
+    def _(x, w):
+        return x.new_empty((*x.shape[:-1], w.shape[0]))

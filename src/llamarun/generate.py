@@ -59,6 +59,10 @@ class Engine:
         self.stop_ids = stop_ids
         self.device = model.norm.weight.device
         self.slots: list[Slot | None] = [None] * model.max_batch_size
+        if self.device.type == "cpu":  # float32 matrix-vector products on the C++ kernels
+            from .quantize import use_cpu_kernels_
+
+            use_cpu_kernels_(model)
         self._decode = torch.compile(model, dynamic=False) if compile else model
 
     @property

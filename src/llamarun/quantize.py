@@ -170,6 +170,44 @@ class Int4Linear(nn.Module):
 
 
 QuantizedLinear = (Int8Linear, Int4Linear)
+KERNEL_MAX_ROWS = 8  # float32 products with more rows (prefill) go to MKL's GEMM
+
+
+class CpuLinear(nn.Linear):
+    """nn.Linear (same weight, same state dict) whose float32 matrix-vector products on CPU run
+    on the C++ kernel: MKL reaches a fraction of memory bandwidth at batch 1 (issue 5)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = _cpu_ops(x)
+        if (
+            ops is not None
+            and self.bias is None
+            and x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and x.numel() <= KERNEL_MAX_ROWS * self.in_features
+        ):
+            return ops.f32_linear(x, self.weight)
+        return super().forward(x)
+
+
+def use_cpu_kernels_(model: nn.Module) -> nn.Module:
+    """Route the float32 nn.Linear layers of a CPU model through CpuLinear, sharing their weights
+    (a tied classifier stays tied); in place. No-op where the CPU kernels are unavailable."""
+    if cpu_kernels.ops() is None:
+        return model
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if (
+                type(child) is nn.Linear
+                and child.bias is None
+                and child.weight.dtype == torch.float32
+                and child.weight.device.type == "cpu"
+                and child.weight.is_contiguous()
+            ):
+                fast = CpuLinear(child.in_features, child.out_features, bias=False, device="meta")
+                fast.weight = child.weight
+                setattr(module, name, fast)
+    return model
 
 
 def quantize_(model: nn.Module, mode: str, *, group_size: int = BLOCK) -> nn.Module:

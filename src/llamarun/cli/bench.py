@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gen-len", type=int, default=128, help="new tokens per sequence (default: 128)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: physical cores)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -144,6 +147,12 @@ def memory_bandwidth_gbs(device: torch.device, repeats: int = 5) -> float:
         best = min(best, time.perf_counter() - t0)
     del x
     return BANDWIDTH_BYTES / best / 1e9
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or torch.get_num_threads()
 
 
 def peak_rss_mb() -> float:

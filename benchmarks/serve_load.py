@@ -166,6 +166,7 @@ def main() -> int:
     )
     args = parser.parse_args()
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below
     proc, url = start_server(args)
     try:
         texts = prompts(args.requests)

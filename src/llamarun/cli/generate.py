@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompt-file", default=None, help="read one more prompt from this file")
     parser.add_argument(
-        "--echo", action="store_true", help="print the prompt before its completion"
+        "--echo",
+        action="store_true",
+        help="print the prompt before its completion (a batch always shows its prompts)",
     )
     parser.add_argument("--quiet", action="store_true", help="no stats line on stderr")
     add_sampling_args(parser)
@@ -55,10 +57,9 @@ def run(args: argparse.Namespace) -> int:
             out.flush()
         out.write("\n")
     else:
-        # Rows of a batch finish at different times, so each is printed whole when all are done.
+        # Rows of a batch finish at different times, so each is printed whole, after its prompt.
         for i, result in enumerate(llm.complete_batch(prompts, params)):
-            text = prompts[i] + result.text if args.echo else result.text
-            out.write(f"[{i}] {text}\n")
+            out.write(f"[{i}] {prompts[i]}{result.text}\n")
     out.flush()
     if not args.quiet:
         s = llm.last_stats

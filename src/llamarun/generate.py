@@ -373,11 +373,22 @@ class LLM:
         """Yield the completion of one prompt as text pieces."""
         tok = self._need_tokenizer()
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        text = TextStream(tok, params.stop)
+        return self._stream_ids(ids, params, tok.stop_ids)
+
+    def _stream_ids(
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        stop_ids: frozenset[int],
+        *,
+        lstrip: bool = False,
+    ) -> Iterator[str]:
+        """Text pieces of one row until a stop id, a stop string or the token budget."""
+        text = TextStream(self._need_tokenizer(), params.stop, lstrip=lstrip)
         gen = self.generate([ids], params)
         try:
             for (token,) in gen:
-                if token is None or token in tok.stop_ids:
+                if token is None or token in stop_ids:
                     break
                 piece = text.feed(token)
                 if piece:
@@ -421,22 +432,7 @@ class LLM:
         fmt = self.chat_format
         if chat_template is not None:
             fmt = get_chat_format(tok, self.chat_template, chat_template)
-        text = TextStream(tok, params.stop, lstrip=True)
-        gen = self.generate([fmt.encode_dialog(messages)], params)
-        try:
-            for (token,) in gen:
-                if token is None or token in fmt.stop_ids:
-                    break
-                piece = text.feed(token)
-                if piece:
-                    yield piece
-                if text.stopped:
-                    break
-        finally:
-            gen.close()
-        tail = text.finish()
-        if tail:
-            yield tail
+        return self._stream_ids(fmt.encode_dialog(messages), params, fmt.stop_ids, lstrip=True)
 
     def chat(
         self,

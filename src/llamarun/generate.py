@@ -63,7 +63,9 @@ class Engine:
             from .quantize import use_cpu_kernels_
 
             use_cpu_kernels_(model)
-        self._decode = torch.compile(model, dynamic=False) if compile else model
+        # On CUDA, "reduce-overhead" replays the static-cache decode step as a CUDA graph.
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self._decode = torch.compile(model, mode=mode, dynamic=False) if compile else model
 
     @property
     def max_seq_len(self) -> int:

@@ -11,21 +11,29 @@ import torch
 from llamarun.config import ModelArgs
 from llamarun.model import Transformer
 
-MODELS_DIR = Path(os.environ.get("LLAMARUN_TEST_MODELS", Path(__file__).resolve().parents[1] / ".." / "shared" / "models")).resolve()
+MODELS_DIR = Path(
+    os.environ.get(
+        "LLAMARUN_TEST_MODELS", Path(__file__).resolve().parents[1] / ".." / "shared" / "models"
+    )
+).resolve()
 
 
 def shared_model(relative: str) -> Path:
     """Path to a real file under LLAMARUN_TEST_MODELS, or skip the test with the reason."""
     path = MODELS_DIR / relative
     if not path.exists():
-        pytest.skip(f"{path} not found (set LLAMARUN_TEST_MODELS to the folder holding the shared models)")
+        pytest.skip(
+            f"{path} not found (set LLAMARUN_TEST_MODELS to the folder holding the shared models)"
+        )
     return path
 
 
 @pytest.fixture
 def tiny_args() -> ModelArgs:
     # n_kv_heads differs from n_heads so grouped-query attention is always exercised
-    return ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=320, max_seq_len=128)
+    return ModelArgs(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=320, max_seq_len=128
+    )
 
 
 @pytest.fixture

@@ -82,21 +82,18 @@ def state() -> dict[str, torch.Tensor]:
     return _random_state()
 
 
-@pytest.mark.slow
 def test_hf_safetensors_load_peak_rss_under_limit(state, tmp_path):
     path = write_hf_state(meta_to_hf(state, ARGS), hf_config(ARGS), tmp_path / "hf")
 
     assert _measure(path) < LIMIT
 
 
-@pytest.mark.slow
 def test_meta_pth_load_peak_rss_under_limit(state, tmp_path):
     path = write_meta(state, meta_params(ARGS), tmp_path / "meta")
 
     assert _measure(path) < LIMIT
 
 
-@pytest.mark.slow
 def test_meta_two_shards_merge_peak_rss(state, tmp_path):
     # Merging copies each tensor into the preallocated result and drops the shard's mapped pages
     # behind it, so the peak stays near the model's size rather than model + one shard (1.5x).

@@ -31,6 +31,10 @@ SHAPES = {
     "110M": dict(dim=768, n_layers=12, n_heads=12, hidden_dim=2048),
 }
 VOCAB = 32000
+
+sys.path.insert(0, str(HERE.parent / "tests"))  # the test suite's checkpoint writers
+import tiny  # noqa: E402
+
 SMOLLM2 = MODELS / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 STORIES260K = MODELS / "stories260K" / "stories260K.bin"
 
@@ -65,109 +69,30 @@ def write_models(shape: str, out: Path) -> dict[str, Path]:
 
 
 def write_gguf(state, args, path: Path, qtype: str) -> None:
-    import gguf
-    import numpy as np
+    """GGUF with the Llama 2 vocabulary, through the test suite's writer (tests/tiny.py)."""
     import sentencepiece as spm
 
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(args.n_layers)
-    writer.add_context_length(args.max_seq_len)
-    writer.add_embedding_length(args.dim)
-    writer.add_feed_forward_length(args.hidden_dim)
-    writer.add_head_count(args.n_heads)
-    writer.add_head_count_kv(args.n_kv_heads)
-    writer.add_layer_norm_rms_eps(args.norm_eps)
-    writer.add_rope_freq_base(args.rope_theta)
-    writer.add_rope_dimension_count(args.head_dim)
-    writer.add_file_type({"F32": 0, "Q8_0": 7, "Q4_0": 2}[qtype])
     sp = spm.SentencePieceProcessor(model_file=str(MODELS / "llama2-tokenizer" / "tokenizer.model"))
-    types = []
-    for i in range(sp.vocab_size()):
-        if sp.is_unknown(i):
-            types.append(2)
-        elif sp.is_control(i):
-            types.append(3)
-        elif sp.is_byte(i):
-            types.append(6)
-        else:
-            types.append(1)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list([sp.id_to_piece(i).encode() for i in range(sp.vocab_size())])
-    writer.add_token_scores([sp.get_score(i) for i in range(sp.vocab_size())])
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    names = {
-        "attention.wq": "attn_q",
-        "attention.wk": "attn_k",
-        "attention.wv": "attn_v",
-        "attention.wo": "attn_output",
-        "feed_forward.w1": "ffn_gate",
-        "feed_forward.w2": "ffn_down",
-        "feed_forward.w3": "ffn_up",
-        "attention_norm": "attn_norm",
-        "ffn_norm": "ffn_norm",
+    n = sp.vocab_size()
+    # gguf token types: 1 normal, 2 unknown, 3 control, 6 byte
+    types = [
+        2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+        for i in range(n)
+    ]
+    metadata = {
+        "general.file_type": {"F32": 0, "Q8_0": 7, "Q4_0": 2}[qtype],
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i).encode() for i in range(n)],
+        "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
     }
-    kind = gguf.GGMLQuantizationType[qtype]
-    for name, t in state.items():
-        base, suffix = name.rsplit(".", 1)
-        if base.startswith("layers."):
-            _, i, rest = base.split(".", 2)
-            gname = f"blk.{i}.{names[rest]}.{suffix}"
-        else:
-            gname = (
-                {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output"}[base]
-                + "."
-                + suffix
-            )
-        data = t.numpy().astype(np.float32)
-        if data.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gname, gguf.quants.quantize(data, kind), raw_dtype=kind)
-        else:
-            writer.add_tensor(gname, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    tiny.write_gguf(state, args, path, qtype=qtype, tokenizer=metadata)
 
 
 def write_hf(state, args, path: Path) -> None:
-    # Speed only: Q/K rows stay in Meta order (transformers would want them permuted for equal logits).
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=args.dim,
-        intermediate_size=args.hidden_dim,
-        num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads,
-        num_key_value_heads=args.n_kv_heads,
-        vocab_size=VOCAB,
-        max_position_embeddings=args.max_seq_len,
-        rms_norm_eps=args.norm_eps,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    hf = {
-        "model.embed_tokens.weight": state["tok_embeddings.weight"],
-        "model.norm.weight": state["norm.weight"],
-        "lm_head.weight": state["output.weight"],
-    }
-    parts = {
-        "attention.wq": "self_attn.q_proj",
-        "attention.wk": "self_attn.k_proj",
-        "attention.wv": "self_attn.v_proj",
-        "attention.wo": "self_attn.o_proj",
-        "feed_forward.w1": "mlp.gate_proj",
-        "feed_forward.w2": "mlp.down_proj",
-        "feed_forward.w3": "mlp.up_proj",
-        "attention_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-    }
-    for i in range(args.n_layers):
-        for meta, name in parts.items():
-            hf[f"model.layers.{i}.{name}.weight"] = state[f"layers.{i}.{meta}.weight"]
-    model.load_state_dict(hf)
-    model.save_pretrained(path)
+    tiny.write_hf_state(tiny.meta_to_hf(state, args), tiny.hf_config(args), path)
 
 
 # ---------------------------------------------------------------- engines (one subprocess each)

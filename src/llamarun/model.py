@@ -169,8 +169,10 @@ class Transformer(nn.Module):
         sin = self.rope_sin[input_pos].unsqueeze(2)
         # A query at position p sees cache slots 0..p of its own row; later slots hold stale data.
         # Only slots 0..L-1 (L: the furthest position in this batch) can be attended to, so eager
-        # runs read no more of the cache; a compiled step keeps the static length S (fixed shapes).
-        length = self.max_seq_len if torch.compiler.is_compiling() else int(input_pos.max()) + 1
+        # CPU runs read no more of the cache. A compiled step keeps the static length S (fixed
+        # shapes), and so does a GPU, where reading L would cost a host sync every step.
+        static = torch.compiler.is_compiling() or input_pos.device.type != "cpu"
+        length = self.max_seq_len if static else int(input_pos.max()) + 1
         mask = (self.slot_ids[:length] <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, L)
         h = self.tok_embeddings(tokens)  # (B, T, C)
         for layer in self.layers:

@@ -160,3 +160,21 @@ def test_fused_quantized_equals_unfused(tiny_model, mode):
     assert tiny_model.layers[0].attention.wqkv is not None
     assert not hasattr(tiny_model.layers[0].attention, "wq")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_stale_kernel_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    import os
+    import time
+    from types import SimpleNamespace
+
+    from llamarun import cpu_kernels
+
+    fake = SimpleNamespace(_get_build_directory=lambda name, verbose: str(tmp_path))
+    lock = tmp_path / "lock"
+    lock.touch()
+    cpu_kernels._clear_stale_lock(fake, "k")
+    assert lock.exists()  # a build may be running right now
+    old = time.time() - cpu_kernels.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    cpu_kernels._clear_stale_lock(fake, "k")
+    assert not lock.exists()

@@ -13,8 +13,10 @@ Built with torch.utils.cpp_extension.load_inline into ~/.cache/torch_extensions 
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import threading
+import time
 
 import torch
 
@@ -334,6 +336,22 @@ def _cpu_supported() -> bool:
     return all(flag in flags for flag in (" avx2", " fma", " f16c"))
 
 
+STALE_LOCK_S = 600  # a build takes well under this; an older lock was left by a killed build
+
+
+def _clear_stale_lock(cpp_extension, name: str) -> None:
+    """torch waits forever on the build folder's lock file, so one left behind by a build that was
+    killed would hang every later run: remove it once it is clearly stale."""
+    try:
+        build_dir = cpp_extension._get_build_directory(name, False)
+        lock = os.path.join(build_dir, "lock")
+        if time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+            os.remove(lock)
+            log.warning("llamarun: removed a stale kernel build lock %s", lock)
+    except (OSError, AttributeError, TypeError):
+        pass  # no lock (the usual case), or a torch without this helper
+
+
 def ops():
     """The namespace `torch.ops.llamarun_cpu` once the extension is built and loaded, else None."""
     if "ops" in _state:  # lock-free once decided (also what torch.compile traces)
@@ -346,6 +364,7 @@ def ops():
             return None
         from torch.utils import cpp_extension
 
+        _clear_stale_lock(cpp_extension, "llamarun_cpu_kernels")
         try:
             cpp_extension.load_inline(
                 name="llamarun_cpu_kernels",

@@ -74,7 +74,7 @@ class Engine:
     def free_slots(self) -> list[int]:
         return [i for i, s in enumerate(self.slots) if s is None]
 
-    def check_prompt(self, prompt_ids: Sequence[int], max_new_tokens: int = 0) -> None:
+    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
         vocab = self.model.args.vocab_size
         if not prompt_ids:
             raise RequestError("the prompt is empty: give at least one token", param="prompt")

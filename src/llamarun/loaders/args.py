@@ -135,14 +135,7 @@ def _read_llama2c(path: Path) -> CheckpointHeader:
         max_seq_len=seq_len,
         tie_embeddings=shared,
     )
-    tokenizer = describe_tokenizer_files(
-        path.parent,
-        names=(
-            "tokenizer.bin",
-            "tokenizer.model",
-            *sorted(p.name for p in path.parent.glob("tok*.bin")),
-        ),
-    )
+    tokenizer = describe_tokenizer_files(path.parent)
     return CheckpointHeader(args, "llama2c", path, stored, tokenizer=tokenizer)
 
 
@@ -316,21 +309,22 @@ def read_gguf_tensor(
     return torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(tuple(reversed(t.dims)))
 
 
-def describe_tokenizer_files(
-    folder: Path, names: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "tokenizer.bin")
-) -> str | None:
-    """Name the first tokenizer file in `folder` and its kind, judged by its first bytes."""
-    for name in names:
-        p = folder / name
-        if not p.is_file():
-            continue
-        with open(p, "rb") as f:
-            head = f.read(64)
-        if name.endswith(".json"):
-            return f"Hugging Face tokenizers ({name})"
-        if head[:1] == b"\x0a":  # protobuf field 1 (pieces), length-delimited
-            return f"SentencePiece ({name})"
-        if head.split(b" ")[0].rstrip(b"=").isalnum() and b" " in head.split(b"\n")[0]:
-            return f"tiktoken BPE ranks ({name})"
-        return f"llama2.c vocabulary ({name})"
-    return None
+TOKENIZER_KINDS = {
+    "hf": "Hugging Face tokenizers",
+    "sentencepiece": "SentencePiece",
+    "tiktoken": "tiktoken BPE ranks",
+    "llama2c": "llama2.c vocabulary",
+}
+
+
+def describe_tokenizer_files(folder: Path) -> str | None:
+    """Name the tokenizer file find_tokenizer would prefer in `folder`, judged by contents."""
+    from ..tokenizer import tokenizer_files
+
+    if not folder.is_dir():
+        return None
+    files = tokenizer_files(folder)
+    if not files:
+        return None
+    path, kind = files[0]
+    return f"{TOKENIZER_KINDS[kind]} ({path.name})"

@@ -85,16 +85,9 @@ def find_tokenizer(
 
     directory = Path(directory)
     stop_ids = _as_ids(stop_ids)
-    found: list[tuple[int, Path, str]] = []
-    for p in sorted(directory.iterdir()):
-        if p.is_file():
-            kind = sniff_tokenizer(p)
-            if kind is not None:
-                found.append((KINDS.index(kind), p, kind))
-    found.sort(key=lambda t: t[0])
     loaded: list[Tokenizer] = []
     error: TokenizerError | None = None
-    for _, p, kind in found:
+    for p, kind in tokenizer_files(directory):
         try:
             tok = _build(kind, p, stop_ids)
         except TokenizerError as e:
@@ -109,6 +102,16 @@ def find_tokenizer(
     if error is not None:
         raise error
     return None
+
+
+def tokenizer_files(directory: Path) -> list[tuple[Path, str]]:
+    """The tokenizer files in `directory` with their kinds, by contents, in KINDS' preference order."""
+    found = []
+    for p in sorted(Path(directory).iterdir()):
+        kind = sniff_tokenizer(p) if p.is_file() else None
+        if kind is not None:
+            found.append((p, kind))
+    return sorted(found, key=lambda item: KINDS.index(item[1]))
 
 
 def sniff_tokenizer(path: Path) -> str | None:

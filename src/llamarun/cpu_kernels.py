@@ -24,9 +24,11 @@ log = logging.getLogger(__name__)
 
 CPP_SOURCE = r"""
 #include <torch/library.h>
+#include <torch/custom_class.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -306,12 +308,251 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w) {
   return reshape_output(out, x);
 }
 
+
+// ---- the whole decode step in one call (issue 5): at batch 1 the ~40 eager torch ops per layer
+// cost more than the matrix products; here each layer is 4 parallel products and a few loops.
+// float32 activations and KV cache; linears of any kind above; one token per row (T = 1).
+
+enum LinKind : int64_t { LIN_NONE = 0, LIN_F32 = 1, LIN_INT8 = 2, LIN_Q4 = 3 };
+
+struct Lin {
+  int64_t kind = LIN_NONE, N = 0, K = 0, G = 1;  // K: stored (padded) input width
+  const void* a = nullptr;
+  const void* b = nullptr;
+  const void* c = nullptr;
+};
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy_f32(float* y, float a, const float* x, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// y = x / rms(x) * w per row, like RMSNorm in float32
+void rms_norm(const float* x, const float* w, int64_t B, int64_t C, double eps, float* y) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xr = x + b * C;
+    const float r = 1.f / std::sqrt(dot_f32(xr, xr, C) / C + (float)eps);
+    for (int64_t i = 0; i < C; ++i) y[b * C + i] = xr[i] * r * w[i];
+  }
+}
+
+struct Decoder : torch::CustomClassHolder {
+  std::vector<at::Tensor> keep;  // every tensor pointed at below stays alive with the decoder
+  std::vector<const float*> norms;  // attention and ffn norm per layer, then the final norm
+  std::vector<Lin> lins;  // per layer: wq wk wv wo w1 w3 w2 (fused wqkv / w13 sit in wq / w1), then output
+  std::vector<float*> kc, vc;  // per layer (maxB, Hkv, S, D)
+  const float *cos, *sin;  // (S, D/2)
+  int64_t L, C, H, Hkv, D, F, V, S, maxB;
+  double eps;
+  std::vector<float> h, xn, qkv, att, tmp, gu, act;
+  std::vector<int8_t> xq;
+  std::vector<float> dx, xs;
+
+  Decoder(std::vector<at::Tensor> norm_w, std::vector<at::Tensor> weights, std::vector<int64_t> kinds,
+          std::vector<at::Tensor> caches, at::Tensor cos_t, at::Tensor sin_t, int64_t n_heads,
+          int64_t n_kv_heads, double norm_eps) {
+    TORCH_CHECK(kinds.size() % 7 == 1 && weights.size() == 3 * kinds.size(), "Decoder: bad linear list");
+    L = (int64_t)kinds.size() / 7;
+    TORCH_CHECK((int64_t)norm_w.size() == 2 * L + 1 && (int64_t)caches.size() == 2 * L, "Decoder: bad lists");
+    auto hold = [&](const at::Tensor& t, at::ScalarType type) {
+      TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == type, "Decoder: tensor of wrong kind");
+      keep.push_back(t);
+      return t;
+    };
+    for (auto& t : norm_w) norms.push_back(hold(t, at::kFloat).data_ptr<float>());
+    for (size_t i = 0; i < kinds.size(); ++i) {
+      Lin l;
+      l.kind = kinds[i];
+      const at::Tensor &a = weights[3 * i], &b = weights[3 * i + 1], &c = weights[3 * i + 2];
+      if (l.kind == LIN_F32) {
+        l.a = hold(a, at::kFloat).data_ptr<float>();
+        l.N = a.size(0), l.K = a.size(1);
+      } else if (l.kind == LIN_INT8) {
+        l.a = hold(a, at::kChar).data_ptr<int8_t>();
+        l.b = hold(b, at::kFloat).data_ptr<float>();
+        l.N = a.size(0), l.K = a.size(1), l.G = b.size(1);
+        TORCH_CHECK(l.K % QK == 0 && (l.G == 1 || l.G == l.K / QK), "Decoder: bad int8 layout");
+      } else if (l.kind == LIN_Q4) {
+        l.a = hold(a, at::kByte).data_ptr<uint8_t>();
+        l.b = hold(b, at::kHalf).data_ptr<at::Half>();
+        l.c = hold(c, at::kHalf).data_ptr<at::Half>();
+        l.N = a.size(0), l.K = 2 * a.size(1);
+        TORCH_CHECK(l.K % QK == 0 && b.size(1) == l.K / QK && c.size(1) == l.K / QK, "Decoder: bad q4 layout");
+      } else {
+        TORCH_CHECK(l.kind == LIN_NONE, "Decoder: unknown linear kind");
+      }
+      lins.push_back(l);
+    }
+    for (int64_t i = 0; i < 2 * L; ++i) (i % 2 ? vc : kc).push_back(hold(caches[i], at::kFloat).data_ptr<float>());
+    cos = hold(cos_t, at::kFloat).data_ptr<float>();
+    sin = hold(sin_t, at::kFloat).data_ptr<float>();
+    maxB = caches[0].size(0), Hkv = caches[0].size(1), S = caches[0].size(2), D = caches[0].size(3);
+    H = n_heads, eps = norm_eps;
+    TORCH_CHECK(n_kv_heads == Hkv && H % Hkv == 0 && cos_t.size(0) == S && cos_t.size(1) == D / 2, "Decoder: bad cache shape");
+    C = norm_w[0].size(0);
+    V = lins.back().N;
+    F = 0;
+    for (int64_t l = 0; l < L; ++l) {
+      const Lin* g = &lins[7 * l];
+      TORCH_CHECK(out_width(g, 3) == (H + 2 * Hkv) * D && out_width(g + 3, 1) == C, "Decoder: attention shapes");
+      F = out_width(g + 4, 2) / 2;
+      TORCH_CHECK(g[6].N == C, "Decoder: feed-forward shapes");
+    }
+  }
+
+  static int64_t out_width(const Lin* g, int n) {
+    int64_t w = 0;
+    for (int i = 0; i < n; ++i) w += g[i].N;
+    return w;
+  }
+
+  // out (B, ld) = x (B, K) times the weights of g[0..n), their outputs side by side
+  void matmul(const Lin* g, int n, const float* x, int64_t B, int64_t K, float* out) {
+    const int64_t ld = out_width(g, n);
+    int64_t Kp = K;
+    for (int i = 0; i < n; ++i) {
+      if (g[i].kind == LIN_NONE) continue;
+      TORCH_CHECK(g[i].kind == LIN_F32 ? g[i].K == K : g[i].K == (K + QK - 1) / QK * QK, "Decoder: input width");
+      if (g[i].kind != LIN_F32) Kp = g[i].K;
+    }
+    if (std::any_of(g, g + n, [](const Lin& l) { return l.kind == LIN_INT8 || l.kind == LIN_Q4; })) {
+      xq.resize(B * 2 * Kp), dx.resize(B * Kp / QK), xs.resize(B * Kp / QK);
+      quantize_rows(x, B, K, Kp, xq.data(), dx.data(), xs.data());
+    }
+    const int64_t nb = Kp / QK;
+    parallel_rows(ld, [&](int64_t begin, int64_t end) {
+      int64_t off = 0;
+      for (int i = 0; i < n; ++i) {
+        const Lin& l = g[i];
+        float* o_base = out + off;
+        for (int64_t o = std::max(begin, off) - off; o < std::min(end, off + l.N) - off; ++o) {
+          int64_t b0 = 0;
+          if (l.kind == LIN_F32) {
+            const float* w = (const float*)l.a + o * K;
+            for (; b0 + TILE <= B; b0 += TILE) f32_rows<TILE>(w, K, x, b0, o_base, ld, o);
+            for (; b0 < B; ++b0) f32_rows<1>(w, K, x, b0, o_base, ld, o);
+          } else if (l.kind == LIN_INT8) {
+            const int8_t* w = (const int8_t*)l.a + o * Kp;
+            const float* sw = (const float*)l.b + o * l.G;
+            for (; b0 + TILE <= B; b0 += TILE) int8_rows<TILE>(w, sw, l.G, Kp, xq.data(), dx.data(), b0, o_base, ld, o);
+            for (; b0 < B; ++b0) int8_rows<1>(w, sw, l.G, Kp, xq.data(), dx.data(), b0, o_base, ld, o);
+          } else {
+            const uint8_t* w = (const uint8_t*)l.a + o * (Kp / 2);
+            const at::Half* d = (const at::Half*)l.b + o * nb;
+            const at::Half* m = (const at::Half*)l.c + o * nb;
+            for (; b0 + TILE <= B; b0 += TILE) q4_rows<TILE>(w, d, m, Kp, xq.data(), dx.data(), xs.data(), b0, o_base, ld, o);
+            for (; b0 < B; ++b0) q4_rows<1>(w, d, m, Kp, xq.data(), dx.data(), xs.data(), b0, o_base, ld, o);
+          }
+        }
+        off += l.N;
+      }
+    });
+  }
+
+  // rotate the interleaved pairs of n heads of x by position p
+  void rope(float* x, int64_t n, int64_t p) const {
+    const float *c = cos + p * (D / 2), *s = sin + p * (D / 2);
+    for (int64_t hd = 0; hd < n; ++hd) {
+      float* v = x + hd * D;
+      for (int64_t i = 0; i < D / 2; ++i) {
+        const float x0 = v[2 * i], x1 = v[2 * i + 1];
+        v[2 * i] = x0 * c[i] - x1 * s[i];
+        v[2 * i + 1] = x0 * s[i] + x1 * c[i];
+      }
+    }
+  }
+
+  void attention(int64_t l, const int64_t* pos, const int64_t* rows, int64_t B) {
+    const int64_t W = (H + 2 * Hkv) * D, rep = H / Hkv;
+    int64_t work = 0;
+    for (int64_t b = 0; b < B; ++b) work += H * (pos[b] + 1) * D;
+    const float scale = 1.f / std::sqrt((float)D);
+    auto heads = [&](int64_t begin, int64_t end) {
+      std::vector<float> p(S);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / H, hq = i % H, g = hq / rep, n = pos[b] + 1;
+        const float* q = qkv.data() + b * W + hq * D;
+        const float* k = kc[l] + ((rows[b] * Hkv + g) * S) * D;
+        const float* v = vc[l] + ((rows[b] * Hkv + g) * S) * D;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < n; ++t) mx = std::max(mx, p[t] = dot_f32(q, k + t * D, D) * scale);
+        float sum = 0.f;
+        for (int64_t t = 0; t < n; ++t) sum += (p[t] = std::exp(p[t] - mx));
+        float* o = att.data() + b * H * D + hq * D;
+        std::fill(o, o + D, 0.f);
+        for (int64_t t = 0; t < n; ++t) axpy_f32(o, p[t] / sum, v + t * D, D);
+      }
+    };
+    if (work < (1 << 15)) heads(0, B * H);
+    else at::parallel_for(0, B * H, 1, heads);
+  }
+
+  at::Tensor step(at::Tensor emb, at::Tensor pos_t, at::Tensor rows_t) {
+    TORCH_CHECK(emb.dim() == 2 && emb.size(1) == C && emb.scalar_type() == at::kFloat, "Decoder.step: embeddings (B, dim) float32");
+    const int64_t B = emb.size(0);
+    auto pos_c = pos_t.to(at::kLong).contiguous(), rows_c = rows_t.to(at::kLong).contiguous();
+    TORCH_CHECK(pos_c.numel() == B && rows_c.numel() == B, "Decoder.step: one position and row per token");
+    const int64_t *pos = pos_c.data_ptr<int64_t>(), *rows = rows_c.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(0 <= pos[b] && pos[b] < S && 0 <= rows[b] && rows[b] < maxB, "Decoder.step: position or row outside the cache");
+    const int64_t W = (H + 2 * Hkv) * D;
+    auto e = emb.contiguous();
+    h.assign(e.data_ptr<float>(), e.data_ptr<float>() + B * C);
+    xn.resize(B * C), qkv.resize(B * W), att.resize(B * H * D), tmp.resize(B * C), gu.resize(B * 2 * F), act.resize(B * F);
+    for (int64_t l = 0; l < L; ++l) {
+      const Lin* g = &lins[7 * l];
+      rms_norm(h.data(), norms[2 * l], B, C, eps, xn.data());
+      matmul(g, 3, xn.data(), B, C, qkv.data());
+      for (int64_t b = 0; b < B; ++b) {
+        float* r = qkv.data() + b * W;
+        rope(r, H + Hkv, pos[b]);  // q heads then k heads
+        for (int64_t kh = 0; kh < Hkv; ++kh) {
+          const int64_t slot = ((rows[b] * Hkv + kh) * S + pos[b]) * D;
+          std::copy(r + (H + kh) * D, r + (H + kh + 1) * D, kc[l] + slot);
+          std::copy(r + (H + Hkv + kh) * D, r + (H + Hkv + kh + 1) * D, vc[l] + slot);
+        }
+      }
+      attention(l, pos, rows, B);
+      matmul(g + 3, 1, att.data(), B, H * D, tmp.data());
+      for (int64_t i = 0; i < B * C; ++i) h[i] += tmp[i];
+      rms_norm(h.data(), norms[2 * l + 1], B, C, eps, xn.data());
+      matmul(g + 4, 2, xn.data(), B, C, gu.data());
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < F; ++i) {
+          const float gate = gu[b * 2 * F + i];
+          act[b * F + i] = gate / (1.f + std::exp(-gate)) * gu[b * 2 * F + F + i];
+        }
+      matmul(g + 6, 1, act.data(), B, F, tmp.data());
+      for (int64_t i = 0; i < B * C; ++i) h[i] += tmp[i];
+    }
+    rms_norm(h.data(), norms[2 * L], B, C, eps, xn.data());
+    auto logits = at::empty({B, V}, emb.options());
+    matmul(&lins[7 * L], 1, xn.data(), B, C, logits.data_ptr<float>());
+    return logits;
+  }
+};
+
 }  // namespace
 
 TORCH_LIBRARY(llamarun_cpu, lib) {
   lib.def("int8_linear(Tensor x, Tensor w, Tensor sw) -> Tensor");
   lib.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
   lib.def("f32_linear(Tensor x, Tensor w) -> Tensor");
+  lib.class_<Decoder>("Decoder")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>,
+                       at::Tensor, at::Tensor, int64_t, int64_t, double>())
+      .def("step", &Decoder::step);
 }
 
 TORCH_LIBRARY_IMPL(llamarun_cpu, CPU, lib) {

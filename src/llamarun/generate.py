@@ -15,6 +15,7 @@ from functools import cached_property
 
 import torch
 
+from .cpu_step import CpuStep
 from .device import as_token_ids
 from .errors import RequestError
 from .model import Transformer
@@ -63,9 +64,13 @@ class Engine:
             from .quantize import use_cpu_kernels_
 
             use_cpu_kernels_(model)
-        # On CUDA, "reduce-overhead" replays the static-cache decode step as a CUDA graph.
+        # On CUDA, "reduce-overhead" replays the static-cache decode step as a CUDA graph. On CPU
+        # the default is the whole step in one C++ call (CpuStep: ~3x the eager speed at batch 1,
+        # and faster than a compiled step, which attends the whole static cache).
         mode = "reduce-overhead" if self.device.type == "cuda" else None
         self._decode = torch.compile(model, mode=mode, dynamic=False) if compile else model
+        if self.device.type == "cpu" and not compile:
+            self._decode = CpuStep.build(model) or model
 
     @property
     def max_seq_len(self) -> int:

@@ -1,0 +1,103 @@
+"""The whole one-token decode step of a CPU float32 model in one C++ call (issue 5).
+
+At batch 1 an eager decode step spends more time dispatching its ~40 torch ops per layer than
+reading weights. `CpuStep` hands the step to the extension's `Decoder` (cpu_kernels.py): per
+layer, four parallel matrix products on the same kernels the layers themselves use (q/k/v and
+gate/up each run as one product, fused or not), and RMSNorm, RoPE, the cache write, attention and
+SwiGLU as plain loops over float32. Same arithmetic as `Transformer.forward`, so logits agree to
+float rounding. The Engine uses it for decode steps on CPU; a model it cannot take (not float32,
+offloaded layers, linear layers of another kind, no kernels) keeps the eager forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import cpu_kernels
+from .model import Transformer, TransformerBlock
+from .quantize import Int4Linear, Int8Linear
+
+LINEAR_NONE, LINEAR_F32, LINEAR_INT8, LINEAR_Q4 = 0, 1, 2, 3
+_EMPTY = torch.empty(0)
+
+
+def _linear_entry(lin: nn.Module | None) -> tuple[int, list[torch.Tensor]] | None:
+    """(kind, three tensors) describing `lin` to the Decoder, or None when it cannot run it."""
+    if lin is None:
+        return LINEAR_NONE, [_EMPTY, _EMPTY, _EMPTY]
+    if isinstance(lin, Int8Linear):
+        kind, tensors = LINEAR_INT8, [lin.weight, lin.scales, _EMPTY]
+    elif isinstance(lin, Int4Linear):
+        kind, tensors = LINEAR_Q4, [lin.qs, lin.d, lin.m]
+    elif isinstance(lin, nn.Linear) and lin.bias is None and lin.weight.dtype == torch.float32:
+        kind, tensors = LINEAR_F32, [lin.weight.detach(), _EMPTY, _EMPTY]
+    else:
+        return None
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        return None
+    return kind, tensors
+
+
+def _block_linears(block: TransformerBlock) -> list[nn.Module | None]:
+    """wq wk wv wo w1 w3 w2, with a fused wqkv in wq's place and w13 in w1's (others None)."""
+    attn, ffn = block.attention, block.feed_forward
+    qkv = [attn.wqkv, None, None] if attn.wqkv is not None else [attn.wq, attn.wk, attn.wv]
+    gate_up = [ffn.w13, None] if ffn.w13 is not None else [ffn.w1, ffn.w3]
+    return [*qkv, attn.wo, *gate_up, ffn.w2]
+
+
+class CpuStep:
+    """Calls like `model(tokens, input_pos, rows)` for tokens (B, 1); returns logits (B, V)."""
+
+    def __init__(self, model: Transformer, decoder: object):
+        self.model = model
+        self.decoder = decoder
+        self.rope_cos = model.rope_cos  # setup_caches() makes new caches and tables
+
+    @classmethod
+    def build(cls, model: Transformer) -> CpuStep | None:
+        """A CpuStep for `model`, or None when the model or the machine cannot use one."""
+        ops = cpu_kernels.ops()
+        if ops is None or not model.max_seq_len or model.norm.weight.device.type != "cpu":
+            return None
+        if not all(type(layer) is TransformerBlock for layer in model.layers):
+            return None  # e.g. offloaded blocks
+        kinds: list[int] = []
+        weights: list[torch.Tensor] = []
+        linears = [lin for block in model.layers for lin in _block_linears(block)]
+        for lin in [*linears, model.output]:
+            entry = _linear_entry(lin)
+            if entry is None:
+                return None
+            kinds.append(entry[0])
+            weights.extend(entry[1])
+        norms = [n.weight.detach() for b in model.layers for n in (b.attention_norm, b.ffn_norm)]
+        norms.append(model.norm.weight.detach())
+        caches = [t for b in model.layers for t in (b.attention.kv_cache.k, b.attention.kv_cache.v)]
+        tensors = [*norms, *caches, model.rope_cos, model.rope_sin, model.tok_embeddings.weight]
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+            return None
+        args = model.args
+        decoder = torch.classes.llamarun_cpu.Decoder(
+            norms,
+            weights,
+            kinds,
+            caches,
+            model.rope_cos,
+            model.rope_sin,
+            args.n_heads,
+            args.n_kv_heads,
+            args.norm_eps,
+        )
+        return cls(model, decoder)
+
+    def __call__(
+        self, tokens: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.model.rope_cos is not self.rope_cos:
+            raise RuntimeError("the model's caches were set up again; build a new CpuStep")
+        if rows is None:
+            rows = torch.arange(tokens.shape[0])
+        embeddings = self.model.tok_embeddings(tokens[:, -1])  # (B, C)
+        return self.decoder.step(embeddings, input_pos[:, -1], rows)

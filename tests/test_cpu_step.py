@@ -1,0 +1,101 @@
+"""CpuStep (the whole decode step in one C++ call) against the model's eager forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamarun import cpu_kernels
+from llamarun.config import ModelArgs
+from llamarun.cpu_step import CpuStep
+from llamarun.generate import LLM
+from llamarun.model import Transformer, fuse_
+from llamarun.offload import place_
+from llamarun.quantize import quantize_, use_cpu_kernels_
+from llamarun.sampling import SamplingParams
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernels.ops() is None, reason="no CPU kernels here (needs x86 AVX2 and a C++ compiler)"
+)
+
+GQA = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=97, hidden_dim=172)
+MHA_TIED = ModelArgs(
+    dim=96, n_layers=2, n_heads=3, n_kv_heads=3, vocab_size=80, hidden_dim=256, tie_embeddings=True
+)
+
+
+def random_model(args: ModelArgs, mode: str | None, fused: bool, batch: int = 3) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(args).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    if mode:
+        quantize_(model, mode)
+    if fused:
+        fuse_(model)
+    use_cpu_kernels_(model)
+    model.setup_caches(batch, 48)
+    return model
+
+
+def caches(model: Transformer) -> list[torch.Tensor]:
+    return [
+        t.clone() for b in model.layers for t in (b.attention.kv_cache.k, b.attention.kv_cache.v)
+    ]
+
+
+def restore(model: Transformer, saved: list[torch.Tensor]) -> None:
+    live = [t for b in model.layers for t in (b.attention.kv_cache.k, b.attention.kv_cache.v)]
+    for t, s in zip(live, saved):
+        t.copy_(s)
+
+
+@pytest.mark.parametrize("args", [GQA, MHA_TIED], ids=["gqa", "mha-tied"])
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+@torch.inference_mode()
+def test_step_matches_eager_forward_for_rows_at_different_positions(args, mode, fused):
+    model = random_model(args, mode, fused)
+    step = CpuStep.build(model)
+    assert step is not None
+    rows = torch.tensor([2, 0])  # cache rows out of order, row 1 idle
+    for row, length in zip(rows.tolist(), (7, 3)):
+        prompt = torch.randint(0, args.vocab_size, (1, length))
+        model(prompt, torch.arange(length)[None], torch.tensor([row]))
+    tokens = torch.tensor([[5], [9]])
+    input_pos = torch.tensor([[7], [3]])
+    before = caches(model)
+    # Act
+    expected = model(tokens, input_pos, rows)
+    expected_caches = caches(model)
+    restore(model, before)
+    got = step(tokens, input_pos, rows)
+    # Assert: same logits to float rounding, and the same keys/values written to the cache
+    assert got.shape == expected.shape == (2, args.vocab_size)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for g, e in zip(caches(model), expected_caches):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_engine_decodes_through_the_step_with_the_same_tokens_as_eager():
+    model = random_model(GQA, "int8", fused=False, batch=2)
+    prompts = [[1, 2, 3, 4], [7, 8]]
+    params = SamplingParams(temperature=0.0, max_new_tokens=12)
+    fast = LLM(model, None)
+    assert isinstance(fast.engine._decode, CpuStep)
+    # Act
+    got = list(fast.generate(prompts, params))
+    fast.engine._decode = model  # the eager forward, same weights and cache
+    expected = list(fast.generate(prompts, params))
+    # Assert
+    assert got == expected
+
+
+def test_models_it_cannot_run_keep_the_eager_forward():
+    bf16 = random_model(GQA, None, fused=False).to(torch.bfloat16)
+    offloaded = random_model(GQA, None, fused=False)
+    place_(offloaded, torch.device("cpu"), torch.float32, n_offload=1)
+    # Act / Assert
+    assert CpuStep.build(bf16) is None
+    assert CpuStep.build(offloaded) is None
+    assert not isinstance(LLM(bf16, None).engine._decode, CpuStep)

@@ -67,6 +67,123 @@ def test_int4_group_64_is_coarser_than_32():
     assert err32 < err64 < 0.15
 
 
+def min_max_int4(w: torch.Tensor) -> torch.Tensor:
+    """Plain Q4_1 rounding per group of 32 (d = (max - min) / 15, m = min, float16), dequantized:
+    the reference the searched quantizer must beat."""
+    g = w.view(w.shape[0], -1, 32)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    d, m = ((hi - lo) / 15).half().float(), lo.half().float()
+    q = torch.round((g - m) / d).clamp(0, 15)
+    return (q * d + m).view_as(w)
+
+
+def group_sq_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).square().view(a.shape[0], -1, 32).sum(-1)
+
+
+def outlier_heavy(rows: int, cols: int) -> torch.Tensor:
+    w = torch.distributions.StudentT(2.0).sample((rows, cols))  # heavy tails
+    w[torch.rand(rows, cols) < 0.01] *= 20  # and a few big outliers
+    return w
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "outliers"])
+def test_int4_search_beats_min_max_rounding(kind):
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) if kind == "gaussian" else outlier_heavy(64, 256)
+    # Act
+    got = Int4Linear.from_float(w).dequantize()
+    # Assert: never worse in any group, and clearly better overall
+    plain = min_max_int4(w)
+    new_err, old_err = group_sq_error(got, w), group_sq_error(plain, w)
+    assert bool((new_err <= old_err * (1 + 1e-4)).all())
+    assert float(new_err.sum() / old_err.sum()) < 0.85
+
+
+def test_int4_stored_layout_is_gguf_q4_1():
+    torch.manual_seed(2)
+    w = outlier_heavy(8, 64)
+    layer = Int4Linear.from_float(w)
+    # Arrange GGUF Q4_1 blocks by hand from the stored tensors: d, m (float16), 16 bytes of nibbles
+    blocks = torch.cat(
+        [
+            layer.d.view(-1, 1).view(torch.uint8),
+            layer.m.view(-1, 1).view(torch.uint8),
+            layer.qs.view(-1, 16),
+        ],
+        dim=1,
+    ).view(8, -1)
+    # Act
+    expected = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType.Q4_1)
+    again = linear_from_packed(PackedWeight("Q4_1", blocks, (8, 64)), torch.float32)
+    # Assert: gguf-py reads the same weights, and the bytes load back bit for bit
+    assert torch.equal(layer.dequantize(), torch.from_numpy(expected))
+    assert torch.equal(again.qs, layer.qs) and torch.equal(again.d, layer.d)
+    assert torch.equal(again.m, layer.m)
+    nibbles = layer.nibbles().float().view(8, -1, 32)
+    manual = nibbles * layer.d.float()[..., None] + layer.m.float()[..., None]
+    assert torch.equal(manual.view(8, -1), layer.dequantize())
+
+
+def test_int4_keeps_weights_that_were_q4_1_exactly():
+    rng = np.random.default_rng(3)
+    packed = gguf_blocks(rng.standard_normal((16, 128)).astype(np.float32), "Q4_1")
+    original = linear_from_packed(packed, torch.float32)
+    # Act: quantize the dequantized file again (what int4 does to a Q4_1 GGUF loaded as float)
+    layer = Int4Linear.from_float(original.dequantize())
+    assert torch.equal(layer.dequantize(), original.dequantize())
+
+
+def test_int4_degenerate_groups_stay_finite():
+    w = torch.zeros(4, 96)
+    w[1] = 0.3  # constant rows: nothing to scale
+    w[2, :32] = torch.linspace(-1, 1, 32)
+    w[3, 5] = 1e-7  # one value below float16 precision
+    got = Int4Linear.from_float(w).dequantize()
+    assert bool(torch.isfinite(got).all())
+    assert (got - w).abs().max() < 0.07
+
+
+def test_int4_importance_lowers_error_where_it_counts():
+    torch.manual_seed(4)
+    w = outlier_heavy(32, 128)
+    importance = torch.ones(128)
+    importance[::4] = 50.0  # a norm gain of ~7 on every fourth input column
+    plain = Int4Linear.from_float(w).dequantize()
+    # Act
+    weighted = Int4Linear.from_float(w, importance=importance).dequantize()
+
+    # Assert: the error the output sees, sum importance * err^2, goes down
+    def seen(a: torch.Tensor) -> float:
+        return float(((a - w).square() * importance).sum())
+
+    assert seen(weighted) < 0.97 * seen(plain)
+
+
+def test_int4_importance_of_wrong_size_is_rejected():
+    with pytest.raises(ConfigError, match="importance"):
+        Int4Linear.from_float(torch.randn(4, 64), importance=torch.ones(32))
+
+
+def test_quantize_int4_weighs_columns_by_the_norm_gain(tiny_model):
+    block = tiny_model.layers[0]
+    wq = block.attention.wq.weight.detach().clone()
+    gain = block.attention_norm.weight.detach().clone()
+    # Act
+    quantize_(tiny_model, "int4")
+    # Assert: wq's error on normalized inputs (x * gain) is that of the gain-weighted search,
+    # lower than quantizing without it
+    x = torch.randn(256, wq.shape[1]) * gain
+
+    def output_error(layer_w: torch.Tensor) -> float:
+        return rel_error(x @ layer_w.T, x @ wq.T)
+
+    got = output_error(block.attention.wq.dequantize())
+    assert got < output_error(Int4Linear.from_float(wq).dequantize())
+    expected = Int4Linear.from_float(wq, importance=gain.square()).dequantize()
+    assert torch.equal(block.attention.wq.dequantize(), expected)
+
+
 def gguf_blocks(w: np.ndarray, qtype: str) -> PackedWeight:
     qt = gguf.GGMLQuantizationType[qtype]
     data = gguf.quants.quantize(w, qt)  # (out, bytes per row) uint8

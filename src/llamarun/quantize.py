@@ -31,6 +31,110 @@ def _cpu_ops(x: torch.Tensor):
     return cpu_kernels.ops() if x.device.type == "cpu" else None
 
 
+# Candidate scales for the int4 search, as levels spanning a group's max - min: 15 is plain
+# min/max rounding; fewer clip nothing, more clip the extremes (as llama.cpp's k-quants search).
+_Q4_SPANS = tuple(15 + 0.1 * i for i in range(-10, 11))
+_Q4_CHUNK = 8192  # groups searched at once: their temporaries stay in the CPU's cache
+_Q4_REFITS = 2  # alternating rounds (integers for (d, m), least-squares (d, m) for them) after
+
+
+def _q4_pick(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The nearest integers 0..15 (as float) to w for w = d q + m: the best ones for that (d, m)."""
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return torch.round((w - m) * inv).clamp_(0, 15)
+
+
+def _q4_half(d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return d.half().float(), m.half().float()
+
+
+def _weighted_sum(t: torch.Tensor, col: torch.Tensor | None) -> torch.Tensor:
+    return (t if col is None else t * col).sum(-1, keepdim=True)
+
+
+def _q4_lstsq(
+    n: torch.Tensor, sq: torch.Tensor, sqq: torch.Tensor, sx: torch.Tensor, sqx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (d, m) minimizing sum c (d q + m - x)^2 from its weighted sums (n = sum c, sq = sum
+    c q, ...), and where that fit is usable (two distinct integers at least, d > 0)."""
+    det = n * sqq - sq * sq
+    ok = det > 1e-6 * n * sqq
+    det = torch.where(ok, det, torch.ones_like(det))
+    d = (n * sqx - sq * sx) / det
+    m = (sqq * sx - sq * sqx) / det
+    return d, m, ok & (d > 0)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _q4_search(
+    w: torch.Tensor, c: torch.Tensor | None, best_d: torch.Tensor, best_m: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The search of _fit_q4 over groups w (rows, size), starting from min/max's (d, m)."""
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    best_err = _weighted_sum((_q4_pick(w, best_d, best_m) * best_d + best_m - w).square_(), c)
+    # Sums in the frame x = w - lo (smaller numbers, so the expanded error cancels less).
+    x = w - lo
+    cx = x if c is None else c * x
+    n = torch.full_like(lo, x.shape[-1]) if c is None else c.sum(-1, keepdim=True)
+    sx, sxx = cx.sum(-1, keepdim=True), (cx * x).sum(-1, keepdim=True)
+    span = hi - lo
+    inv_span = torch.where(span > 0, 1 / span, torch.zeros_like(span))
+    for levels in _Q4_SPANS:
+        qc = torch.round(x * (inv_span * levels)).clamp_(0, 15)
+        cq = qc if c is None else c * qc
+        sq, sqq, sqx = (t.sum(-1, keepdim=True) for t in (cq, cq * qc, cq * x))
+        dc, mc, ok = _q4_lstsq(n, sq, sqq, sx, sqx)
+        dc, mc = _q4_half(dc, mc + lo)
+        mx = mc - lo
+        err = sxx - 2 * dc * sqx - 2 * mx * sx + dc * dc * sqq + 2 * dc * mx * sq + mx * mx * n
+        better = ok & (err < best_err)
+        best_d, best_m = torch.where(better, dc, best_d), torch.where(better, mc, best_m)
+        best_err = torch.where(better, err, best_err)
+    qc = _q4_pick(w, best_d, best_m)
+    best_err = _weighted_sum((qc * best_d + best_m - w).square_(), c)
+    for _ in range(_Q4_REFITS):
+        cq = qc if c is None else c * qc
+        sq, sqq, sqx = (t.sum(-1, keepdim=True) for t in (cq, cq * qc, cq * x))
+        dc, mc, ok = _q4_lstsq(n, sq, sqq, sx, sqx)
+        dc, mc = _q4_half(dc, mc + lo)
+        qc = _q4_pick(w, dc, mc)
+        err = _weighted_sum((qc * dc + mc - w).square_(), c)
+        better = ok & (err < best_err)
+        best_d, best_m = torch.where(better, dc, best_d), torch.where(better, mc, best_m)
+        best_err = torch.where(better, err, best_err)
+    return best_d, best_m
+
+
+def _fit_q4(
+    w: torch.Tensor, col: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integers q (as float), d and m (float16) per group of w (out, groups, size) whose
+    (col-weighted) squared error is no larger than plain min/max rounding's. Each candidate
+    scale picks integers, (d, m) are fit to them by least squares and rounded to float16, and
+    the error is scored from running sums (no pass over the weights); the best (d, m) per group
+    is then refined by alternating integers and least squares. Groups min/max already
+    reconstructs exactly (weights that were 4-bit already, e.g. a dequantized Q4_1 file) skip
+    the search."""
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    d, m = _q4_half((hi - lo) / 15, lo)
+    q = _q4_pick(w, d, m)
+    diff = q * d + m - w
+    exact = diff.abs().amax(-1, keepdim=True) <= 1e-6 * (hi - lo)
+    rows = (~exact).reshape(-1).nonzero().squeeze(1)
+    if rows.numel() > 0:
+        d, m, q = _rows(d).clone(), _rows(m).clone(), _rows(q).clone()
+        cols = None if col is None else _rows(col.expand(w.shape))
+        for chunk in rows.split(_Q4_CHUNK):
+            c = None if cols is None else cols[chunk]
+            d[chunk], m[chunk] = _q4_search(_rows(w)[chunk], c, d[chunk], m[chunk])
+            q[chunk] = _q4_pick(_rows(w)[chunk], d[chunk], m[chunk])
+        q = q.view(w.shape)
+    return q, d.view(lo.shape)[..., 0].half(), m.view(lo.shape)[..., 0].half()
+
+
 class Int8Linear(nn.Module):
     """y = x @ (weight * scales).T with int8 weight (out, in padded to 32) and float32 scales
     (out, 1) per output channel or (out, in/32) per block of 32 columns."""
@@ -100,25 +204,39 @@ class Int4Linear(nn.Module):
         self._cuda_packed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, group_size: int = BLOCK) -> Int4Linear:
-        """Asymmetric quantization: per group of `group_size` columns (a multiple of 32),
-        d = (max - min) / 15 and m = min, rounded to float16 before the integers are chosen."""
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        group_size: int = BLOCK,
+        importance: torch.Tensor | None = None,
+    ) -> Int4Linear:
+        """Asymmetric quantization per group of `group_size` columns (a multiple of 32): the
+        (d, m) of each group, float16 as stored, minimizing the squared reconstruction error,
+        found by a search around min/max (see _fit_q4). `importance` (in_features,), optional:
+        a non-negative weight per input column for that error (e.g. the squared RMSNorm gain in
+        front of the layer, which scales each column's contribution to the output)."""
         if group_size % BLOCK or group_size <= 0:
             raise ConfigError(
                 f"int4 group_size must be a positive multiple of {BLOCK}, got {group_size}"
             )
         out_features, in_features = weight.shape
+        if importance is not None and importance.shape != (in_features,):
+            raise ConfigError(
+                f"int4 importance must hold one weight per input column ({in_features}), "
+                f"got shape {tuple(importance.shape)}"
+            )
         padded = -(-in_features // group_size) * group_size
         w = F.pad(weight.detach().float(), (0, padded - in_features)).view(
             out_features, -1, group_size
         )
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (out, groups)
-        d = ((hi - lo) / 15).half()
-        m = lo.half()
-        inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros_like(lo))
-        q = torch.round((w - m.float()[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8)
+        col = None
+        if importance is not None:
+            col = importance.detach().float().to(w.device).clamp(min=0)
+            col = col + 1e-4 * col.mean() + 1e-30  # no column is free to take any value
+            col = F.pad(col, (0, padded - in_features), value=1.0).view(1, -1, group_size)
+        q, d, m = _fit_q4(w, col)
         per_block = group_size // BLOCK  # the kernels keep one (d, m) per 32 columns
-        q = q.view(out_features, -1, BLOCK)[:, : _padded(in_features) // BLOCK]
+        q = q.to(torch.uint8).view(out_features, -1, BLOCK)[:, : _padded(in_features) // BLOCK]
         layer = cls(in_features, out_features, device="meta")
         layer.qs = (q[..., :16] | (q[..., 16:] << 4)).reshape(out_features, -1)
         layer.d = d.repeat_interleave(per_block, dim=1)[:, : q.shape[1]].contiguous()
@@ -215,7 +333,9 @@ def quantize_(model: nn.Module, mode: str, *, group_size: int = BLOCK) -> nn.Mod
 
     The classifier (`output`) goes to int8 in both modes: it is the largest single matrix, and
     4 bits there cost more perplexity than the speed they buy (llama.cpp keeps it at 6 bits).
-    Embeddings stay float. Returns the model.
+    Embeddings stay float. int4 weighs each input column's error by the square of the RMSNorm
+    gain in front of the layer (wq/wk/wv, w1/w3): the norm multiplies that column's input, so
+    its error reaches the output scaled the same way. Returns the model.
     """
     if mode not in MODES:
         raise ConfigError(
@@ -225,6 +345,7 @@ def quantize_(model: nn.Module, mode: str, *, group_size: int = BLOCK) -> nn.Mod
         raise ConfigError(
             f"int4 group_size must be a positive multiple of {BLOCK}, got {group_size}"
         )
+    importance = _norm_importance(model) if mode == "int4" else {}
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear) or child.bias is not None:
@@ -233,10 +354,32 @@ def quantize_(model: nn.Module, mode: str, *, group_size: int = BLOCK) -> nn.Mod
             if mode == "int8" or full == "output":
                 new = Int8Linear.from_float(child.weight)
             else:
-                new = Int4Linear.from_float(child.weight, group_size)
+                new = Int4Linear.from_float(child.weight, group_size, importance.get(id(child)))
             setattr(module, child_name, new.to(child.weight.device))
     _warm_kernels(model)
     return model
+
+
+_NORMED = (  # (block's norm, its consumer, the linears reading the normalized input)
+    ("attention_norm", "attention", ("wq", "wk", "wv", "wqkv")),
+    ("ffn_norm", "feed_forward", ("w1", "w3", "w13")),
+)
+
+
+def _norm_importance(model: nn.Module) -> dict[int, torch.Tensor]:
+    """id(linear) -> squared gain of the RMSNorm feeding it, for each block's normed inputs."""
+    importance = {}
+    for block in model.modules():
+        for norm_name, owner_name, linear_names in _NORMED:
+            norm, owner = getattr(block, norm_name, None), getattr(block, owner_name, None)
+            gain = getattr(norm, "weight", None)
+            if not isinstance(gain, torch.Tensor) or owner is None:
+                continue
+            for linear_name in linear_names:
+                linear = getattr(owner, linear_name, None)
+                if isinstance(linear, nn.Linear) and linear.in_features == gain.numel():
+                    importance[id(linear)] = gain.detach().float().square()
+    return importance
 
 
 def linear_from_packed(packed: PackedWeight, dtype: torch.dtype | None = None) -> nn.Module:

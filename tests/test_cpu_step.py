@@ -99,3 +99,19 @@ def test_models_it_cannot_run_keep_the_eager_forward():
     assert CpuStep.build(bf16) is None
     assert CpuStep.build(offloaded) is None
     assert not isinstance(LLM(bf16, None).engine._decode, CpuStep)
+
+
+@torch.inference_mode()
+def test_step_follows_caches_set_up_again():
+    model = random_model(GQA, "int4", fused=False)
+    step = CpuStep.build(model)
+    model.setup_caches(2, 16)  # new cache tensors; the old decoder would write to freed ones
+    model(torch.tensor([[3, 4]]), torch.tensor([[0, 1]]))
+    tokens, input_pos = torch.tensor([[6]]), torch.tensor([[2]])
+    before = caches(model)
+    # Act
+    expected = model(tokens, input_pos)
+    restore(model, before)
+    got = step(tokens, input_pos)
+    # Assert
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

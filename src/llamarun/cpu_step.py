@@ -47,6 +47,42 @@ def _block_linears(block: TransformerBlock) -> list[nn.Module | None]:
     return [*qkv, attn.wo, *gate_up, ffn.w2]
 
 
+def _decoder(model: Transformer) -> object | None:
+    """The extension's Decoder over `model`'s weights and caches, or None when it cannot run it."""
+    ops = cpu_kernels.ops()
+    if ops is None or not model.max_seq_len or model.norm.weight.device.type != "cpu":
+        return None
+    if not all(type(layer) is TransformerBlock for layer in model.layers):
+        return None  # e.g. offloaded blocks
+    kinds: list[int] = []
+    weights: list[torch.Tensor] = []
+    linears = [lin for block in model.layers for lin in _block_linears(block)]
+    for lin in [*linears, model.output]:
+        entry = _linear_entry(lin)
+        if entry is None:
+            return None
+        kinds.append(entry[0])
+        weights.extend(entry[1])
+    norms = [n.weight.detach() for b in model.layers for n in (b.attention_norm, b.ffn_norm)]
+    norms.append(model.norm.weight.detach())
+    caches = [t for b in model.layers for t in (b.attention.kv_cache.k, b.attention.kv_cache.v)]
+    tensors = [*norms, *caches, model.rope_cos, model.rope_sin, model.tok_embeddings.weight]
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        return None
+    args = model.args
+    return torch.classes.llamarun_cpu.Decoder(
+        norms,
+        weights,
+        kinds,
+        caches,
+        model.rope_cos,
+        model.rope_sin,
+        args.n_heads,
+        args.n_kv_heads,
+        args.norm_eps,
+    )
+
+
 class CpuStep:
     """Calls like `model(tokens, input_pos, rows)` for tokens (B, 1); returns logits (B, V)."""
 
@@ -58,45 +94,16 @@ class CpuStep:
     @classmethod
     def build(cls, model: Transformer) -> CpuStep | None:
         """A CpuStep for `model`, or None when the model or the machine cannot use one."""
-        ops = cpu_kernels.ops()
-        if ops is None or not model.max_seq_len or model.norm.weight.device.type != "cpu":
-            return None
-        if not all(type(layer) is TransformerBlock for layer in model.layers):
-            return None  # e.g. offloaded blocks
-        kinds: list[int] = []
-        weights: list[torch.Tensor] = []
-        linears = [lin for block in model.layers for lin in _block_linears(block)]
-        for lin in [*linears, model.output]:
-            entry = _linear_entry(lin)
-            if entry is None:
-                return None
-            kinds.append(entry[0])
-            weights.extend(entry[1])
-        norms = [n.weight.detach() for b in model.layers for n in (b.attention_norm, b.ffn_norm)]
-        norms.append(model.norm.weight.detach())
-        caches = [t for b in model.layers for t in (b.attention.kv_cache.k, b.attention.kv_cache.v)]
-        tensors = [*norms, *caches, model.rope_cos, model.rope_sin, model.tok_embeddings.weight]
-        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
-            return None
-        args = model.args
-        decoder = torch.classes.llamarun_cpu.Decoder(
-            norms,
-            weights,
-            kinds,
-            caches,
-            model.rope_cos,
-            model.rope_sin,
-            args.n_heads,
-            args.n_kv_heads,
-            args.norm_eps,
-        )
-        return cls(model, decoder)
+        decoder = _decoder(model)
+        return cls(model, decoder) if decoder is not None else None
 
     def __call__(
         self, tokens: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self.model.rope_cos is not self.rope_cos:
-            raise RuntimeError("the model's caches were set up again; build a new CpuStep")
+        if self.model.rope_cos is not self.rope_cos:  # new caches: point a new decoder at them
+            self.decoder, self.rope_cos = _decoder(self.model), self.model.rope_cos
+        if self.decoder is None or tokens.shape[1] != 1:
+            return self.model(tokens, input_pos, rows)
         if rows is None:
             rows = torch.arange(tokens.shape[0])
         embeddings = self.model.tok_embeddings(tokens[:, -1])  # (B, C)

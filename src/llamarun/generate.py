@@ -137,10 +137,15 @@ class Engine:
                 tokens[i, 0], input_pos[i, 0] = s.tokens[-1], s.pos
             else:  # position 0: a later prefill of this row overwrites it first, and the attended
                 input_pos[i, 0] = 0  # length (the batch's furthest position) does not grow
-        logits = self._decode(tokens.to(self.device), input_pos.to(self.device))  # (hi, V)
+        logits = self.decode(tokens.to(self.device), input_pos.to(self.device))  # (hi, V)
         for i in running:
             self.slots[i].pos += 1
         return self._pick_many(running, logits)
+
+    def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) for one new token per cache row 0..B-1: tokens and input_pos (B, 1).
+        The fastest path this device has (CpuStep, a compiled step, or the model)."""
+        return self._decode(tokens, input_pos)
 
     def release(self, slot: int) -> Slot | None:
         state, self.slots[slot] = self.slots[slot], None

@@ -114,7 +114,8 @@ class Llama:
                 last = logits[:, -1]
             else:
                 input_pos = torch.arange(prev_pos, cur_pos, device=device).expand(bsz, -1)
-                last = model(tokens[:, prev_pos:cur_pos], input_pos)  # (B, V)
+                step = self.llm.engine.decode if cur_pos - prev_pos == 1 else model
+                last = step(tokens[:, prev_pos:cur_pos], input_pos)  # (B, V)
             if temperature > 0:
                 probs = torch.softmax(last / temperature, dim=-1)
                 next_token = sample_top_p_meta(probs, top_p, self.generator)

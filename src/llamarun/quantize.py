@@ -35,7 +35,7 @@ def _cpu_ops(x: torch.Tensor):
 # min/max rounding; fewer clip nothing, more clip the extremes (as llama.cpp's k-quants search).
 _Q4_SPANS = tuple(15 + 0.1 * i for i in range(-10, 11))
 _Q4_CHUNK = 8192  # groups searched at once: their temporaries stay in the CPU's cache
-_Q4_REFITS = 2  # alternating rounds (integers for (d, m), least-squares (d, m) for them) after
+_Q4_REFITS = 2  # rounds of (integers for (d, m), least-squares (d, m) for them) after the search
 
 
 def _q4_pick(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -111,26 +111,26 @@ def _q4_search(
 def _fit_q4(
     w: torch.Tensor, col: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Integers q (as float), d and m (float16) per group of w (out, groups, size) whose
-    (col-weighted) squared error is no larger than plain min/max rounding's. Each candidate
-    scale picks integers, (d, m) are fit to them by least squares and rounded to float16, and
-    the error is scored from running sums (no pass over the weights); the best (d, m) per group
-    is then refined by alternating integers and least squares. Groups min/max already
-    reconstructs exactly (weights that were 4-bit already, e.g. a dequantized Q4_1 file) skip
-    the search."""
+    """Integers q (uint8), d and m (float16) per group of w (out, groups, size) whose squared
+    error, weighted by col (1, groups, size) when given, is no larger than plain min/max
+    rounding's. Each candidate scale picks integers, (d, m) are fit to them by least squares and
+    rounded to float16, and the error is scored from the group's sums (the weights are not
+    rebuilt); the best (d, m) per group is then refined by alternating integers and least
+    squares. Groups that min/max already reconstructs exactly (weights that were 4-bit already,
+    e.g. a dequantized Q4_1 file) skip the search."""
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
     d, m = _q4_half((hi - lo) / 15, lo)
     q = _q4_pick(w, d, m)
-    diff = q * d + m - w
-    exact = diff.abs().amax(-1, keepdim=True) <= 1e-6 * (hi - lo)
+    exact = (q * d + m - w).abs_().amax(-1, keepdim=True) <= 1e-6 * (hi - lo)
+    q = q.to(torch.uint8)
     rows = (~exact).reshape(-1).nonzero().squeeze(1)
     if rows.numel() > 0:
-        d, m, q = _rows(d).clone(), _rows(m).clone(), _rows(q).clone()
-        cols = None if col is None else _rows(col.expand(w.shape))
+        d, m, q, flat = _rows(d).clone(), _rows(m).clone(), _rows(q).clone(), _rows(w)
+        cols = None if col is None else _rows(col)  # (groups, size), shared by all rows of w
         for chunk in rows.split(_Q4_CHUNK):
-            c = None if cols is None else cols[chunk]
-            d[chunk], m[chunk] = _q4_search(_rows(w)[chunk], c, d[chunk], m[chunk])
-            q[chunk] = _q4_pick(_rows(w)[chunk], d[chunk], m[chunk])
+            c = None if cols is None else cols[chunk % cols.shape[0]]
+            d[chunk], m[chunk] = _q4_search(flat[chunk], c, d[chunk], m[chunk])
+            q[chunk] = _q4_pick(flat[chunk], d[chunk], m[chunk]).to(torch.uint8)
         q = q.view(w.shape)
     return q, d.view(lo.shape)[..., 0].half(), m.view(lo.shape)[..., 0].half()
 
@@ -236,7 +236,7 @@ class Int4Linear(nn.Module):
             col = F.pad(col, (0, padded - in_features), value=1.0).view(1, -1, group_size)
         q, d, m = _fit_q4(w, col)
         per_block = group_size // BLOCK  # the kernels keep one (d, m) per 32 columns
-        q = q.to(torch.uint8).view(out_features, -1, BLOCK)[:, : _padded(in_features) // BLOCK]
+        q = q.view(out_features, -1, BLOCK)[:, : _padded(in_features) // BLOCK]
         layer = cls(in_features, out_features, device="meta")
         layer.qs = (q[..., :16] | (q[..., 16:] << 4)).reshape(out_features, -1)
         layer.d = d.repeat_interleave(per_block, dim=1)[:, : q.shape[1]].contiguous()

@@ -83,7 +83,9 @@ def _q4_search(
     span = hi - lo
     inv_span = torch.where(span > 0, 1 / span, torch.zeros_like(span))
     for levels in _Q4_SPANS:
-        qc = torch.round(x * (inv_span * levels)).clamp_(0, 15)
+        qc = (x * (inv_span * levels)).round_()  # 0..levels
+        if levels > 15:
+            qc.clamp_(max=15)
         cq = qc if c is None else c * qc
         sq, sqq, sqx = (t.sum(-1, keepdim=True) for t in (cq, cq * qc, cq * x))
         dc, mc, ok = _q4_lstsq(n, sq, sqq, sx, sqx)

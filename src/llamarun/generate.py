@@ -15,7 +15,7 @@ from functools import cached_property
 
 import torch
 
-from .cpu_step import CpuStep
+from .cpu_step import CpuStep, argmax_ids
 from .device import as_token_ids
 from .errors import RequestError
 from .model import Transformer
@@ -129,15 +129,12 @@ class Engine:
         if not running:
             return []
         hi = running[-1] + 1  # rows 0..hi-1 are a view of the cache; idle rows decode a dummy token
-        tokens = torch.zeros((hi, 1), dtype=torch.long)
-        input_pos = torch.zeros((hi, 1), dtype=torch.long)
-        for i in range(hi):
-            s = self.slots[i]
-            if s is not None and s.finish_reason is None:
-                tokens[i, 0], input_pos[i, 0] = s.tokens[-1], s.pos
-            else:  # position 0: a later prefill of this row overwrites it first, and the attended
-                input_pos[i, 0] = 0  # length (the batch's furthest position) does not grow
-        logits = self.decode(tokens.to(self.device), input_pos.to(self.device))  # (hi, V)
+        # Idle rows decode token 0 at position 0: a later prefill of the row overwrites it first,
+        # and the attended length (the batch's furthest position) does not grow.
+        live = [s if s is not None and s.finish_reason is None else None for s in self.slots[:hi]]
+        tokens = torch.tensor([[s.tokens[-1] if s else 0] for s in live], device=self.device)
+        input_pos = torch.tensor([[s.pos if s else 0] for s in live], device=self.device)
+        logits = self.decode(tokens, input_pos)  # (hi, V)
         for i in running:
             self.slots[i].pos += 1
         return self._pick_many(running, logits)
@@ -156,8 +153,8 @@ class Engine:
         if all(
             s.params.is_greedy and not s.params.has_penalties and s.logprobs is None for s in states
         ):
-            ids = logits[running].argmax(dim=-1).tolist()  # one host sync for the whole batch
-            return [self._advance(i, t) for i, t in zip(running, ids)]
+            ids = argmax_ids(logits)  # one host sync for the whole batch
+            return [self._advance(i, ids[i]) for i in running]
         return [self._pick(i, logits[i]) for i in running]
 
     def _pick(self, slot: int, logits: torch.Tensor) -> StepOutput:

@@ -7,7 +7,7 @@ import torch
 
 from llamarun import cpu_kernels
 from llamarun.config import ModelArgs
-from llamarun.cpu_step import CpuStep
+from llamarun.cpu_step import CpuStep, argmax_ids
 from llamarun.generate import LLM
 from llamarun.model import Transformer, fuse_
 from llamarun.offload import place_
@@ -115,3 +115,14 @@ def test_step_follows_caches_set_up_again():
     got = step(tokens, input_pos)
     # Assert
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_argmax_ids_matches_torch_including_ties_and_odd_widths():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1003)
+    logits[1, 17] = logits[1, 900] = 50.0  # a tie: the first index wins, as in torch
+    logits[2, 1002] = 60.0  # in the tail past the last full vector
+    # Act
+    got = argmax_ids(logits)
+    # Assert
+    assert got == logits.argmax(dim=-1).tolist() == [got[0], 17, 1002]

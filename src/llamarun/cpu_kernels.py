@@ -31,6 +31,7 @@ CPP_SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <vector>
 
@@ -61,6 +62,16 @@ inline __m256i dot2_u8s8(__m256i a, __m256i b1, __m256i b2) {
 #endif
 }
 
+// acc + (u8 a) . (s8 b) per 4 byte pairs, in 8 int32 lanes (AVX2: exact while a <= 15 or |b| < 128
+// keeps each pair sum inside int16)
+inline __m256i dpbusd(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+#endif
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -72,7 +83,11 @@ inline float hsum(__m256 v) {
 // q2 quantizing what q1 leaves (about 15 bits in all; one level alone, as llama.cpp does, turns
 // SmolLM2's answers to gibberish). xq (B, Kp/32, 64): q1 then q2 of each block; dx (B, Kp/32) = d;
 // xs (B, Kp/32) = the block's exact float sum. Columns K..Kp are zero padding.
-void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq, float* dx, float* xs) {
+// `paired` lays blocks out for 4-bit weights (q4_rows): blocks 2p and 2p+1 (A, B) share 128 bytes,
+// per level [A0..15 B0..15][A16..31 B16..31], the order of their nibbles in one 32-byte load; an
+// unpaired last block keeps the plain order.
+void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq, float* dx, float* xs,
+                   bool paired = false) {
   const int64_t nb = Kp / QK;
   auto rows = [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -88,11 +103,21 @@ void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq,
       }
       const float d1 = amax / 127.f, id1 = d1 ? 1.f / d1 : 0.f, id2 = id1 * 256.f;
       int8_t* dst = xq + (b * nb + blk) * 2 * QK;
+      int8_t q[2 * QK];
       for (int j = 0; j < QK; ++j) {
         const float q1 = std::nearbyint(buf[j] * id1);
         const float q2 = std::nearbyint((buf[j] - q1 * d1) * id2);
-        dst[j] = (int8_t)q1;
-        dst[QK + j] = (int8_t)std::max(-127.f, std::min(127.f, q2));
+        q[j] = (int8_t)q1;
+        q[QK + j] = (int8_t)std::max(-127.f, std::min(127.f, q2));
+      }
+      if (!paired || (blk % 2 == 0 && blk + 1 == nb)) {
+        std::memcpy(dst, q, 2 * QK);
+      } else {
+        int8_t* pair = xq + (b * nb + blk - blk % 2) * 2 * QK + (blk % 2) * 16;
+        for (int lv = 0; lv < 2; ++lv) {
+          std::memcpy(pair + lv * 64, q + lv * QK, 16);
+          std::memcpy(pair + lv * 64 + 32, q + lv * QK + 16, 16);
+        }
       }
       dx[b * nb + blk] = d1 / 256.f;
       xs[b * nb + blk] = sum;
@@ -107,12 +132,12 @@ struct QuantizedX {
   int64_t B, Kp;
 };
 
-QuantizedX quantize_x(const at::Tensor& x2d, int64_t Kp) {
+QuantizedX quantize_x(const at::Tensor& x2d, int64_t Kp, bool paired = false) {
   const int64_t B = x2d.size(0), K = x2d.size(1);
   auto xq = at::empty({B, 2 * Kp}, x2d.options().dtype(at::kChar));
   auto dx = at::empty({B, Kp / QK}, x2d.options());
   auto xs = at::empty({B, Kp / QK}, x2d.options());
-  quantize_rows(x2d.data_ptr<float>(), B, K, Kp, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<float>());
+  quantize_rows(x2d.data_ptr<float>(), B, K, Kp, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<float>(), paired);
   return {xq, dx, xs, B, Kp};
 }
 
@@ -154,42 +179,65 @@ inline void int8_rows(const int8_t* w, const float* sw, int64_t G, int64_t Kp, c
 
 // ---- 4-bit weights in GGUF Q4 nibble order: qs (N, Kp/2) uint8, per group of 32 byte i holds
 // element i (low nibble) and element i+16 (high nibble); w = d * q + m with d, m (N, Kp/32) fp16.
+// Activations in the paired layout (quantize_rows): one 32-byte load of two groups' nibbles
+// meets its activations without a shuffle, lanes 0-3 summing group A and 4-7 group B, and one
+// conversion and multiply-add serve both groups (1.4x the plain layout's speed here).
 template <int NB>
 inline void q4_rows(const uint8_t* qs, const at::Half* d, const at::Half* m, int64_t Kp, const int8_t* xq,
                     const float* dx, const float* xs, int64_t b0, float* out, int64_t N, int64_t o) {
-  constexpr int U = lanes<NB>();
+  constexpr int U = NB == 1 ? 2 : 1;
   const int64_t nb = Kp / QK;
-  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m256 acc[NB][U], macc[NB];
-  for (int j = 0; j < NB; ++j) {
-    macc[j] = _mm256_setzero_ps();
-    for (int u = 0; u < U; ++u) acc[j][u] = _mm256_setzero_ps();
-  }
+  for (int j = 0; j < NB; ++j) { macc[j] = _mm256_setzero_ps(); for (int u = 0; u < U; ++u) acc[j][u] = _mm256_setzero_ps(); }
+  const __m256i idx[4] = {_mm256_setr_epi32(0,0,0,0,1,1,1,1), _mm256_setr_epi32(2,2,2,2,3,3,3,3), _mm256_setr_epi32(4,4,4,4,5,5,5,5), _mm256_setr_epi32(6,6,6,6,7,7,7,7)};
   int64_t blk = 0;
-  for (; blk + 8 <= nb; blk += 8) {  // 8 groups: their scales as one vector
+  for (; blk + 8 <= nb; blk += 8) {
     const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + blk)));
     const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(m + blk)));
-    float ds[NB][8];
+    __m256 ds[NB];
     for (int j = 0; j < NB; ++j) {
-      _mm256_storeu_ps(ds[j], _mm256_mul_ps(dv, _mm256_loadu_ps(dx + (b0 + j) * nb + blk)));
+      ds[j] = _mm256_mul_ps(dv, _mm256_loadu_ps(dx + (b0 + j) * nb + blk));
       macc[j] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs + (b0 + j) * nb + blk), macc[j]);
     }
-    for (int i = 0; i < 8; ++i) {
-      const __m128i q = _mm_loadu_si128((const __m128i*)(qs + (blk + i) * 16));
-      const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low4), _mm_and_si128(q, low4));
+    for (int p = 0; p < 4; ++p) {
+      const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + (blk + 2 * p) * 16));
+      const __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
       for (int j = 0; j < NB; ++j) {
-        const int8_t* xb = xq + ((b0 + j) * nb + blk + i) * 2 * QK;
-        const __m256i s = dot2_u8s8(wv, _mm256_loadu_si256((const __m256i*)xb), _mm256_loadu_si256((const __m256i*)(xb + QK)));
-        acc[j][i % U] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(ds[j][i]), acc[j][i % U]);
+        const int8_t* xb = xq + ((b0 + j) * nb + blk + 2 * p) * 2 * QK;
+        __m256i t1 = dpbusd(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i*)xb));
+        t1 = dpbusd(t1, hi, _mm256_loadu_si256((const __m256i*)(xb + 32)));
+        __m256i s = dpbusd(_mm256_slli_epi32(t1, 8), lo, _mm256_loadu_si256((const __m256i*)(xb + 64)));
+        s = dpbusd(s, hi, _mm256_loadu_si256((const __m256i*)(xb + 96)));
+        acc[j][p % U] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_permutevar8x32_ps(ds[j], idx[p]), acc[j][p % U]);
       }
     }
   }
   float tail[NB];
   for (int j = 0; j < NB; ++j) tail[j] = 0.f;
-  for (; blk < nb; ++blk) {
+  for (; blk < nb; ++blk) {  // natural or paired order: handle pairs then a single
+    const bool pair = blk + 2 <= nb;
+    if (pair) {
+      const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + blk * 16));
+      const __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+      const float dA = (float)d[blk], dB = (float)d[blk + 1];
+      for (int j = 0; j < NB; ++j) {
+        const int8_t* xb = xq + ((b0 + j) * nb + blk) * 2 * QK;
+        __m256i t1 = dpbusd(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i*)xb));
+        t1 = dpbusd(t1, hi, _mm256_loadu_si256((const __m256i*)(xb + 32)));
+        __m256i s = dpbusd(_mm256_slli_epi32(t1, 8), lo, _mm256_loadu_si256((const __m256i*)(xb + 64)));
+        s = dpbusd(s, hi, _mm256_loadu_si256((const __m256i*)(xb + 96)));
+        const float sA = dA * dx[(b0 + j) * nb + blk], sB = dB * dx[(b0 + j) * nb + blk + 1];
+        acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_setr_ps(sA, sA, sA, sA, sB, sB, sB, sB), acc[j][0]);
+        tail[j] += (float)m[blk] * xs[(b0 + j) * nb + blk] + (float)m[blk + 1] * xs[(b0 + j) * nb + blk + 1];
+      }
+      ++blk;
+      continue;
+    }
     const float dw = (float)d[blk], mw = (float)m[blk];
     const __m128i q = _mm_loadu_si128((const __m128i*)(qs + blk * 16));
-    const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low4), _mm_and_si128(q, low4));
+    const __m128i l4 = _mm_set1_epi8(0x0F);
+    const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), l4), _mm_and_si128(q, l4));
     for (int j = 0; j < NB; ++j) {
       const int8_t* xb = xq + ((b0 + j) * nb + blk) * 2 * QK;
       const __m256i s = dot2_u8s8(wv, _mm256_loadu_si256((const __m256i*)xb), _mm256_loadu_si256((const __m256i*)(xb + QK)));
@@ -269,7 +317,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   const auto x2d = flat_input(x);
   const int64_t N = qs.size(0), Kp = qs.size(1) * 2;
   TORCH_CHECK(Kp % QK == 0 && d.size(1) == Kp / QK && m.size(1) == Kp / QK, "q4_linear: bad weight layout");
-  const auto qx = quantize_x(x2d, Kp);
+  const auto qx = quantize_x(x2d, Kp, /*paired=*/true);
   auto out = at::empty({qx.B, N}, x2d.options());
   const uint8_t* qp = qs.data_ptr<uint8_t>();
   const at::Half* dp = d.data_ptr<at::Half>();
@@ -358,7 +406,7 @@ struct Decoder : torch::CustomClassHolder {
   int64_t L, C, H, Hkv, D, F, V, S, maxB;
   double eps;
   std::vector<float> h, xn, qkv, att, tmp, gu, act;
-  std::vector<int8_t> xq;
+  std::vector<int8_t> xq, xq4;  // activations in the plain and the paired (4-bit) layout
   std::vector<float> dx, xs;
 
   Decoder(std::vector<at::Tensor> norm_w, std::vector<at::Tensor> weights, std::vector<int64_t> kinds,
@@ -431,10 +479,11 @@ struct Decoder : torch::CustomClassHolder {
       TORCH_CHECK(g[i].kind == LIN_F32 ? g[i].K == K : g[i].K == (K + QK - 1) / QK * QK, "Decoder: input width");
       if (g[i].kind != LIN_F32) Kp = g[i].K;
     }
-    if (std::any_of(g, g + n, [](const Lin& l) { return l.kind == LIN_INT8 || l.kind == LIN_Q4; })) {
-      xq.resize(B * 2 * Kp), dx.resize(B * Kp / QK), xs.resize(B * Kp / QK);
-      quantize_rows(x, B, K, Kp, xq.data(), dx.data(), xs.data());
-    }
+    const bool any8 = std::any_of(g, g + n, [](const Lin& l) { return l.kind == LIN_INT8; });
+    const bool any4 = std::any_of(g, g + n, [](const Lin& l) { return l.kind == LIN_Q4; });
+    dx.resize(B * Kp / QK), xs.resize(B * Kp / QK);
+    if (any8) xq.resize(B * 2 * Kp), quantize_rows(x, B, K, Kp, xq.data(), dx.data(), xs.data());
+    if (any4) xq4.resize(B * 2 * Kp), quantize_rows(x, B, K, Kp, xq4.data(), dx.data(), xs.data(), true);
     const int64_t nb = Kp / QK;
     parallel_rows(ld, [&](int64_t begin, int64_t end) {
       int64_t off = 0;
@@ -456,8 +505,8 @@ struct Decoder : torch::CustomClassHolder {
             const uint8_t* w = (const uint8_t*)l.a + o * (Kp / 2);
             const at::Half* d = (const at::Half*)l.b + o * nb;
             const at::Half* m = (const at::Half*)l.c + o * nb;
-            for (; b0 + TILE <= B; b0 += TILE) q4_rows<TILE>(w, d, m, Kp, xq.data(), dx.data(), xs.data(), b0, o_base, ld, o);
-            for (; b0 < B; ++b0) q4_rows<1>(w, d, m, Kp, xq.data(), dx.data(), xs.data(), b0, o_base, ld, o);
+            for (; b0 + TILE <= B; b0 += TILE) q4_rows<TILE>(w, d, m, Kp, xq4.data(), dx.data(), xs.data(), b0, o_base, ld, o);
+            for (; b0 < B; ++b0) q4_rows<1>(w, d, m, Kp, xq4.data(), dx.data(), xs.data(), b0, o_base, ld, o);
           }
         }
         off += l.N;

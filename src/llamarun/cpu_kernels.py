@@ -86,8 +86,9 @@ inline float hsum(__m256 v) {
 // `paired` lays blocks out for 4-bit weights (q4_rows): blocks 2p and 2p+1 (A, B) share 128 bytes,
 // per level [A0..15 B0..15][A16..31 B16..31], the order of their nibbles in one 32-byte load; an
 // unpaired last block keeps the plain order.
+// xcb (B, Kp/32) = 128 * the block's dequantized sum (what int8_rows' weight offset adds).
 void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq, float* dx, float* xs,
-                   bool paired = false) {
+                   float* xcb, bool paired = false) {
   const int64_t nb = Kp / QK;
   auto rows = [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -104,12 +105,15 @@ void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq,
       const float d1 = amax / 127.f, id1 = d1 ? 1.f / d1 : 0.f, id2 = id1 * 256.f;
       int8_t* dst = xq + (b * nb + blk) * 2 * QK;
       int8_t q[2 * QK];
+      int32_t isum = 0;
       for (int j = 0; j < QK; ++j) {
         const float q1 = std::nearbyint(buf[j] * id1);
         const float q2 = std::nearbyint((buf[j] - q1 * d1) * id2);
         q[j] = (int8_t)q1;
         q[QK + j] = (int8_t)std::max(-127.f, std::min(127.f, q2));
+        isum += 256 * q[j] + q[QK + j];
       }
+      xcb[b * nb + blk] = 128.f * (d1 / 256.f) * (float)isum;
       if (!paired || (blk % 2 == 0 && blk + 1 == nb)) {
         std::memcpy(dst, q, 2 * QK);
       } else {
@@ -128,7 +132,7 @@ void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq,
 }
 
 struct QuantizedX {
-  at::Tensor xq, dx, xs;
+  at::Tensor xq, dx, xs, xcb;
   int64_t B, Kp;
 };
 
@@ -137,35 +141,54 @@ QuantizedX quantize_x(const at::Tensor& x2d, int64_t Kp, bool paired = false) {
   auto xq = at::empty({B, 2 * Kp}, x2d.options().dtype(at::kChar));
   auto dx = at::empty({B, Kp / QK}, x2d.options());
   auto xs = at::empty({B, Kp / QK}, x2d.options());
-  quantize_rows(x2d.data_ptr<float>(), B, K, Kp, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<float>(), paired);
-  return {xq, dx, xs, B, Kp};
+  auto xcb = at::empty({B, Kp / QK}, x2d.options());
+  quantize_rows(x2d.data_ptr<float>(), B, K, Kp, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<float>(),
+                xcb.data_ptr<float>(), paired);
+  return {xq, dx, xs, xcb, B, Kp};
 }
 
 // Independent accumulators per batch row: one row alone would wait on the fmadd latency chain.
 template <int NB> constexpr int lanes() { return NB == 1 ? 4 : 1; }
 
-// ---- int8 weights: w (N, Kp) int8, sw (N, G) float with G = 1 (per row) or Kp/32 (per block)
+// ---- int8 weights: w (N, Kp) int8, sw (N, G) float with G = 1 (per row) or Kp/32 (per block).
+// With VNNI the weights, offset to unsigned (w + 128, one xor shared by the batch rows), meet the
+// signed activations in vpdpbusd directly, and the offset's share, 128 * sum(x) per block (xcb),
+// comes off at the end: 1.3x the sign-trick loop below, which AVX2's saturating vpmaddubsw needs.
 template <int NB>
 inline void int8_rows(const int8_t* w, const float* sw, int64_t G, int64_t Kp, const int8_t* xq,
-                      const float* dx, int64_t b0, float* out, int64_t N, int64_t o) {
+                      const float* dx, const float* xcb, int64_t b0, float* out, int64_t N, int64_t o) {
   constexpr int U = lanes<NB>();
   const int64_t nb = Kp / QK;
   __m256 acc[NB][U];
-  for (int j = 0; j < NB; ++j)
+  float corr[NB];
+  for (int j = 0; j < NB; ++j) {
+    corr[j] = 0.f;
     for (int u = 0; u < U; ++u) acc[j][u] = _mm256_setzero_ps();
-  int64_t blk = 0;
-  for (; blk < nb; blk += 8) {
+  }
+  for (int64_t blk = 0; blk < nb; blk += 8) {
     const int n = (int)std::min<int64_t>(8, nb - blk);
     float ds[NB][8];
     for (int j = 0; j < NB; ++j)
-      for (int i = 0; i < n; ++i) ds[j][i] = dx[(b0 + j) * nb + blk + i] * (G == 1 ? sw[0] : sw[blk + i]);
+      for (int i = 0; i < n; ++i) {
+        const float s = G == 1 ? sw[0] : sw[blk + i];
+        ds[j][i] = dx[(b0 + j) * nb + blk + i] * s;
+        corr[j] += s * xcb[(b0 + j) * nb + blk + i];
+      }
     for (int i = 0; i < n; ++i) {
       const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + (blk + i) * QK));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+      const __m256i wu = _mm256_xor_si256(wv, _mm256_set1_epi8((char)0x80));
+#else
       const __m256i aw = _mm256_sign_epi8(wv, wv);
+#endif
       for (int j = 0; j < NB; ++j) {
         const int8_t* xb = xq + ((b0 + j) * nb + blk + i) * 2 * QK;
         const __m256i x1 = _mm256_loadu_si256((const __m256i*)xb), x2 = _mm256_loadu_si256((const __m256i*)(xb + QK));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        const __m256i s = dot2_u8s8(wu, x1, x2);
+#else
         const __m256i s = dot2_u8s8(aw, _mm256_sign_epi8(x1, wv), _mm256_sign_epi8(x2, wv));
+#endif
         acc[j][i % U] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(ds[j][i]), acc[j][i % U]);
       }
     }
@@ -173,7 +196,11 @@ inline void int8_rows(const int8_t* w, const float* sw, int64_t G, int64_t Kp, c
   for (int j = 0; j < NB; ++j) {
     __m256 a = acc[j][0];
     for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[j][u]);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    out[(b0 + j) * N + o] = hsum(a) - corr[j];
+#else
     out[(b0 + j) * N + o] = hsum(a);
+#endif
   }
 }
 
@@ -299,6 +326,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const float* sp = sw.data_ptr<float>();
   const int8_t* xq = qx.xq.data_ptr<int8_t>();
   const float* dx = qx.dx.data_ptr<float>();
+  const float* xcb = qx.xcb.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t B = qx.B;
   parallel_rows(N, [&](int64_t begin, int64_t end) {
@@ -306,8 +334,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
       const int8_t* wr = wp + o * Kp;
       const float* sr = sp + o * G;
       int64_t b0 = 0;
-      for (; b0 + TILE <= B; b0 += TILE) int8_rows<TILE>(wr, sr, G, Kp, xq, dx, b0, op, N, o);
-      for (; b0 < B; ++b0) int8_rows<1>(wr, sr, G, Kp, xq, dx, b0, op, N, o);
+      for (; b0 + TILE <= B; b0 += TILE) int8_rows<TILE>(wr, sr, G, Kp, xq, dx, xcb, b0, op, N, o);
+      for (; b0 < B; ++b0) int8_rows<1>(wr, sr, G, Kp, xq, dx, xcb, b0, op, N, o);
     }
   });
   return reshape_output(out, x);
@@ -490,7 +518,7 @@ struct Decoder : torch::CustomClassHolder {
   double eps;
   std::vector<float> h, xn, qkv, att, tmp, gu, act;
   std::vector<int8_t> xq, xq4;  // activations in the plain and the paired (4-bit) layout
-  std::vector<float> dx, xs;
+  std::vector<float> dx, xs, xcb;
 
   Decoder(std::vector<at::Tensor> norm_w, std::vector<at::Tensor> weights, std::vector<int64_t> kinds,
           std::vector<at::Tensor> caches, at::Tensor cos_t, at::Tensor sin_t, at::Tensor embed_t, int64_t n_heads,
@@ -564,9 +592,9 @@ struct Decoder : torch::CustomClassHolder {
     }
     const bool any8 = std::any_of(g, g + n, [](const Lin& l) { return l.kind == LIN_INT8; });
     const bool any4 = std::any_of(g, g + n, [](const Lin& l) { return l.kind == LIN_Q4; });
-    dx.resize(B * Kp / QK), xs.resize(B * Kp / QK);
-    if (any8) xq.resize(B * 2 * Kp), quantize_rows(x, B, K, Kp, xq.data(), dx.data(), xs.data());
-    if (any4) xq4.resize(B * 2 * Kp), quantize_rows(x, B, K, Kp, xq4.data(), dx.data(), xs.data(), true);
+    dx.resize(B * Kp / QK), xs.resize(B * Kp / QK), xcb.resize(B * Kp / QK);
+    if (any8) xq.resize(B * 2 * Kp), quantize_rows(x, B, K, Kp, xq.data(), dx.data(), xs.data(), xcb.data());
+    if (any4) xq4.resize(B * 2 * Kp), quantize_rows(x, B, K, Kp, xq4.data(), dx.data(), xs.data(), xcb.data(), true);
     const int64_t nb = Kp / QK;
     parallel_rows(ld, [&](int64_t begin, int64_t end) {
       int64_t off = 0;
@@ -582,8 +610,8 @@ struct Decoder : torch::CustomClassHolder {
           } else if (l.kind == LIN_INT8) {
             const int8_t* w = (const int8_t*)l.a + o * Kp;
             const float* sw = (const float*)l.b + o * l.G;
-            for (; b0 + TILE <= B; b0 += TILE) int8_rows<TILE>(w, sw, l.G, Kp, xq.data(), dx.data(), b0, o_base, ld, o);
-            for (; b0 < B; ++b0) int8_rows<1>(w, sw, l.G, Kp, xq.data(), dx.data(), b0, o_base, ld, o);
+            for (; b0 + TILE <= B; b0 += TILE) int8_rows<TILE>(w, sw, l.G, Kp, xq.data(), dx.data(), xcb.data(), b0, o_base, ld, o);
+            for (; b0 < B; ++b0) int8_rows<1>(w, sw, l.G, Kp, xq.data(), dx.data(), xcb.data(), b0, o_base, ld, o);
           } else {
             const uint8_t* w = (const uint8_t*)l.a + o * (Kp / 2);
             const at::Half* d = (const at::Half*)l.b + o * nb;

@@ -6,6 +6,9 @@ llama.cpp's approach: activations are quantized per block of 32 (two int8 levels
 int8 x int8 (or 4-bit x int8) dot products run with VNNI `vpdpbusd` (AVX2 `vpmaddubsw` without
 VNNI), one pass over each weight row shared by every batch row. Threads: torch's intra-op pool.
 
+Also here: `Decoder`, the whole one-token decode step in C++ (used through cpu_step.py; at batch 1
+the eager step's ~40 torch ops per layer cost more than its weight reads), and `argmax_rows`.
+
 Built with torch.utils.cpp_extension.load_inline into ~/.cache/torch_extensions (once per machine);
 `ops()` returns None where no compiler, no x86 AVX2 or a failed build leaves only the torch path.
 """

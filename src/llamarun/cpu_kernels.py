@@ -183,15 +183,25 @@ inline void int8_rows(const int8_t* w, const float* sw, int64_t G, int64_t Kp, c
     corr[j] = 0.f;
     for (int u = 0; u < U; ++u) acc[j][u] = _mm256_setzero_ps();
   }
+  __m256 vcorr[NB];
+  for (int j = 0; j < NB; ++j) vcorr[j] = _mm256_setzero_ps();
   for (int64_t blk = 0; blk < nb; blk += 8) {
     const int n = (int)std::min<int64_t>(8, nb - blk);
     float ds[NB][8];
-    for (int j = 0; j < NB; ++j)
-      for (int i = 0; i < n; ++i) {
-        const float s = G == 1 ? sw[0] : sw[blk + i];
-        ds[j][i] = dx[(b0 + j) * nb + blk + i] * s;
-        corr[j] += s * xcb[(b0 + j) * nb + blk + i];
+    if (n == 8) {  // 8 blocks' scales as vectors
+      const __m256 sv = G == 1 ? _mm256_set1_ps(sw[0]) : _mm256_loadu_ps(sw + blk);
+      for (int j = 0; j < NB; ++j) {
+        _mm256_storeu_ps(ds[j], _mm256_mul_ps(_mm256_loadu_ps(dx + (b0 + j) * nb + blk), sv));
+        vcorr[j] = _mm256_fmadd_ps(_mm256_loadu_ps(xcb + (b0 + j) * nb + blk), sv, vcorr[j]);
       }
+    } else {
+      for (int j = 0; j < NB; ++j)
+        for (int i = 0; i < n; ++i) {
+          const float s = G == 1 ? sw[0] : sw[blk + i];
+          ds[j][i] = dx[(b0 + j) * nb + blk + i] * s;
+          corr[j] += s * xcb[(b0 + j) * nb + blk + i];
+        }
+    }
     for (int i = 0; i < n; ++i) {
       const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + (blk + i) * QK));
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -215,7 +225,7 @@ inline void int8_rows(const int8_t* w, const float* sw, int64_t G, int64_t Kp, c
     __m256 a = acc[j][0];
     for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[j][u]);
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    out[(b0 + j) * N + o] = hsum(a) - corr[j];
+    out[(b0 + j) * N + o] = hsum(a) - corr[j] - hsum(vcorr[j]);
 #else
     out[(b0 + j) * N + o] = hsum(a);
 #endif

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -95,9 +97,12 @@ def test_models_it_cannot_run_keep_the_eager_forward():
     bf16 = random_model(GQA, None, fused=False).to(torch.bfloat16)
     offloaded = random_model(GQA, None, fused=False)
     place_(offloaded, torch.device("cpu"), torch.float32, n_offload=1)
+    odd = random_model(GQA, None, fused=False)
+    odd.args = dataclasses.replace(GQA, n_kv_heads=2)  # the Decoder's own shape checks refuse it
     # Act / Assert
     assert CpuStep.build(bf16) is None
     assert CpuStep.build(offloaded) is None
+    assert CpuStep.build(odd) is None
     assert not isinstance(LLM(bf16, None).engine._decode, CpuStep)
 
 

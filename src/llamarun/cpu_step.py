@@ -11,12 +11,16 @@ offloaded layers, linear layers of another kind, no kernels) keeps the eager for
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from . import cpu_kernels
 from .model import Transformer, TransformerBlock
 from .quantize import Int4Linear, Int8Linear
+
+log = logging.getLogger(__name__)
 
 LINEAR_NONE, LINEAR_F32, LINEAR_INT8, LINEAR_Q4 = 0, 1, 2, 3
 _EMPTY = torch.empty(0)
@@ -70,18 +74,22 @@ def _decoder(model: Transformer) -> object | None:
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
         return None
     args = model.args
-    return torch.classes.llamarun_cpu.Decoder(
-        norms,
-        weights,
-        kinds,
-        caches,
-        model.rope_cos,
-        model.rope_sin,
-        model.tok_embeddings.weight.detach(),
-        args.n_heads,
-        args.n_kv_heads,
-        args.norm_eps,
-    )
+    try:
+        return torch.classes.llamarun_cpu.Decoder(
+            norms,
+            weights,
+            kinds,
+            caches,
+            model.rope_cos,
+            model.rope_sin,
+            model.tok_embeddings.weight.detach(),
+            args.n_heads,
+            args.n_kv_heads,
+            args.norm_eps,
+        )
+    except RuntimeError as e:  # shapes the step does not know: the eager forward still runs them
+        log.warning("llamarun: one-call CPU decode step unavailable (%s); using the eager step", e)
+        return None
 
 
 class CpuStep:

@@ -89,7 +89,7 @@ inline float hsum(__m256 v) {
 // `paired` lays blocks out for 4-bit weights (q4_rows): blocks 2p and 2p+1 (A, B) share 128 bytes,
 // per level [A0..15 B0..15][A16..31 B16..31], the order of their nibbles in one 32-byte load; an
 // unpaired last block keeps the plain order.
-// xcb (B, Kp/32) = 128 * the block's dequantized sum (what int8_rows' weight offset adds).
+// xcb (B, Kp/32) = 128 * the block's dequantized sum (what int8_tile's weight offset adds).
 void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq, float* dx, float* xs,
                    float* xcb, bool paired = false) {
   const int64_t nb = Kp / QK;
@@ -169,66 +169,85 @@ QuantizedX quantize_x(const at::Tensor& x2d, int64_t Kp, bool paired = false) {
 template <int NB> constexpr int lanes() { return NB == 1 ? 4 : 1; }
 
 // ---- int8 weights: w (N, Kp) int8, sw (N, G) float with G = 1 (per row) or Kp/32 (per block).
-// With VNNI the weights, offset to unsigned (w + 128, one xor shared by the batch rows), meet the
-// signed activations in vpdpbusd directly, and the offset's share, 128 * sum(x) per block (xcb),
-// comes off at the end: 1.3x the sign-trick loop below, which AVX2's saturating vpmaddubsw needs.
-template <int NB>
-inline void int8_rows(const int8_t* w, const float* sw, int64_t G, int64_t Kp, const int8_t* xq,
-                      const float* dx, const float* xcb, int64_t b0, float* out, int64_t N, int64_t o) {
-  constexpr int U = lanes<NB>();
+// R weight rows (o, o+1, ...) by NB batch rows per pass: each activation load serves R weight rows
+// and each weight load NB batch rows. With VNNI the weights,
+// offset to unsigned (w + 128, one xor), meet the signed activations in vpdpbusd directly, and the
+// offset's share, 128 * sum(x) per block (xcb), comes off at the end; AVX2's saturating
+// vpmaddubsw needs the sign trick instead. xc (B) = the sum of xcb over a row's blocks.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+constexpr bool kOffsetWeights = true;
+#else
+constexpr bool kOffsetWeights = false;
+#endif
+
+template <int R, int NB>
+inline void int8_tile(const int8_t* w, const float* sw, int64_t G, int64_t Kp, const int8_t* xq, const float* dx,
+                      const float* xcb, const float* xc, int64_t b0, float* out, int64_t N, int64_t o) {
+  constexpr int U = R * NB < 4 ? 4 / (R * NB) : 1;  // independent accumulators per output
   const int64_t nb = Kp / QK;
-  __m256 acc[NB][U];
-  float corr[NB];
-  for (int j = 0; j < NB; ++j) {
-    corr[j] = 0.f;
-    for (int u = 0; u < U; ++u) acc[j][u] = _mm256_setzero_ps();
-  }
-  __m256 vcorr[NB];
-  for (int j = 0; j < NB; ++j) vcorr[j] = _mm256_setzero_ps();
-  for (int64_t blk = 0; blk < nb; blk += 8) {
-    const int n = (int)std::min<int64_t>(8, nb - blk);
-    float ds[NB][8];
-    if (n == 8) {  // 8 blocks' scales as vectors
-      const __m256 sv = G == 1 ? _mm256_set1_ps(sw[0]) : _mm256_loadu_ps(sw + blk);
-      for (int j = 0; j < NB; ++j) {
-        _mm256_storeu_ps(ds[j], _mm256_mul_ps(_mm256_loadu_ps(dx + (b0 + j) * nb + blk), sv));
-        vcorr[j] = _mm256_fmadd_ps(_mm256_loadu_ps(xcb + (b0 + j) * nb + blk), sv, vcorr[j]);
+  __m256 acc[R][NB][U];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j)
+      for (int u = 0; u < U; ++u) acc[r][j][u] = _mm256_setzero_ps();
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    __m256i wv[R], wa[R];
+    for (int r = 0; r < R; ++r) {
+      wv[r] = _mm256_loadu_si256((const __m256i*)(w + r * Kp + blk * QK));
+      wa[r] = kOffsetWeights ? _mm256_xor_si256(wv[r], _mm256_set1_epi8((char)0x80)) : _mm256_sign_epi8(wv[r], wv[r]);
+    }
+    for (int j = 0; j < NB; ++j) {
+      const int8_t* xb = xq + ((b0 + j) * nb + blk) * 2 * QK;
+      const __m256i x1 = _mm256_loadu_si256((const __m256i*)xb), x2 = _mm256_loadu_si256((const __m256i*)(xb + QK));
+      const __m256 d = _mm256_set1_ps(dx[(b0 + j) * nb + blk]);
+      for (int r = 0; r < R; ++r) {
+        const __m256i s = kOffsetWeights ? dot2_u8s8(wa[r], x1, x2)
+                                         : dot2_u8s8(wa[r], _mm256_sign_epi8(x1, wv[r]), _mm256_sign_epi8(x2, wv[r]));
+        const __m256 scale = G == 1 ? d : _mm256_mul_ps(d, _mm256_set1_ps(sw[r * G + blk]));
+        acc[r][j][blk % U] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][j][blk % U]);
       }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) {
+      __m256 a = acc[r][j][0];
+      for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[r][j][u]);
+      float sum = hsum(a);
+      if (G == 1) {
+        sum = sw[r * G] * (kOffsetWeights ? sum - xc[b0 + j] : sum);
+      } else if (kOffsetWeights) {
+        for (int64_t blk = 0; blk < nb; ++blk) sum -= sw[r * G + blk] * xcb[(b0 + j) * nb + blk];
+      }
+      out[(b0 + j) * N + o + r] = sum;
+    }
+}
+
+// weight rows [lo, hi) of an int8 matrix against all B activation rows
+void int8_range(const int8_t* w, const float* sw, int64_t G, int64_t Kp, const int8_t* xq, const float* dx,
+                const float* xcb, const float* xc, int64_t B, float* out, int64_t N, int64_t lo, int64_t hi) {
+  constexpr int64_t T = 4;  // batch rows per pass
+  // Pairs of weight rows only for batches: from DRAM at batch 1 they stream at half the speed
+  // (K = 768: two interleaved row streams confuse the prefetchers), in cache 1.5x faster.
+  const int64_t step = B >= T ? 2 : 1;
+  for (int64_t o = lo; o < hi; o += step) {
+    const int8_t* wr = w + o * Kp;
+    const float* sr = sw + o * G;
+    int64_t b0 = 0;
+    if (step == 2 && o + 1 < hi) {
+      for (; b0 + T <= B; b0 += T) int8_tile<2, T>(wr, sr, G, Kp, xq, dx, xcb, xc, b0, out, N, o);
+      for (; b0 < B; ++b0) int8_tile<2, 1>(wr, sr, G, Kp, xq, dx, xcb, xc, b0, out, N, o);
     } else {
-      for (int j = 0; j < NB; ++j)
-        for (int i = 0; i < n; ++i) {
-          const float s = G == 1 ? sw[0] : sw[blk + i];
-          ds[j][i] = dx[(b0 + j) * nb + blk + i] * s;
-          corr[j] += s * xcb[(b0 + j) * nb + blk + i];
-        }
-    }
-    for (int i = 0; i < n; ++i) {
-      const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + (blk + i) * QK));
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-      const __m256i wu = _mm256_xor_si256(wv, _mm256_set1_epi8((char)0x80));
-#else
-      const __m256i aw = _mm256_sign_epi8(wv, wv);
-#endif
-      for (int j = 0; j < NB; ++j) {
-        const int8_t* xb = xq + ((b0 + j) * nb + blk + i) * 2 * QK;
-        const __m256i x1 = _mm256_loadu_si256((const __m256i*)xb), x2 = _mm256_loadu_si256((const __m256i*)(xb + QK));
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-        const __m256i s = dot2_u8s8(wu, x1, x2);
-#else
-        const __m256i s = dot2_u8s8(aw, _mm256_sign_epi8(x1, wv), _mm256_sign_epi8(x2, wv));
-#endif
-        acc[j][i % U] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(ds[j][i]), acc[j][i % U]);
-      }
+      for (; b0 + T <= B; b0 += T) int8_tile<1, T>(wr, sr, G, Kp, xq, dx, xcb, xc, b0, out, N, o);
+      for (; b0 < B; ++b0) int8_tile<1, 1>(wr, sr, G, Kp, xq, dx, xcb, xc, b0, out, N, o);
     }
   }
-  for (int j = 0; j < NB; ++j) {
-    __m256 a = acc[j][0];
-    for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[j][u]);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    out[(b0 + j) * N + o] = hsum(a) - corr[j] - hsum(vcorr[j]);
-#else
-    out[(b0 + j) * N + o] = hsum(a);
-#endif
+}
+
+// xc[b] = the sum of row b's xcb over its nb blocks
+void row_sums(const float* xcb, int64_t B, int64_t nb, float* xc) {
+  for (int64_t b = 0; b < B; ++b) {
+    float t = 0.f;
+    for (int64_t i = 0; i < nb; ++i) t += xcb[b * nb + i];
+    xc[b] = t;
   }
 }
 
@@ -357,14 +376,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const float* xcb = qx.xcb.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t B = qx.B;
+  std::vector<float> xc(B);
+  row_sums(xcb, B, Kp / QK, xc.data());
   parallel_rows(N, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      const int8_t* wr = wp + o * Kp;
-      const float* sr = sp + o * G;
-      int64_t b0 = 0;
-      for (; b0 + TILE <= B; b0 += TILE) int8_rows<TILE>(wr, sr, G, Kp, xq, dx, xcb, b0, op, N, o);
-      for (; b0 < B; ++b0) int8_rows<1>(wr, sr, G, Kp, xq, dx, xcb, b0, op, N, o);
-    }
+    int8_range(wp, sp, G, Kp, xq, dx, xcb, xc.data(), B, op, N, begin, end);
   });
   return reshape_output(out, x);
 }
@@ -546,7 +561,7 @@ struct Decoder : torch::CustomClassHolder {
   double eps;
   std::vector<float> h, xn, qkv, att, tmp, gu, act;
   std::vector<int8_t> xq, xq4;  // activations in the plain and the paired (4-bit) layout
-  std::vector<float> dx, xs, xcb;
+  std::vector<float> dx, xs, xcb, xc;
 
   Decoder(std::vector<at::Tensor> norm_w, std::vector<at::Tensor> weights, std::vector<int64_t> kinds,
           std::vector<at::Tensor> caches, at::Tensor cos_t, at::Tensor sin_t, at::Tensor embed_t, int64_t n_heads,
@@ -621,7 +636,11 @@ struct Decoder : torch::CustomClassHolder {
     const bool any8 = std::any_of(g, g + n, [](const Lin& l) { return l.kind == LIN_INT8; });
     const bool any4 = std::any_of(g, g + n, [](const Lin& l) { return l.kind == LIN_Q4; });
     dx.resize(B * Kp / QK), xs.resize(B * Kp / QK), xcb.resize(B * Kp / QK);
-    if (any8) xq.resize(B * 2 * Kp), quantize_rows(x, B, K, Kp, xq.data(), dx.data(), xs.data(), xcb.data());
+    if (any8) {
+      xq.resize(B * 2 * Kp), xc.resize(B);
+      quantize_rows(x, B, K, Kp, xq.data(), dx.data(), xs.data(), xcb.data());
+      row_sums(xcb.data(), B, Kp / QK, xc.data());
+    }
     if (any4) xq4.resize(B * 2 * Kp), quantize_rows(x, B, K, Kp, xq4.data(), dx.data(), xs.data(), xcb.data(), true);
     const int64_t nb = Kp / QK;
     parallel_rows(ld, [&](int64_t begin, int64_t end) {
@@ -629,17 +648,16 @@ struct Decoder : torch::CustomClassHolder {
       for (int i = 0; i < n; ++i) {
         const Lin& l = g[i];
         float* o_base = out + off;
-        for (int64_t o = std::max(begin, off) - off; o < std::min(end, off + l.N) - off; ++o) {
+        const int64_t lo = std::max(begin, off) - off, hi = std::min(end, off + l.N) - off;
+        if (l.kind == LIN_INT8 && lo < hi)  // two weight rows at a time
+          int8_range((const int8_t*)l.a, (const float*)l.b, l.G, Kp, xq.data(), dx.data(), xcb.data(), xc.data(), B,
+                     o_base, ld, lo, hi);
+        for (int64_t o = lo; l.kind != LIN_INT8 && o < hi; ++o) {
           int64_t b0 = 0;
           if (l.kind == LIN_F32) {
             const float* w = (const float*)l.a + o * K;
             for (; b0 + TILE <= B; b0 += TILE) f32_rows<TILE>(w, K, x, b0, o_base, ld, o);
             for (; b0 < B; ++b0) f32_rows<1>(w, K, x, b0, o_base, ld, o);
-          } else if (l.kind == LIN_INT8) {
-            const int8_t* w = (const int8_t*)l.a + o * Kp;
-            const float* sw = (const float*)l.b + o * l.G;
-            for (; b0 + TILE <= B; b0 += TILE) int8_rows<TILE>(w, sw, l.G, Kp, xq.data(), dx.data(), xcb.data(), b0, o_base, ld, o);
-            for (; b0 < B; ++b0) int8_rows<1>(w, sw, l.G, Kp, xq.data(), dx.data(), xcb.data(), b0, o_base, ld, o);
           } else {
             const uint8_t* w = (const uint8_t*)l.a + o * (Kp / 2);
             const at::Half* d = (const at::Half*)l.b + o * nb;

@@ -41,6 +41,35 @@ def test_int8_linear_close_to_float(path, in_features):
     assert rel_error(out, linear(x)) < 0.02
 
 
+# (out, in): 33 and 70 leave a partial block of 16 weight rows; in 96 and 288 are not multiples
+# of the 64-byte tile width; batches 17 and 40 span several tiles of 16 activation rows
+@pytest.mark.parametrize(
+    "out_features, in_features, batch", [(48, 64, 1), (33, 96, 5), (70, 288, 17), (40, 192, 40)]
+)
+def test_amx_int8_product_equals_dequantized_matmul(out_features, in_features, batch):
+    ops = cpu_kernels.ops()
+    if ops is None:
+        pytest.skip("no CPU kernels on this machine (needs x86 AVX2 and a C++ compiler)")
+    torch.manual_seed(0)
+    layer = Int8Linear.from_float(torch.randn(out_features, in_features))
+    x = torch.randn(batch, in_features) * torch.linspace(0.1, 3, in_features)
+    out = ops.amx_int8_linear(x, layer.weight, layer.scales)
+    if out.numel() == 0:
+        pytest.skip("this CPU has no AMX tiles")
+    # Assert: only the activations' two int8 levels per row (~15 bits) stand between them
+    assert out.shape == (batch, out_features)
+    assert rel_error(out, x @ layer.dequantize().T) < 1e-3
+
+
+def test_int8_batches_agree_with_single_rows(path):
+    """Batches may take another kernel (AMX tiles) than single rows: the rows must not change."""
+    torch.manual_seed(0)
+    layer = Int8Linear.from_float(torch.randn(70, 288))
+    x = torch.randn(6, 288)
+    rows = torch.cat([layer(x[i : i + 1]) for i in range(6)])
+    assert rel_error(layer(x), rows) < 2e-3
+
+
 @pytest.mark.parametrize("in_features", [96, 100])
 def test_int4_linear_close_to_float(path, in_features):
     torch.manual_seed(0)

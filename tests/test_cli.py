@@ -28,6 +28,14 @@ def test_generate_streams_text_to_stdout_and_stats_to_stderr(meta_dir, capsys):
     assert re.search(r"\d+ new tokens, \d+ prompt tokens; prefill .* decode .* load", err)
 
 
+def test_a_float16_kv_cache_generates_the_same_greedy_text(meta_dir, capsys):
+    argv = ["generate", str(meta_dir), "-p", "hello world", "-n", "8", "-t", "0"]
+    assert main(argv) == 0
+    expected = capsys.readouterr().out
+    assert main([*argv, "--kv-cache-dtype", "float16"]) == 0
+    assert capsys.readouterr().out == expected
+
+
 def test_generate_batch_prints_each_prompt_with_its_completion(meta_dir, capsys):
     assert (
         main(

@@ -79,6 +79,34 @@ def test_step_matches_eager_forward_for_rows_at_different_positions(args, mode, 
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", [None, "int8"])
+@torch.inference_mode()
+def test_step_with_a_float16_cache_matches_eager_forward(mode):
+    model = random_model(GQA, mode, fused=False)
+    model.setup_caches(3, 48, torch.float16)  # --kv-cache-dtype float16 under a float32 model
+    step = CpuStep.build(model)
+    assert step is not None
+    rows = torch.tensor([1, 2])
+    for row, length in zip(rows.tolist(), (5, 9)):
+        model(
+            torch.randint(0, GQA.vocab_size, (1, length)),
+            torch.arange(length)[None],
+            rows[[row - 1]],
+        )
+    tokens, input_pos = torch.tensor([[5], [9]]), torch.tensor([[5], [9]])
+    before = caches(model)
+    # Act
+    expected = model(tokens, input_pos, rows)
+    expected_caches = caches(model)
+    restore(model, before)
+    got = step(tokens, input_pos, rows)
+    # Assert: the same float16 keys/values written, the same logits to float rounding
+    assert all(c.dtype == torch.float16 for c in caches(model))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for g, e in zip(caches(model), expected_caches):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
 def test_engine_decodes_through_the_step_with_the_same_tokens_as_eager():
     model = random_model(GQA, "int8", fused=False, batch=2)
     prompts = [[1, 2, 3, 4], [7, 8]]

@@ -49,6 +49,17 @@ def test_kv_cache_is_batch_context_layers_kv_heads_head_dim_two_bytes():
     assert kv_cache_bytes(KNOWN_MODELS["llama-2-7b"], 1, 2048, BF16) == 2**30
 
 
+def test_a_float16_kv_cache_is_planned_at_two_bytes_under_float32_weights():
+    args = KNOWN_MODELS["llama-3.2-1b"]
+    cpu = torch.device("cpu")
+    f32 = plan_memory(args, device=cpu, dtype=torch.float32, seq_len=4096, free=100 * GB)
+    f16 = plan_memory(
+        args, device=cpu, dtype=torch.float32, seq_len=4096, free=100 * GB, kv_dtype=torch.float16
+    )
+    assert f16.asked.kv_cache == f32.asked.kv_cache // 2
+    assert f16.asked.weights == f32.asked.weights
+
+
 def test_int8_and_int4_linears_count_weights_and_scales_as_quantize_stores_them():
     # int8: a byte per weight and a float32 scale per output channel
     assert linear_bytes(4096, 4096, BF16, "int8") == 4096 * 4096 + 4096 * 4

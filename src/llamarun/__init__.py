@@ -92,6 +92,7 @@ def load(
     compile: bool = False,
     offload: bool = False,
     offload_layers: int | None = None,
+    kv_cache_dtype: str | torch.dtype | None = None,
 ) -> LLM:
     """Load a checkpoint (Meta folder, Hugging Face folder, GGUF or llama2.c file) ready to generate.
 
@@ -102,12 +103,17 @@ def load(
     that fits (dtype, then int8, then int4).
     offload: blocks that do not fit the GPU stay on the CPU and run there (slower, but it runs);
     offload_layers forces that many of the last blocks onto the CPU.
+    kv_cache_dtype: the KV cache's dtype (default: the model's); float16 halves what attention
+    reads per token, which dominates long contexts and large batches (as llama.cpp's f16 cache).
     """
     from .device import pick_device, pick_dtype
 
     t0 = time.perf_counter()
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
+    kv_dtype = (
+        pick_dtype(kv_cache_dtype, device, flag="--kv-cache-dtype") if kv_cache_dtype else dtype
+    )
     if not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise ConfigError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
@@ -129,6 +135,7 @@ def load(
         offload_layers=offload_layers,
         packed=header.packed,
         name=header.name or Path(path).name,
+        kv_dtype=kv_dtype,
     )
     mode = next((q for q in (run.quantize, quantize) if q in QUANTIZE_MODES), None)
     ckpt = load_checkpoint(path, tokenizer)
@@ -140,6 +147,7 @@ def load(
         n_offload=run.offload_layers,
         max_batch_size=max_batch_size,
         seq_len=seq_len,
+        kv_dtype=kv_dtype,
     )
     info = {
         "quantize": mode,
@@ -148,6 +156,7 @@ def load(
         "path": str(ckpt.path),
         "load_s": time.perf_counter() - t0,
         "dtype": str(dtype).removeprefix("torch."),
+        "kv_cache_dtype": str(kv_dtype).removeprefix("torch."),
     }
     llm = LLM(model, ckpt.tokenizer, chat_template=ckpt.chat_template, compile=compile, info=info)
     if compile:  # compile now (the first compiled decode steps), timed apart from load and decoding

@@ -29,6 +29,7 @@ class KVCache(nn.Module):
         self, rows: torch.Tensor | None, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, T, Hkv, D) at input_pos (B, T) of `rows` (B,) and return those rows' full cache."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # a no-op unless the cache has its own dtype
         if rows is None:
             batch = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
             self.k[batch, :, input_pos] = k

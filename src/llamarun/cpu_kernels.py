@@ -641,12 +641,26 @@ struct Lin {
   const void* c = nullptr;
 };
 
-inline float dot_f32(const float* a, const float* b, int64_t n) {
+// 8 floats from a float32 or float16 (KV cache) array
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+
+// dst[0..n) = src as float32 or float16
+inline void store_row(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
+inline void store_row(const float* src, int64_t n, at::Half* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128((__m128i*)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) dst[i] = at::Half(src[i]);
+}
+
+template <typename T>
+inline float dot_f32(const float* a, const T* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
   float s = hsum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * (float)b[i];
   return s;
 }
 
@@ -688,22 +702,24 @@ void silu_mul(const float* gate, const float* up, int64_t n, float* y) {
   for (; i < n; ++i) y[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
-// o (D) = softmax(q . k_t * scale over t < n) weighted sum of v_t; k, v (n, D); p: n floats of scratch
-void attend(const float* q, const float* k, const float* v, int64_t n, int64_t D, float scale, float* p, float* o) {
+// o (D) = softmax(q . k_t * scale over t < n) weighted sum of v_t; k, v (n, D) float32 or float16;
+// p: n floats of scratch
+template <typename T>
+void attend(const float* q, const T* k, const T* v, int64_t n, int64_t D, float scale, float* p, float* o) {
   int64_t t = 0;
   for (; t + 4 <= n; t += 4) {  // four positions at a time: one horizontal reduction for all four
     __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     int64_t d = 0;
     for (; d + 8 <= D; d += 8) {
       const __m256 qv = _mm256_loadu_ps(q + d);
-      for (int u = 0; u < 4; ++u) a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (t + u) * D + d), a[u]);
+      for (int u = 0; u < 4; ++u) a[u] = _mm256_fmadd_ps(qv, load8(k + (t + u) * D + d), a[u]);
     }
     const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
     __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
     float sc[4];
     _mm_storeu_ps(sc, s4);
     for (int u = 0; u < 4; ++u) {
-      for (int64_t dd = d; dd < D; ++dd) sc[u] += q[dd] * k[(t + u) * D + dd];
+      for (int64_t dd = d; dd < D; ++dd) sc[u] += q[dd] * (float)k[(t + u) * D + dd];
       p[t + u] = sc[u] * scale;
     }
   }
@@ -725,11 +741,11 @@ void attend(const float* q, const float* k, const float* v, int64_t n, int64_t D
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (t = 0; t < n; ++t) {
       const __m256 pt = _mm256_set1_ps(p[t]);
-      const float* vt = v + t * D + d;
-      a0 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt), a0);
-      a1 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8), a1);
-      a2 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 16), a2);
-      a3 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 24), a3);
+      const T* vt = v + t * D + d;
+      a0 = _mm256_fmadd_ps(pt, load8(vt), a0);
+      a1 = _mm256_fmadd_ps(pt, load8(vt + 8), a1);
+      a2 = _mm256_fmadd_ps(pt, load8(vt + 16), a2);
+      a3 = _mm256_fmadd_ps(pt, load8(vt + 24), a3);
     }
     const __m256 iv = _mm256_set1_ps(inv);
     _mm256_storeu_ps(o + d, _mm256_mul_ps(a0, iv));
@@ -739,12 +755,12 @@ void attend(const float* q, const float* k, const float* v, int64_t n, int64_t D
   }
   for (; d + 8 <= D; d += 8) {
     __m256 a0 = _mm256_setzero_ps();
-    for (t = 0; t < n; ++t) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(v + t * D + d), a0);
+    for (t = 0; t < n; ++t) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), load8(v + t * D + d), a0);
     _mm256_storeu_ps(o + d, _mm256_mul_ps(a0, _mm256_set1_ps(inv)));
   }
   for (; d < D; ++d) {
     float a = 0.f;
-    for (t = 0; t < n; ++t) a += p[t] * v[t * D + d];
+    for (t = 0; t < n; ++t) a += p[t] * (float)v[t * D + d];
     o[d] = a * inv;
   }
 }
@@ -753,7 +769,8 @@ struct Decoder : torch::CustomClassHolder {
   std::vector<at::Tensor> keep;  // every tensor pointed at below stays alive with the decoder
   std::vector<const float*> norms;  // attention and ffn norm per layer, then the final norm
   std::vector<Lin> lins;  // per layer: wq wk wv wo w1 w3 w2 (fused wqkv / w13 sit in wq / w1), then output
-  std::vector<float*> kc, vc;  // per layer (maxB, Hkv, S, D)
+  std::vector<void*> kc, vc;  // per layer (maxB, Hkv, S, D), float32 or (half_kv) float16
+  bool half_kv = false;
   const float *cos, *sin;  // (S, D/2)
   const float* embed;  // (V_in, C) token embeddings
   int64_t n_tokens;
@@ -798,7 +815,9 @@ struct Decoder : torch::CustomClassHolder {
       }
       lins.push_back(l);
     }
-    for (int64_t i = 0; i < 2 * L; ++i) (i % 2 ? vc : kc).push_back(hold(caches[i], at::kFloat).data_ptr<float>());
+    half_kv = caches[0].scalar_type() == at::kHalf;
+    for (int64_t i = 0; i < 2 * L; ++i)
+      (i % 2 ? vc : kc).push_back(hold(caches[i], half_kv ? at::kHalf : at::kFloat).data_ptr());
     cos = hold(cos_t, at::kFloat).data_ptr<float>();
     sin = hold(sin_t, at::kFloat).data_ptr<float>();
     embed = hold(embed_t, at::kFloat).data_ptr<float>();
@@ -914,9 +933,10 @@ struct Decoder : torch::CustomClassHolder {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / H, hq = i % H, g = hq / rep, n = pos[b] + 1;
         const float* q = qkv.data() + b * W + hq * D;
-        const float* k = kc[l] + ((rows[b] * Hkv + g) * S) * D;
-        const float* v = vc[l] + ((rows[b] * Hkv + g) * S) * D;
-        attend(q, k, v, n, D, scale, p.data(), att.data() + b * H * D + hq * D);
+        const int64_t row = ((rows[b] * Hkv + g) * S) * D;
+        float* o = att.data() + b * H * D + hq * D;
+        if (half_kv) attend(q, (const at::Half*)kc[l] + row, (const at::Half*)vc[l] + row, n, D, scale, p.data(), o);
+        else attend(q, (const float*)kc[l] + row, (const float*)vc[l] + row, n, D, scale, p.data(), o);
       }
     };
     if (work < (1 << 15)) heads(0, B * H);
@@ -946,8 +966,13 @@ struct Decoder : torch::CustomClassHolder {
         rope(r, H + Hkv, pos[b]);  // q heads then k heads
         for (int64_t kh = 0; kh < Hkv; ++kh) {
           const int64_t slot = ((rows[b] * Hkv + kh) * S + pos[b]) * D;
-          std::copy(r + (H + kh) * D, r + (H + kh + 1) * D, kc[l] + slot);
-          std::copy(r + (H + Hkv + kh) * D, r + (H + Hkv + kh + 1) * D, vc[l] + slot);
+          if (half_kv) {
+            store_row(r + (H + kh) * D, D, (at::Half*)kc[l] + slot);
+            store_row(r + (H + Hkv + kh) * D, D, (at::Half*)vc[l] + slot);
+          } else {
+            store_row(r + (H + kh) * D, D, (float*)kc[l] + slot);
+            store_row(r + (H + Hkv + kh) * D, D, (float*)vc[l] + slot);
+          }
         }
       }
       attention(l, pos, rows, B);

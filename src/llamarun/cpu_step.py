@@ -70,9 +70,11 @@ def _decoder(model: Transformer) -> object | None:
     norms = [n.weight.detach() for b in model.layers for n in (b.attention_norm, b.ffn_norm)]
     norms.append(model.norm.weight.detach())
     caches = [t for b in model.layers for t in (b.attention.kv_cache.k, b.attention.kv_cache.v)]
-    tensors = [*norms, *caches, model.rope_cos, model.rope_sin, model.tok_embeddings.weight]
+    tensors = [*norms, model.rope_cos, model.rope_sin, model.tok_embeddings.weight]
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
         return None
+    if caches[0].dtype not in (torch.float32, torch.float16):
+        return None  # the step keeps caches in float32 or float16
     args = model.args
     try:
         return torch.classes.llamarun_cpu.Decoder(

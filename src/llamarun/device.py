@@ -60,13 +60,15 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def pick_dtype(
+    dtype: str | torch.dtype | None, device: torch.device, *, flag: str = "--dtype"
+) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is not None:
         if dtype not in DTYPES:
             raise ConfigError(
-                f"--dtype {dtype!r} is not supported; choose float32, bfloat16 or float16"
+                f"{flag} {dtype!r} is not supported; choose float32, bfloat16 or float16"
             )
         return DTYPES[dtype]
     if device.type == "cuda":

@@ -88,6 +88,8 @@ class Attention(nn.Module):
         keys, values = self.kv_cache.update(rows, input_pos, k, v)  # (B, Hkv, S, D)
         length = mask.shape[-1]  # slots that can be attended to (see Transformer.forward)
         keys, values = keys[:, :, :length], values[:, :, :length]  # (B, Hkv, L, D)
+        if keys.dtype != q.dtype:  # a float16 cache under a float32 model (--kv-cache-dtype)
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         n_rep = self.n_heads // self.n_kv_heads
         if n_rep > 1:
             keys = keys.repeat_interleave(n_rep, dim=1)  # (B, H, L, D)

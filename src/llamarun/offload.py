@@ -112,6 +112,7 @@ def build_placed(
     n_offload: int,
     max_batch_size: int,
     seq_len: int,
+    kv_dtype: torch.dtype | None = None,
 ) -> Transformer:
     """The model of `ckpt` on its devices with its caches, quantized with `quantize` (int8/int4).
     When it fits whole and needs no quantizing on a GPU, weights go straight to `device`. Otherwise
@@ -127,11 +128,11 @@ def build_placed(
         model = build_model(ckpt, device, dtype)
         if quantize is not None:
             quantize_(model, quantize)
-        model.setup_caches(max_batch_size, seq_len, dtype)
+        model.setup_caches(max_batch_size, seq_len, kv_dtype or dtype)
         return model
     packed = any(isinstance(w, PackedWeight) for w in ckpt.weights.values())
     model = build_model(ckpt, torch.device("cpu"), dtype if packed else ckpt.dtype)
-    model.setup_caches(max_batch_size, seq_len, dtype)  # on the CPU; caches move with their blocks
+    model.setup_caches(max_batch_size, seq_len, kv_dtype or dtype)  # on the CPU; moved with blocks
     return place_(
         model,
         device,

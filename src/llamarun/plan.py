@@ -268,18 +268,21 @@ def option(
     *,
     gpu: bool,
     offload_layers: int = 0,
+    kv_dtype: torch.dtype | None = None,
 ) -> Option:
+    """kv_dtype: the KV cache's dtype when it differs from the weights' (--kv-cache-dtype)."""
     on_device = args.n_layers - offload_layers
+    kv = kv_dtype or dtype
     lb = layer_bytes(args, dtype, quantize, gpu=gpu)
     return Option(
         dtype=dtype,
         quantize=quantize,
         weights=on_device * lb + outer_bytes(args, dtype, quantize),
-        kv_cache=kv_cache_bytes(args, batch, seq_len, dtype, on_device),
+        kv_cache=kv_cache_bytes(args, batch, seq_len, kv, on_device),
         working=working_bytes(args, batch, seq_len, dtype, gpu=gpu, quantize=quantize),
         offload_layers=offload_layers,
         offloaded=offload_layers * layer_bytes(args, dtype, quantize)  # on the CPU: no CUDA copies
-        + kv_cache_bytes(args, batch, seq_len, dtype, offload_layers),
+        + kv_cache_bytes(args, batch, seq_len, kv, offload_layers),
     )
 
 
@@ -297,6 +300,7 @@ def plan_memory(
     free_cpu: int | None = None,
     memory: Callable[[torch.device], int] | None = None,
     packed: str | None = None,
+    kv_dtype: torch.dtype | None = None,
 ) -> Plan:
     """Pick how to run: `quantize` None/"int8"/"int4" as asked, or "auto" for the best quality that
     fits (dtype, then int8, then int4); with `offload`, blocks that do not fit go to the CPU.
@@ -312,7 +316,16 @@ def plan_memory(
         raise MemoryPlanError(f"--quantize {quantize!r} is not a mode; choose int8, int4 or auto")
 
     def make(q: str | None, offload_layers: int = 0) -> Option:
-        return option(args, dtype, q, batch, seq_len, gpu=gpu, offload_layers=offload_layers)
+        return option(
+            args,
+            dtype,
+            q,
+            batch,
+            seq_len,
+            gpu=gpu,
+            offload_layers=offload_layers,
+            kv_dtype=kv_dtype,
+        )
 
     if packed is not None:
         quantize = packed  # already quantized in the file: no other option to offer
@@ -332,7 +345,8 @@ def plan_memory(
         (
             s
             for s in _halvings(seq_len)
-            if option(args, dtype, asked.quantize, batch, s, gpu=gpu).total <= free
+            if option(args, dtype, asked.quantize, batch, s, gpu=gpu, kv_dtype=kv_dtype).total
+            <= free
         ),
         None,
     )
@@ -393,6 +407,7 @@ def plan_load(
     packed: str | None = None,
     name: str = "This model",
     memory: Callable[[torch.device], int] | None = None,
+    kv_dtype: torch.dtype | None = None,
 ) -> Option:
     """The option `llamarun.load` runs with, or MemoryPlanError before any weight is read.
     `offload_layers` forces that many blocks onto the CPU (implies offload), checked against memory."""
@@ -413,6 +428,7 @@ def plan_load(
         name=name,
         memory=memory,
         packed=packed,
+        kv_dtype=kv_dtype,
     )
     if offload_layers is None:
         return check_fits(plan)
@@ -422,7 +438,14 @@ def plan_load(
         else plan.asked.quantize
     )
     forced = option(
-        args, dtype, mode, batch, seq_len, gpu=device.type != "cpu", offload_layers=offload_layers
+        args,
+        dtype,
+        mode,
+        batch,
+        seq_len,
+        gpu=device.type != "cpu",
+        offload_layers=offload_layers,
+        kv_dtype=kv_dtype,
     )
     on_cpu = device.type == "cpu"  # both parts then share the same RAM
     if forced.total + (forced.offloaded if on_cpu else 0) > plan.free or (

@@ -50,6 +50,12 @@ def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = Tr
         help="default: float32 on CPU, bfloat16/float16 on GPU",
     )
     parser.add_argument(
+        "--kv-cache-dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="KV cache dtype (default: the model's); float16 halves attention's reads per token",
+    )
+    parser.add_argument(
         "--quantize",
         default=None,
         choices=["int8", "int4", "auto"],
@@ -146,6 +152,7 @@ def load_from_args(
         compile=args.compile,
         offload=args.offload,
         offload_layers=args.offload_layers,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 

@@ -271,8 +271,8 @@ void int8_range(const int8_t* w, const float* sw, int64_t G, int64_t Kp, const i
 // out as B tiles in the VNNI order (16 rows of 4 consecutive k x 16 batch rows). One tdpbssd does
 // 16x16x64 multiply-adds, so a batch of 16 costs about what its weight reads cost (the AVX path
 // above reads each weight once per pass too, but its multiply-adds are 16x fewer per cycle; 110M
-// shape, batch 16: 34 -> 19 ms a step). Batch 1 takes it too: the tile loads stream the weights
-// faster than the AVX loop (110M: 10.4 -> 9.4 ms a step).
+// shape on 2 cores: a step of 16 rows at position 5 takes ~14 ms, one row ~9 ms). Batch 1 takes
+// it too: the tile loads stream the weights faster than the AVX loop (110M: 10.4 -> 9.4 ms a step).
 #ifdef LLAMARUN_AMX
 bool amx_usable() {
   static const bool ok = [] {  // the kernel must grant this process the tile state first

@@ -273,6 +273,15 @@ void int8_range(const int8_t* w, const float* sw, int64_t G, int64_t Kp, const i
 // above reads each weight once per pass too, but its multiply-adds are 16x fewer per cycle; 110M
 // shape on 2 cores: a step of 16 rows at position 5 takes ~14 ms, one row ~9 ms). Batch 1 takes
 // it too: the tile loads stream the weights faster than the AVX loop (110M: 10.4 -> 9.4 ms a step).
+// One per-channel int8 product for amx_int8: out (B, ld) columns [0, N) = x times w (N, Kp)
+struct AmxJob {
+  const int8_t* w;
+  const float* sw;
+  int64_t N, Kp;
+  float* out;
+  int64_t ld;
+};
+
 #ifdef LLAMARUN_AMX
 bool amx_usable() {
   static const bool ok = [] {  // the kernel must grant this process the tile state first
@@ -403,40 +412,50 @@ struct AmxX {
   }
 };
 
-// out (B, ld) columns [0, N) = the activations in ax times per-channel int8 w (N, Kp)
-void amx_int8(const int8_t* w, const float* sw, int64_t N, int64_t Kp, const AmxX& ax, float* out, int64_t ld) {
+// Run `jobs` (products of the same activations ax) in one parallel region, so the products of a
+// layer's q/k/v or gate/up pay one fork and join, not one each. Work items: pairs of 16-row blocks
+// whose tile loads stay inside w (the last 64-byte chunk of a row may read up to 32 bytes of the
+// next row, which meet zero activations, but not past the matrix), then per job one last block
+// copied into a zero-padded buffer where those reads would leave the matrix.
+void amx_int8(const std::vector<AmxJob>& jobs, const AmxX& ax) {
   const int64_t Kp64 = ax.Kp64, nc = Kp64 / AMX_K, B = ax.B;
-  TORCH_CHECK(Kp <= Kp64 && Kp64 - Kp < AMX_K && 16 * ld < (int64_t(1) << 31), "amx_int8: shapes");
+  std::vector<int64_t> full(jobs.size()), first(jobs.size() + 1, 0);  // blocks read in place; items
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const AmxJob& j = jobs[i];
+    TORCH_CHECK(j.Kp <= Kp64 && Kp64 - j.Kp < AMX_K && 16 * j.ld < (int64_t(1) << 31), "amx_int8: shapes");
+    full[i] = Kp64 == j.Kp ? j.N / 16 : (j.N - 1) / 16;
+    first[i + 1] = first[i] + (full[i] + 1) / 2 + (16 * full[i] < j.N ? 1 : 0);
+  }
   const int8_t* xp = ax.xp.data();
   const float* sx = ax.sx.data();
-  // Row blocks whose tile loads stay inside w: the last 64-byte chunk of a row may read up to 32
-  // bytes of the next row (they meet zero activations), but not past the matrix; the rest are
-  // copied into a zero-padded buffer first.
-  const int64_t full = Kp64 == Kp ? N / 16 : (N - 1) / 16, npairs = (full + 1) / 2;
-  at::parallel_for(0, npairs, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, first.back(), 1, [&](int64_t begin, int64_t end) {
     amx_configure();
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t o0 = 32 * p;
-      if (2 * p + 1 < full) amx_rows<2>(w + o0 * Kp, Kp, sw, nc, xp, sx, B, out, ld, o0, N);
-      else amx_rows<1>(w + o0 * Kp, Kp, sw, nc, xp, sx, B, out, ld, o0, N);
+    std::vector<int8_t> buf;
+    size_t i = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
+    for (int64_t item = begin; item < end; ++item) {
+      while (item >= first[i + 1]) ++i;
+      const AmxJob& j = jobs[i];
+      const int64_t p = item - first[i], npairs = (full[i] + 1) / 2;
+      if (p < npairs) {
+        const int64_t o0 = 32 * p;
+        if (2 * p + 1 < full[i]) amx_rows<2>(j.w + o0 * j.Kp, j.Kp, j.sw, nc, xp, sx, B, j.out, j.ld, o0, j.N);
+        else amx_rows<1>(j.w + o0 * j.Kp, j.Kp, j.sw, nc, xp, sx, B, j.out, j.ld, o0, j.N);
+      } else {
+        const int64_t o0 = 16 * full[i];
+        buf.assign(16 * Kp64, 0);
+        for (int64_t r = 0; o0 + r < j.N; ++r) std::memcpy(buf.data() + r * Kp64, j.w + (o0 + r) * j.Kp, j.Kp);
+        amx_rows<1>(buf.data(), Kp64, j.sw, nc, xp, sx, B, j.out, j.ld, o0, j.N);
+      }
     }
     _tile_release();
   });
-  if (16 * full < N) {
-    const int64_t o0 = 16 * full;
-    std::vector<int8_t> buf(16 * Kp64, 0);
-    for (int64_t i = 0; o0 + i < N; ++i) std::memcpy(buf.data() + i * Kp64, w + (o0 + i) * Kp, Kp);
-    amx_configure();
-    amx_rows<1>(buf.data(), Kp64, sw, nc, xp, sx, B, out, ld, o0, N);
-    _tile_release();
-  }
 }
 #else
 bool amx_usable() { return false; }
 struct AmxX {
   AmxX(const float*, int64_t, int64_t) {}
 };
-void amx_int8(const int8_t*, const float*, int64_t, int64_t, const AmxX&, float*, int64_t) {}
+void amx_int8(const std::vector<AmxJob>&, const AmxX&) {}
 #endif
 
 // xc[b] = the sum of row b's xcb over its nb blocks
@@ -583,8 +602,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   TORCH_CHECK(Kp % QK == 0 && (G == 1 || G == Kp / QK), "int8_linear: bad weight layout");
   if (G == 1 && amx_usable()) {
     auto out = at::empty({x2d.size(0), N}, x2d.options());
-    amx_int8(w.data_ptr<int8_t>(), sw.data_ptr<float>(), N, Kp, AmxX(x2d.data_ptr<float>(), x2d.size(0), x2d.size(1)),
-             out.data_ptr<float>(), N);
+    amx_int8({{w.data_ptr<int8_t>(), sw.data_ptr<float>(), N, Kp, out.data_ptr<float>(), N}},
+             AmxX(x2d.data_ptr<float>(), x2d.size(0), x2d.size(1)));
     return reshape_output(out, x);
   }
   const auto qx = quantize_x(x2d, Kp);
@@ -610,8 +629,8 @@ at::Tensor amx_int8_linear(const at::Tensor& x, const at::Tensor& w, const at::T
   TORCH_CHECK(w.size(1) % QK == 0 && sw.size(1) == 1, "amx_int8_linear: per-channel int8 weights");
   if (!amx_usable()) return at::empty({0}, x2d.options());
   auto out = at::empty({x2d.size(0), w.size(0)}, x2d.options());
-  amx_int8(w.data_ptr<int8_t>(), sw.data_ptr<float>(), w.size(0), w.size(1),
-           AmxX(x2d.data_ptr<float>(), x2d.size(0), x2d.size(1)), out.data_ptr<float>(), w.size(0));
+  amx_int8({{w.data_ptr<int8_t>(), sw.data_ptr<float>(), w.size(0), w.size(1), out.data_ptr<float>(), w.size(0)}},
+           AmxX(x2d.data_ptr<float>(), x2d.size(0), x2d.size(1)));
   return reshape_output(out, x);
 }
 
@@ -885,11 +904,15 @@ struct Decoder : torch::CustomClassHolder {
     }
     const auto on_amx = [&](const Lin& l) { return l.kind == LIN_INT8 && l.G == 1; };
     if (amx_usable() && std::any_of(g, g + n, on_amx)) {
-      const AmxX ax(x, B, K);  // per-channel int8 linears on AMX tiles, the others below
-      std::vector<Lin> rest(g, g + n);
+      std::vector<Lin> rest(g, g + n);  // per-channel int8 linears on AMX tiles, the others below
+      std::vector<AmxJob> jobs;
       int64_t off = 0;
       for (int i = 0; i < n; off += g[i].N, ++i)
-        if (on_amx(g[i])) amx_int8((const int8_t*)g[i].a, (const float*)g[i].b, g[i].N, g[i].K, ax, out + off, ld), rest[i].kind = LIN_SKIP;
+        if (on_amx(g[i])) {
+          jobs.push_back({(const int8_t*)g[i].a, (const float*)g[i].b, g[i].N, g[i].K, out + off, ld});
+          rest[i].kind = LIN_SKIP;
+        }
+      amx_int8(jobs, AmxX(x, B, K));
       if (std::any_of(rest.begin(), rest.end(), [](const Lin& l) { return l.kind != LIN_SKIP && l.kind != LIN_NONE; }))
         matmul_avx(rest.data(), n, x, B, K, Kp, ld, out);
       return;

@@ -5,8 +5,8 @@ MKL's float GEMV run far below memory bandwidth at batch 1 (issue 5). These kern
 llama.cpp's approach: activations are quantized per block of 32 (two int8 levels, ~15 bits), then
 int8 x int8 (or 4-bit x int8) dot products run with VNNI `vpdpbusd` (AVX2 `vpmaddubsw` without
 VNNI), one pass over each weight row shared by every batch row. On CPUs with AMX (Intel Sapphire
-Rapids and later) per-channel int8 products run on AMX tiles instead (activations quantized per
-row), which makes batches nearly as cheap as one row. Threads: torch's intra-op pool.
+Rapids and later) per-channel int8 products of two or more rows (batches, prefill) run on AMX
+tiles instead (activations quantized per row), which makes a batch nearly as cheap as one row. Threads: torch's intra-op pool.
 
 Also here: `Decoder`, the whole one-token decode step in C++ (used through cpu_step.py; at batch 1
 the eager step's ~40 torch ops per layer cost more than its weight reads), and `argmax_rows`.
@@ -271,8 +271,8 @@ void int8_range(const int8_t* w, const float* sw, int64_t G, int64_t Kp, const i
 // out as B tiles in the VNNI order (16 rows of 4 consecutive k x 16 batch rows). One tdpbssd does
 // 16x16x64 multiply-adds, so a batch of 16 costs about what its weight reads cost (the AVX path
 // above reads each weight once per pass too, but its multiply-adds are 16x fewer per cycle; 110M
-// shape on 2 cores: a step of 16 rows at position 5 takes ~14 ms, one row ~9 ms). Batch 1 takes
-// it too: the tile loads stream the weights faster than the AVX loop (110M: 10.4 -> 9.4 ms a step).
+// shape on 2 cores: a step of 16 rows at position 5 takes ~14 ms, one row ~9 ms). A single row
+// stays on the AVX loop, which measured ~10% faster there (medians of alternating runs).
 // One per-channel int8 product for amx_int8: out (B, ld) columns [0, N) = x times w (N, Kp)
 struct AmxJob {
   const int8_t* w;
@@ -281,6 +281,8 @@ struct AmxJob {
   float* out;
   int64_t ld;
 };
+
+constexpr int64_t AMX_MIN_ROWS = 2;  // activation rows from which products take AMX tiles
 
 #ifdef LLAMARUN_AMX
 bool amx_usable() {
@@ -600,7 +602,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const auto x2d = flat_input(x);
   const int64_t N = w.size(0), Kp = w.size(1), G = sw.size(1);
   TORCH_CHECK(Kp % QK == 0 && (G == 1 || G == Kp / QK), "int8_linear: bad weight layout");
-  if (G == 1 && amx_usable()) {
+  if (G == 1 && x2d.size(0) >= AMX_MIN_ROWS && amx_usable()) {
     auto out = at::empty({x2d.size(0), N}, x2d.options());
     amx_int8({{w.data_ptr<int8_t>(), sw.data_ptr<float>(), N, Kp, out.data_ptr<float>(), N}},
              AmxX(x2d.data_ptr<float>(), x2d.size(0), x2d.size(1)));
@@ -903,7 +905,7 @@ struct Decoder : torch::CustomClassHolder {
       if (g[i].kind != LIN_F32) Kp = g[i].K;
     }
     const auto on_amx = [&](const Lin& l) { return l.kind == LIN_INT8 && l.G == 1; };
-    if (amx_usable() && std::any_of(g, g + n, on_amx)) {
+    if (B >= AMX_MIN_ROWS && amx_usable() && std::any_of(g, g + n, on_amx)) {
       std::vector<Lin> rest(g, g + n);  // per-channel int8 linears on AMX tiles, the others below
       std::vector<AmxJob> jobs;
       int64_t off = 0;

@@ -9,6 +9,8 @@ and perplexity int8/int4 vs float32 (stories260K, SmolLM2) on benchmarks/text.tx
 llama.cpp runs from a separate environment (it compiles on install, which takes a while):
     python -m venv /tmp/bench-venv && /tmp/bench-venv/bin/pip install llama-cpp-python
     python benchmarks/cpu_decode.py --llama-python /tmp/bench-venv/bin/python
+On an AMX CPU under a hypervisor its native build can die on SIGILL in ggml's AMX kernels; build
+it without them (CMAKE_ARGS as in RESULTS.md: GGML_NATIVE=OFF and the AVX-512 flags on).
 The machine may be shared: every figure is a median of alternating runs; compare ratios.
 """
 

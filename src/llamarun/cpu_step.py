@@ -73,8 +73,10 @@ def _decoder(model: Transformer) -> object | None:
     tensors = [*norms, model.rope_cos, model.rope_sin, model.tok_embeddings.weight]
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
         return None
-    if caches[0].dtype not in (torch.float32, torch.float16):
-        return None  # the step keeps caches in float32 or float16
+    if caches[0].dtype not in (torch.float32, torch.float16) or not all(
+        c.dtype == caches[0].dtype and c.is_contiguous() for c in caches
+    ):
+        return None  # the step keeps contiguous caches in float32 or float16
     args = model.args
     try:
         return torch.classes.llamarun_cpu.Decoder(

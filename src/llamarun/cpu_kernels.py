@@ -598,16 +598,19 @@ at::Tensor reshape_output(const at::Tensor& out2d, const at::Tensor& x) {
 }
 
 
+// x2d (B, K) times per-channel int8 w (N, Kp) with scales sw (N, 1) on AMX, shaped like x
+at::Tensor amx_product(const at::Tensor& x2d, const at::Tensor& w, const at::Tensor& sw, const at::Tensor& x) {
+  auto out = at::empty({x2d.size(0), w.size(0)}, x2d.options());
+  amx_int8({{w.data_ptr<int8_t>(), sw.data_ptr<float>(), w.size(0), w.size(1), out.data_ptr<float>(), w.size(0)}},
+           AmxX(x2d.data_ptr<float>(), x2d.size(0), x2d.size(1)));
+  return reshape_output(out, x);
+}
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw) {
   const auto x2d = flat_input(x);
   const int64_t N = w.size(0), Kp = w.size(1), G = sw.size(1);
   TORCH_CHECK(Kp % QK == 0 && (G == 1 || G == Kp / QK), "int8_linear: bad weight layout");
-  if (G == 1 && x2d.size(0) >= AMX_MIN_ROWS && amx_usable()) {
-    auto out = at::empty({x2d.size(0), N}, x2d.options());
-    amx_int8({{w.data_ptr<int8_t>(), sw.data_ptr<float>(), N, Kp, out.data_ptr<float>(), N}},
-             AmxX(x2d.data_ptr<float>(), x2d.size(0), x2d.size(1)));
-    return reshape_output(out, x);
-  }
+  if (G == 1 && x2d.size(0) >= AMX_MIN_ROWS && amx_usable()) return amx_product(x2d, w, sw, x);
   const auto qx = quantize_x(x2d, Kp);
   auto out = at::empty({qx.B, N}, x2d.options());
   const int8_t* wp = w.data_ptr<int8_t>();
@@ -630,10 +633,7 @@ at::Tensor amx_int8_linear(const at::Tensor& x, const at::Tensor& w, const at::T
   const auto x2d = flat_input(x);
   TORCH_CHECK(w.size(1) % QK == 0 && sw.size(1) == 1, "amx_int8_linear: per-channel int8 weights");
   if (!amx_usable()) return at::empty({0}, x2d.options());
-  auto out = at::empty({x2d.size(0), w.size(0)}, x2d.options());
-  amx_int8({{w.data_ptr<int8_t>(), sw.data_ptr<float>(), w.size(0), w.size(1), out.data_ptr<float>(), w.size(0)}},
-           AmxX(x2d.data_ptr<float>(), x2d.size(0), x2d.size(1)));
-  return reshape_output(out, x);
+  return amx_product(x2d, w, sw, x);
 }
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m) {

@@ -301,7 +301,7 @@ def test_default_model_has_a_pypi_source_and_a_checksum():
     ],
 )
 def test_llama2c_catalogue_sizes_fit_their_configs(name, header):
-    from llamarun.loaders.llama2c import expected_v0_size
+    from llamarun.sniff import expected_v0_size
 
     assert CATALOGUE[name].files[0].size in expected_v0_size(*header)
 

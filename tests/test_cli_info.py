@@ -19,8 +19,8 @@ import llamarun.loaders
 import llamarun.loaders.meta
 from llamarun.cli import main
 from llamarun.config import ModelArgs, RopeScaling
-from llamarun.loaders import LLAMA2C_MAGIC, load_checkpoint
-from llamarun.loaders.args import read_args
+from llamarun.loaders import load_checkpoint, read_header
+from llamarun.sniff import LLAMA2C_MAGIC
 
 
 def no_weights(*_args, **_kwargs):
@@ -80,7 +80,7 @@ def test_read_args_matches_the_hf_loader_with_llama3_rope(tmp_path, tiny_model):
         meta_to_hf(llamarun_state(tiny_model), args), hf_config(args), tmp_path / "hf"
     )
 
-    header = read_args(path)
+    header = read_header(path)
 
     assert header.format == "hf" and header.args == args
     assert header.args == load_checkpoint(path).args
@@ -92,15 +92,15 @@ def test_read_args_matches_the_gguf_loader_and_sees_packed_linears(
 ):
     path = write_gguf(llamarun_state(tiny_model), tiny_args, tmp_path / "m.gguf", qtype=qtype)
 
-    header = read_args(path)
+    header = read_header(path)
 
     assert header.args == load_checkpoint(path).args
     assert header.packed == (None if qtype == "F32" else "Q8_0")
 
 
 def test_read_args_on_the_real_gguf_and_llama2c_files():
-    smollm = read_args(shared_model("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    stories = read_args(shared_model("stories260K/stories260K.bin"))
+    smollm = read_header(shared_model("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    stories = read_header(shared_model("stories260K/stories260K.bin"))
 
     assert (
         smollm.args.n_layers,
@@ -119,7 +119,7 @@ def test_read_args_on_a_llama2c_v1_header(tmp_path):
     )
     (tmp_path / "model.bin").write_bytes(header)
 
-    got = read_args(tmp_path / "model.bin")
+    got = read_header(tmp_path / "model.bin")
 
     assert got.args == ModelArgs(
         dim=288,

@@ -14,9 +14,10 @@ from tiny import write_gguf  # noqa: E402
 from llamarun import build_model  # noqa: E402
 from llamarun.config import ModelArgs, RopeScaling  # noqa: E402
 from llamarun.errors import CheckpointError  # noqa: E402
-from llamarun.loaders import PackedWeight, detect_format  # noqa: E402
 from llamarun.loaders.gguf import load  # noqa: E402
-from llamarun.model import Transformer, scale_rope_freqs  # noqa: E402
+from llamarun.model import Transformer  # noqa: E402
+from llamarun.sniff import detect_format  # noqa: E402
+from llamarun.weights import PackedWeight  # noqa: E402
 
 # dim 64 / hidden 128 are multiples of 32, the block size of Q8_0/Q4_0/Q4_1/Q5_0; K-quants need 256
 ARGS = ModelArgs(
@@ -192,9 +193,7 @@ def test_rope_freqs_become_llama3_scaling(tmp_path):
     freqs = 1.0 / args.rope_theta ** (
         torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim
     )
-    factors = freqs / scale_rope_freqs(
-        freqs, scaling
-    )  # llama.cpp stores the divisor of each frequency
+    factors = freqs / scaling.apply(freqs)  # llama.cpp stores the divisor of each frequency
     path = write_gguf(random_state(args), args, tmp_path / "m.gguf", rope_freqs=factors)
 
     ckpt = load(path)

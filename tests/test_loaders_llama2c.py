@@ -14,9 +14,9 @@ from tiny_tokenizers import write_llama2c_tokenizer, write_sentencepiece
 
 import llamarun
 from llamarun.errors import CheckpointError
-from llamarun.loaders import detect_format, load_checkpoint
-from llamarun.loaders.llama2c import expected_v0_size
+from llamarun.loaders import load_checkpoint
 from llamarun.model import Transformer
+from llamarun.sniff import detect_format, expected_v0_size
 
 
 def _tied(model: Transformer) -> Transformer:

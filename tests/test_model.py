@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llamarun.config import ModelArgs, RopeScaling
-from llamarun.model import Transformer, fuse_, scale_rope_freqs
+from llamarun.model import Transformer, fuse_
 
 
 def _positions(start: int, stop: int) -> torch.Tensor:
@@ -101,7 +101,7 @@ def test_rope_scaling_matches_transformers_llama3(factor, original, theta, head_
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
 
     base = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    scaled = scale_rope_freqs(base, RopeScaling(factor=factor, original_max_seq_len=original))
+    scaled = RopeScaling(factor=factor, original_max_seq_len=original).apply(base)
 
     assert not torch.allclose(scaled, base)  # the case exercises the scaling
     torch.testing.assert_close(scaled, expected.float(), atol=0, rtol=1e-6)

@@ -10,9 +10,9 @@ from torch import nn
 
 from llamarun import cpu_kernels
 from llamarun.errors import ConfigError
-from llamarun.loaders import PackedWeight
 from llamarun.model import fuse_
 from llamarun.quantize import Int4Linear, Int8Linear, linear_from_packed, quantize_
+from llamarun.weights import PackedWeight
 
 
 @pytest.fixture(params=["kernel", "torch"])

@@ -14,7 +14,7 @@ from conftest import shared_model  # noqa: E402
 from tiny_tokenizers import write_hf_tokenizer  # noqa: E402
 
 from llamarun.errors import TokenizerError  # noqa: E402
-from llamarun.loaders.gguf import open_reader, read_metadata  # noqa: E402
+from llamarun.loaders.gguf_file import GGUFFile  # noqa: E402
 from llamarun.tokenizer import Tokenizer  # noqa: E402
 from llamarun.tokenizer.gguf import CONTROL, NORMAL, USER_DEFINED, GGUFTokenizer  # noqa: E402
 
@@ -35,7 +35,7 @@ TINY_RANDOM = "llama-2-tiny-random/llama-2-tiny-random.gguf"
 
 
 def gguf_tokenizer(path: Path) -> GGUFTokenizer:
-    return GGUFTokenizer.from_metadata(read_metadata(open_reader(path)), path)
+    return GGUFTokenizer.from_metadata(GGUFFile(path).meta, path)
 
 
 @pytest.fixture(scope="module")

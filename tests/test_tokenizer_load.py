@@ -19,7 +19,8 @@ from tiny_tokenizers import (
 )
 
 from llamarun.errors import TokenizerError
-from llamarun.tokenizer import find_tokenizer, load_tokenizer, sniff_tokenizer
+from llamarun.sniff import sniff_tokenizer
+from llamarun.tokenizer import find_tokenizer, load_tokenizer
 
 
 @pytest.fixture

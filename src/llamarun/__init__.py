@@ -15,9 +15,10 @@ import torch
 from .config import ModelArgs
 from .errors import CheckpointError, ConfigError, LlamarunError, RequestError, TokenizerError
 from .generate import LLM, Completion
-from .loaders import Checkpoint, PackedWeight, load_checkpoint
+from .loaders import load_checkpoint, read_header
 from .model import Transformer
 from .sampling import SamplingParams
+from .weights import Checkpoint, PackedWeight
 
 __all__ = [
     "LLM",
@@ -118,11 +119,10 @@ def load(
         raise ConfigError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise ConfigError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
-    from .loaders.args import read_args
     from .offload import build_placed
     from .plan import QUANTIZE_MODES, plan_load
 
-    header = read_args(path)  # config only: the plan runs before any weight is read
+    header = read_header(path)  # config only: the plan runs before any weight is read
     seq_len = max_seq_len or min(header.args.max_seq_len, 4096)
     run = plan_load(
         header.args,
@@ -138,7 +138,7 @@ def load(
         kv_dtype=kv_dtype,
     )
     mode = next((q for q in (run.quantize, quantize) if q in QUANTIZE_MODES), None)
-    ckpt = load_checkpoint(path, tokenizer)
+    ckpt = load_checkpoint(header, tokenizer)
     model = build_placed(
         ckpt,
         device,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from .errors import ConfigError
 
 
@@ -16,6 +18,20 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
+
+    def apply(self, freqs: torch.Tensor) -> torch.Tensor:
+        """The scaled rotary frequencies: long wavelengths divided by `factor`, short ones kept,
+        a smooth blend in between (Meta's llama3 `apply_scaling`; HF `_compute_llama3_parameters`)."""
+        low_wavelen = self.original_max_seq_len / self.low_freq_factor
+        high_wavelen = self.original_max_seq_len / self.high_freq_factor
+        wavelen = 2 * math.pi / freqs
+        smooth = (self.original_max_seq_len / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        blended = (1 - smooth) * freqs / self.factor + smooth * freqs
+        scaled = torch.where(wavelen > low_wavelen, freqs / self.factor, freqs)
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(is_medium, blended, scaled)
 
 
 @dataclass(frozen=True)

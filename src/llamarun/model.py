@@ -7,14 +7,12 @@ No file formats, tokenizers, sampling or devices here. Linear layers are plain `
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
-from .config import ModelArgs, RopeScaling
+from .config import ModelArgs
 
 
 class RMSNorm(nn.Module):
@@ -30,27 +28,12 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def scale_rope_freqs(freqs: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
-    """Llama 3.1 rope scaling: long wavelengths divided by `factor`, short kept, smooth in between
-    (Meta's llama3 `apply_scaling`; HF `_compute_llama3_parameters`)."""
-    low_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
-    high_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
-    wavelen = 2 * math.pi / freqs
-    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    blended = (1 - smooth) * freqs / scaling.factor + smooth * freqs
-    scaled = torch.where(wavelen > low_wavelen, freqs / scaling.factor, freqs)
-    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(is_medium, blended, scaled)
-
-
 def rope_tables(args: ModelArgs, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (seq_len, D/2), computed in float32."""
     d = args.head_dim
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32)[: d // 2] / d))
     if args.rope_scaling is not None:
-        freqs = scale_rope_freqs(freqs, args.rope_scaling)
+        freqs = args.rope_scaling.apply(freqs)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)  # (S, D/2)
     return angles.cos(), angles.sin()
 

@@ -118,7 +118,7 @@ def build_placed(
     When it fits whole and needs no quantizing on a GPU, weights go straight to `device`. Otherwise
     it is built on the CPU in the file's dtype (memory-mapped, no copy) and placed block by block."""
     from . import build_model
-    from .loaders import PackedWeight
+    from .weights import PackedWeight
 
     if quantize is not None:
         from .quantize import quantize_

@@ -31,7 +31,6 @@ BLOCK = 32
 INT8_SCALE_BYTES = 4
 INT4_GROUP_BYTES = 2 + 2
 CUDA_INT4_COPY_GROUP_BYTES = 2 * 2
-PACKED_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # GGUF linears kept packed: Q8_0 as int8, Q4_x as int4
 GB = 1e9
 
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import cpu_kernels
 from .errors import ConfigError
-from .loaders import PackedWeight
+from .weights import PackedWeight
 
 BLOCK = 32  # columns per activation block and per stored 4-bit group
 MODES = ("int8", "int4")

@@ -17,8 +17,7 @@ from tiny import hf_to_meta, tiny_hf_model, write_gguf  # noqa: E402
 
 import llamarun  # noqa: E402
 from llamarun.config import ModelArgs, RopeScaling  # noqa: E402
-from llamarun.loaders import PackedWeight  # noqa: E402
-from llamarun.model import scale_rope_freqs  # noqa: E402
+from llamarun.weights import PackedWeight  # noqa: E402
 
 PROMPT = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
 
@@ -54,7 +53,7 @@ def gguf_from_hf(hf, path, qtype: str = "F32"):
         freqs = 1.0 / args.rope_theta ** (
             torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim
         )
-        rope_freqs = freqs / scale_rope_freqs(freqs, scaling)  # what llama.cpp's converter stores
+        rope_freqs = freqs / scaling.apply(freqs)  # what llama.cpp's converter stores
     return write_gguf(state, args, path, qtype=qtype, rope_freqs=rope_freqs)
 
 

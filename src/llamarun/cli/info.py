@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from ..config import KNOWN_MODELS, ModelArgs
-from ..loaders.args import CheckpointHeader
 from ..plan import GPU_RESERVE, QUANTIZE_MODES, Option, dtype_name, fmt_gb, option
+from ..weights import CheckpointHeader
 
 TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 QUANTIZED_DTYPE = torch.bfloat16  # compute dtype (and scales, KV cache) of the int8/int4 rows
@@ -63,7 +63,7 @@ def describe_target(name: str | None, *, pull: bool) -> tuple[ModelArgs, Checkpo
     """(ModelArgs, header) for a path or catalogue name; (ModelArgs, None) for a KNOWN_MODELS shape.
     With pull=False a catalogue model must already be cached (doctor never downloads)."""
     from ..errors import CheckpointError
-    from ..loaders.args import read_args
+    from ..loaders import read_header
     from . import resolve_model
 
     if name is not None and not Path(name).expanduser().exists():
@@ -80,7 +80,7 @@ def describe_target(name: str | None, *, pull: bool) -> tuple[ModelArgs, Checkpo
                     f"({', '.join(KNOWN_MODELS)}); give a path, or run `llamarun pull {name}` first"
                 )
             name = str(cached)
-    header = read_args(resolve_model(name) if pull else name)
+    header = read_header(resolve_model(name) if pull else name)
     return header.args, header
 
 

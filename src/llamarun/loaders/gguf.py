@@ -1,15 +1,17 @@
 """GGUF (llama.cpp) files of the `llama` architecture: metadata -> ModelArgs, tensors -> Meta names.
 
-Reads with gguf-py's memory-mapped GGUFReader. Q/K are already in Meta's interleaved RoPE layout
-(llama.cpp's converter undoes HF's permutation), so no tensor is permuted here. Float tensors stay
-memory-mapped; quantized ones are dequantized with `gguf.quants.dequantize`, except Q8_0/Q4_0/Q4_1
-linear weights, which stay packed (`PackedWeight`) for the quantized linear layers.
+The container is read by gguf_file.py; `read_header` works out the architecture from the header
+alone (for the memory plan) and `load` continues from it. Q/K are already in Meta's interleaved
+RoPE layout (llama.cpp's converter undoes HF's permutation), so no tensor is permuted here. Float
+tensors stay memory-mapped; quantized ones are dequantized with `gguf.quants.dequantize`, except
+the linear weights of PACKED_TYPES, which stay packed (`PackedWeight`) for the quantized layers.
 """
 
 from __future__ import annotations
 
 import re
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +21,15 @@ import torch
 
 from ..config import ModelArgs, RopeScaling
 from ..errors import CheckpointError
-from . import Checkpoint, PackedWeight, check_weights
+from ..sniff import checkpoint_file
+from ..tokenizer.gguf import GGUFTokenizer
+from ..weights import PACKED_TYPES, Checkpoint, CheckpointHeader, PackedWeight, check_weights
+from .gguf_file import GGUFFile, TensorInfo
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-SUPPORTED_VERSIONS = (2, 3)
 FLOAT_TYPES = ("F32", "F16", "BF16")
+FLOAT_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 QUANTIZED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-PACKED_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # kept as raw blocks when keep_quantized=True
 SUPPORTED_TYPES = FLOAT_TYPES + QUANTIZED_TYPES
 
 # GGUF tensor name -> canonical (Meta) name; blk.N.* is renamed per layer.
@@ -45,34 +49,10 @@ LAYER_NAMES = {
 DROPPED = ("rope_freqs.weight",)
 
 
-class MappedReader(gguf.GGUFReader):
-    """GGUFReader over a plain ndarray view of its np.memmap (the same mapped bytes): slicing the
-    memmap subclass costs an __array_finalize__ per field part, which made parsing SmolLM2's
-    vocabulary 3x slower (3.1 s vs 1.1 s here)."""
-
-    @property
-    def data(self) -> np.ndarray:
-        return self._mapped
-
-    @data.setter
-    def data(self, value: np.ndarray) -> None:
-        self._mapped = value.view(np.ndarray)
-
-
-def load(path: Path, *, keep_quantized: bool = True) -> Checkpoint:
-    """Read a GGUF file; `keep_quantized=False` dequantizes every tensor to float32."""
-    from ..tokenizer.gguf import GGUFTokenizer
-
-    path = Path(path)
-    if path.is_dir():  # detect_format accepts a folder holding exactly one GGUF file
-        found = [p for p in sorted(path.iterdir()) if p.is_file() and _magic(p) == b"GGUF"]
-        if len(found) != 1:
-            raise CheckpointError(
-                f"{path} holds {len(found)} GGUF files: give the .gguf file itself"
-            )
-        path = found[0]
-    reader = open_reader(path)
-    meta = read_metadata(reader)
+def read_header(path: Path) -> CheckpointHeader:
+    """Architecture, storage and tokenizer of a GGUF file from its header and tensor table."""
+    file = GGUFFile(path)
+    meta = file.meta
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(
@@ -80,30 +60,70 @@ def load(path: Path, *, keep_quantized: bool = True) -> Checkpoint:
             f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama 1/2/3, TinyLlama, SmolLM, Mistral-7B and "
             "other llama-architecture exports)."
         )
-    tensors = {t.name: t for t in reader.tensors}
-    weights: dict[str, torch.Tensor | PackedWeight] = {}
-    rope_freqs = None
-    for name, t in tensors.items():
-        qtype = t.tensor_type.name
-        if qtype not in SUPPORTED_TYPES:
+    for name, t in file.tensors.items():
+        if t.type_name not in SUPPORTED_TYPES:
             raise CheckpointError(
-                f"Unsupported GGUF tensor type {qtype} for {name} in {path}. "
+                f"Unsupported GGUF tensor type {t.type_name} for {name} in {path}. "
                 f"Supported: {', '.join(SUPPORTED_TYPES)}. Re-quantize the model to one of these "
                 "(e.g. llama.cpp's llama-quantize ... Q4_K_M)."
             )
+    shapes = {
+        canonical_name(name, path): t.shape
+        for name, t in file.tensors.items()
+        if name not in DROPPED
+    }
+    rope_freqs = file.tensors.get("rope_freqs.weight")
+    if rope_freqs is not None:
+        rope_freqs = _to_tensor(file, rope_freqs)
+    args = model_args(meta, shapes, path, rope_freqs)
+    linear_types = Counter(
+        t.type_name
+        for name, t in file.tensors.items()
+        if len(t.dims) == 2 and name != "token_embd.weight"
+    )
+    packed = next((t for t, _n in linear_types.most_common() if t in PACKED_TYPES), None)
+    by_bytes = Counter()
+    for t in file.tensors.values():
+        by_bytes[t.type_name] += t.n_bytes
+    stored = by_bytes.most_common(1)[0][0]
+    model, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
+    tokenizer = None
+    if model is not None:
+        kind = {"llama": "SentencePiece-style", "gpt2": "byte-level BPE"}.get(model, model)
+        tokenizer = f"{kind} (in the GGUF file, {len(tokens or ())} tokens)"
+    return CheckpointHeader(
+        args,
+        "gguf",
+        path,
+        FLOAT_NAMES.get(stored, stored),
+        packed=packed,
+        tokenizer=tokenizer,
+        name=meta.get("general.name"),
+        state=file,
+    )
+
+
+def load(source: Path | CheckpointHeader, *, keep_quantized: bool = True) -> Checkpoint:
+    """The weights of a GGUF file; `keep_quantized=False` dequantizes every tensor to float32."""
+    header = (
+        source
+        if isinstance(source, CheckpointHeader)
+        else read_header(checkpoint_file(Path(source), "gguf"))
+    )
+    file: GGUFFile = header.state
+    path = header.path
+    weights: dict[str, torch.Tensor | PackedWeight] = {}
+    for name, t in file.tensors.items():
         if name in DROPPED:
-            rope_freqs = _to_tensor(t)
             continue
         canonical = canonical_name(name, path)
-        packable = keep_quantized and qtype in PACKED_TYPES and len(t.shape) == 2
+        packable = keep_quantized and t.type_name in PACKED_TYPES and len(t.dims) == 2
         if packable and canonical != "tok_embeddings.weight":
-            rows, cols = int(t.shape[1]), int(t.shape[0])  # GGUF lists dims innermost first
-            weights[canonical] = PackedWeight(qtype, _from_numpy(t.data), (rows, cols))
+            weights[canonical] = PackedWeight(t.type_name, _from_numpy(file.data(t)), t.shape)
         else:
-            weights[canonical] = _to_tensor(t)
-    args = model_args(meta, weights, path, rope_freqs)
-    check_weights(args, weights, str(path), source="the GGUF metadata")
-    matrix_types = {t.tensor_type.name for t in tensors.values() if len(t.shape) == 2}
+            weights[canonical] = _to_tensor(file, t)
+    check_weights(header.args, weights, str(path), source="the GGUF metadata")
+    matrix_types = {t.type_name for t in file.tensors.values() if len(t.dims) == 2}
     stored = {"F16": torch.float16, "BF16": torch.bfloat16}
     dtype = (
         stored[matrix_types.pop()]
@@ -111,65 +131,14 @@ def load(path: Path, *, keep_quantized: bool = True) -> Checkpoint:
         else torch.float32
     )
     return Checkpoint(
-        args=args,
+        args=header.args,
         weights=weights,
-        tokenizer=GGUFTokenizer.from_metadata(meta, path),
+        tokenizer=GGUFTokenizer.from_metadata(file.meta, path),
         path=path,
         format="gguf",
-        chat_template=meta.get("tokenizer.chat_template"),
+        chat_template=file.meta.get("tokenizer.chat_template"),
         dtype=dtype,
     )
-
-
-def _magic(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(4)
-
-
-def open_reader(path: Path):
-    """GGUFReader over `path`, with each way a file can be broken turned into one sentence."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:4] != b"GGUF":
-        raise CheckpointError(
-            f"{path} is not a GGUF file: it starts with {head[:4]!r}, not the magic b'GGUF'. "
-            "The download may be incomplete or the file is another format."
-        )
-    version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
-    if version not in SUPPORTED_VERSIONS:
-        raise CheckpointError(
-            f"{path} is GGUF version {version}; llamarun reads versions 2 and 3 "
-            "(version 1 files are obsolete: convert the model again with a current llama.cpp)."
-        )
-    try:
-        reader = MappedReader(path)
-    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, MemoryError) as e:
-        raise CheckpointError(
-            f"{path} is a truncated or corrupt GGUF file ({size} bytes; the reader stopped with: {e}). "
-            "Download it again (llamarun rm NAME && llamarun pull NAME for catalogue models)."
-        ) from e
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise CheckpointError(
-                f"{path} is truncated: tensor {t.name} ends at byte {end} but the file has {size} bytes. "
-                "Download it again."
-            )
-    return reader
-
-
-def read_metadata(reader) -> dict[str, Any]:
-    """All key/value fields as Python values (strings, numbers, lists)."""
-    meta = {}
-    for key, field in reader.fields.items():
-        try:
-            meta[key] = field.contents()
-        except (ValueError, IndexError, UnicodeDecodeError) as e:
-            raise CheckpointError(
-                f"metadata field {key} in {reader.data.filename} is corrupt ({e}); download the file again"
-            ) from e
-    return meta
 
 
 def canonical_name(name: str, path: Path) -> str:
@@ -186,7 +155,10 @@ def canonical_name(name: str, path: Path) -> str:
 
 
 def model_args(
-    meta: dict[str, Any], weights: dict, path: Path, rope_freqs: torch.Tensor | None
+    meta: dict[str, Any],
+    shapes: dict[str, tuple[int, ...]],
+    path: Path,
+    rope_freqs: torch.Tensor | None,
 ) -> ModelArgs:
     """Hyper-parameters from `llama.*` metadata; vocab and hidden sizes from the tensor shapes."""
 
@@ -198,7 +170,7 @@ def model_args(
             )
         return value
 
-    if "tok_embeddings.weight" not in weights or "layers.0.feed_forward.w1.weight" not in weights:
+    if "tok_embeddings.weight" not in shapes or "layers.0.feed_forward.w1.weight" not in shapes:
         raise CheckpointError(
             f"{path} has no token_embd.weight or blk.0.ffn_gate.weight tensor: it is not a complete llama model"
         )
@@ -217,13 +189,13 @@ def model_args(
             n_layers=int(get("block_count")),
             n_heads=n_heads,
             n_kv_heads=int(meta.get("llama.attention.head_count_kv", n_heads)),
-            vocab_size=int(weights["tok_embeddings.weight"].shape[0]),
-            hidden_dim=int(weights["layers.0.feed_forward.w1.weight"].shape[0]),
+            vocab_size=int(shapes["tok_embeddings.weight"][0]),
+            hidden_dim=int(shapes["layers.0.feed_forward.w1.weight"][0]),
             norm_eps=_float32(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=_float32(meta.get("llama.rope.freq_base", 10000.0)),
             rope_scaling=rope_scaling(meta, rope_freqs, head_dim, path),
             max_seq_len=int(meta.get("llama.context_length", 2048)),
-            tie_embeddings="output.weight" not in weights,
+            tie_embeddings="output.weight" not in shapes,
             head_dim=head_dim if head_dim != dim // n_heads else 0,
         )
     except CheckpointError:
@@ -243,8 +215,6 @@ def rope_scaling(
         )
     if rope_freqs is None:
         return None
-    from ..model import scale_rope_freqs
-
     theta = float(meta.get("llama.rope.freq_base", 10000.0))
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     factors = rope_freqs.to(torch.float64).flatten()
@@ -255,7 +225,7 @@ def rope_scaling(
         original_max_seq_len=int(meta.get("llama.rope.scaling.original_context_length", 8192)),
     )
     if factors.shape != freqs.shape or not torch.allclose(
-        scale_rope_freqs(freqs, scaling), freqs / factors, rtol=1e-3
+        scaling.apply(freqs), freqs / factors, rtol=1e-3
     ):
         raise CheckpointError(
             f"{path} has rope_freqs factors that are not Llama 3.1-style scaling; llamarun cannot reproduce them"
@@ -274,14 +244,13 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def _to_tensor(t) -> torch.Tensor:
+def _to_tensor(file: GGUFFile, t: TensorInfo) -> torch.Tensor:
     """A float tensor in PyTorch order: mmapped for F32/F16/BF16, dequantized to float32 otherwise."""
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    qtype = t.tensor_type.name
-    if qtype in ("F32", "F16"):
-        return _from_numpy(t.data).reshape(shape)
-    if qtype == "BF16":
-        return _from_numpy(t.data).view(torch.bfloat16).reshape(shape)
+    data = file.data(t)
+    if t.type_name in ("F32", "F16"):
+        return _from_numpy(data)
+    if t.type_name == "BF16":
+        return _from_numpy(data).view(torch.bfloat16)
     return torch.from_numpy(
-        gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-    ).reshape(shape)
+        gguf.quants.dequantize(data, t.type).astype(np.float32, copy=False)
+    ).reshape(t.shape)

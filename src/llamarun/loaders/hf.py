@@ -17,9 +17,10 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import ModelArgs, RopeScaling
 from ..errors import CheckpointError, ConfigError
+from ..sniff import describe_tokenizer_files
 from ..tokenizer import find_tokenizer
-from . import Checkpoint, check_weights, expected_shapes, read_json
-from .meta import read_state_dict
+from ..weights import Checkpoint, CheckpointHeader, check_weights, expected_shapes
+from .files import read_json, read_state_dict
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 DROPPED = re.compile(r".*rotary_emb\.inv_freq$")  # a buffer older transformers versions saved
@@ -42,29 +43,56 @@ RENAMES = {
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
-def load(path: Path) -> Checkpoint:
-    """Load a Hugging Face Llama/Mistral folder into canonical weights and ModelArgs."""
-    path = Path(path)
+def read_header(path: Path) -> CheckpointHeader:
+    """config.json alone: the architecture, the stored dtype, the tokenizer beside it."""
     config_path = path / "config.json"
     config = read_json(config_path)
     if not isinstance(config, dict):
         raise CheckpointError(
             f"{config_path} must hold a JSON object; restore it from the original download"
         )
-    args = model_args(config, config_path)
-    raw = read_weights(path)
-    weights = to_canonical(raw, args, path)
-    check_weights(args, weights, str(path), source=config_path.name)
-    stop_ids = _stop_ids(config, path)
+    stored = (
+        config.get("torch_dtype") or config.get("dtype") or _safetensors_dtype(path) or "float32"
+    )
+    return CheckpointHeader(
+        model_args(config, config_path),
+        "hf",
+        path,
+        str(stored),
+        tokenizer=describe_tokenizer_files(path),
+        name=config.get("_name_or_path") or None,
+        state=config,
+    )
+
+
+def load(source: Path | CheckpointHeader) -> Checkpoint:
+    """A Hugging Face Llama/Mistral folder as canonical weights."""
+    header = source if isinstance(source, CheckpointHeader) else read_header(Path(source))
+    path, args = header.path, header.args
+    weights = to_canonical(read_weights(path), args, path)
+    check_weights(args, weights, str(path), source="config.json")
     return Checkpoint(
         args=args,
         weights=weights,
-        tokenizer=find_tokenizer(path, args.vocab_size, stop_ids=stop_ids),
+        tokenizer=find_tokenizer(path, args.vocab_size, stop_ids=_stop_ids(header.state, path)),
         path=path,
         format="hf",
         chat_template=read_chat_template(path),
         dtype=weights["tok_embeddings.weight"].dtype,
     )
+
+
+def _safetensors_dtype(path: Path) -> str | None:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    try:
+        with safe_open(files[0], framework="pt") as f:
+            keys = list(f.keys())
+            dtype = f.get_slice(keys[0]).get_dtype() if keys else None
+    except (SafetensorError, OSError):
+        return None  # a damaged file: load() names it, with the fix
+    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(dtype)
 
 
 def model_args(config: dict, config_path: Path) -> ModelArgs:

@@ -26,154 +26,91 @@ import torch
 
 from ..config import ModelArgs
 from ..errors import CheckpointError
-from . import LLAMA2C_MAGIC, Checkpoint, check_weights
-
-V1_HEADER_BYTES = 256
-# Per-layer matrices in the order every llama2.c version writes them: (name, shape).
-_MATRICES = (
-    "attention.wq",
-    "attention.wk",
-    "attention.wv",
-    "attention.wo",
-    "feed_forward.w1",
-    "feed_forward.w2",
-    "feed_forward.w3",
+from ..sniff import (
+    LLAMA2C_MAGIC,
+    LLAMA2C_V1_HEADER_BYTES,
+    Llama2cHeader,
+    checkpoint_file,
+    describe_tokenizer_files,
+    llama2c_header,
+    llama2c_numels,
+    read_head,
+    v0_size,
+)
+from ..tokenizer import find_tokenizer
+from ..weights import (
+    BLOCK_LINEARS,
+    Checkpoint,
+    CheckpointHeader,
+    block_linear_shapes,
+    check_weights,
 )
 
 
-def _matrix_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
-    C, F, D = args.dim, args.hidden_dim, args.head_dim
-    return {
-        "attention.wq": (args.n_heads * D, C),
-        "attention.wk": (args.n_kv_heads * D, C),
-        "attention.wv": (args.n_kv_heads * D, C),
-        "attention.wo": (C, args.n_heads * D),
-        "feed_forward.w1": (F, C),
-        "feed_forward.w2": (C, F),
-        "feed_forward.w3": (F, C),
-    }
-
-
-def _numels(
-    dim: int, hidden: int, n_layers: int, n_heads: int, n_kv_heads: int, vocab: int
-) -> tuple[int, int, int]:
-    """(norm floats, matrix floats without the classifier, classifier floats)."""
-    head = dim // n_heads
-    norms = 2 * n_layers * dim + dim
-    per_layer = dim * (2 * n_heads * head + 2 * n_kv_heads * head) + 3 * dim * hidden
-    return norms, vocab * dim + n_layers * per_layer, vocab * dim
-
-
-def expected_v0_size(
-    dim: int, hidden: int, n_layers: int, n_heads: int, n_kv_heads: int, vocab: int, seq_len: int
-) -> set[int]:
-    """Valid byte sizes of a legacy (v0) file with these header values: {shared classifier, unshared}."""
-    norms, matrices, classifier = _numels(dim, hidden, n_layers, n_heads, n_kv_heads, vocab)
-    rope = seq_len * (dim // n_heads)  # cos and sin tables, seq_len * head_dim / 2 each
-    shared = 28 + 4 * (norms + matrices + rope)
-    return {shared, shared + 4 * classifier}
-
-
-def model_files(directory: Path) -> list[Path]:
-    """The llama2.c checkpoints in a folder, recognised by contents (magic or a v0 header that fits
-    the file size); tokenizer.bin and other files are not."""
-    from . import _head, _llama2c_v0_consistent
-
-    found = []
-    for p in sorted(directory.iterdir()):
-        if p.is_file() and p.stat().st_size >= 28:
-            head = _head(p, 28)
-            if struct.unpack_from("<I", head)[0] == LLAMA2C_MAGIC or _llama2c_v0_consistent(
-                p, head
-            ):
-                found.append(p)
-    return found
-
-
-def raise_if_v0_mismatch(path: Path, head: bytes) -> None:
-    """For a file whose first 28 bytes read as a plausible legacy llama2.c header but whose size
-    does not fit it: raise CheckpointError naming both sizes (a truncated or damaged .bin)."""
-    dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = struct.unpack("<7i", head[:28])
-    if min(dim, hidden, n_layers, n_heads, n_kv_heads, seq_len, abs(vocab)) <= 0:
-        return
-    if (
-        dim % n_heads
-        or n_heads % n_kv_heads
-        or max(dim, hidden, abs(vocab), seq_len) > 1 << 20
-        or n_layers > 1 << 10
-    ):
-        return
-    sizes = sorted(
-        expected_v0_size(dim, hidden, n_layers, n_heads, n_kv_heads, abs(vocab), seq_len)
-    )
-    expected = sizes[0] if vocab > 0 else sizes[1]
-    _check_size(path, path.stat().st_size, expected, "legacy llama2.c (v0)")
-
-
-def load(path: Path) -> Checkpoint:
-    """Memory-map a llama2.c .bin (v0, v1 or v2; or the one in a folder) into canonical weights,
-    with the tokenizer found beside it."""
-    path = Path(path)
-    if path.is_dir():
-        files = model_files(path)
-        if len(files) != 1:
-            names = ", ".join(p.name for p in files) or "none"
-            raise CheckpointError(
-                f"{path} holds {len(files)} llama2.c checkpoints ({names}): give the .bin file itself"
-            )
-        path = files[0]
+def read_header(path: Path) -> CheckpointHeader:
+    """The architecture from the file's 28- or 256-byte header."""
     size = path.stat().st_size
     if size < 28:
         raise CheckpointError(
             f"{path} is truncated: {size} bytes, too short even for a llama2.c header; re-download or re-export it"
         )
-    mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, file untouched
-    (magic,) = struct.unpack_from("<I", mm, 0)
-    if magic == LLAMA2C_MAGIC:
-        (version,) = struct.unpack_from("<i", mm, 4)
-        if version not in (1, 2):
-            raise CheckpointError(
-                f"{path} is a llama2.c file of version {version}; llamarun reads versions 0, 1 and 2 (re-export it with llama2.c's export.py --version 1)"
-            )
-        if size < V1_HEADER_BYTES:
-            raise CheckpointError(
-                f"{path} is truncated: {size} bytes, shorter than the {V1_HEADER_BYTES}-byte version {version} header"
-            )
-        header = struct.unpack_from("<7i", mm, 8)
-        shared = bool(mm[36])
-        args = _args(path, header, shared)
-        if version == 1:
-            weights = _read_v1(path, mm, args, size)
-        else:
-            (group_size,) = struct.unpack_from("<i", mm, 37)
-            weights = _read_v2(path, mm, args, size, group_size)
-    else:
-        header = struct.unpack_from("<7i", mm, 0)
-        args = _args(path, header, header[5] > 0)
-        weights = _read_v0(path, mm, args, size)
-    check_weights(args, weights, str(path), source="the llama2.c header")
-    from ..tokenizer import find_tokenizer
+    head = read_head(path, LLAMA2C_V1_HEADER_BYTES)
+    magic = struct.unpack_from("<I", head)[0] == LLAMA2C_MAGIC
+    version = struct.unpack_from("<i", head, 4)[0] if magic else 0
+    if version not in (0, 1, 2):
+        raise CheckpointError(
+            f"{path} is a llama2.c file of version {version}; llamarun reads versions 0, 1 and 2 (re-export it with llama2.c's export.py --version 1)"
+        )
+    if magic and size < LLAMA2C_V1_HEADER_BYTES:
+        raise CheckpointError(
+            f"{path} is truncated: {size} bytes, shorter than the {LLAMA2C_V1_HEADER_BYTES}-byte version {version} header"
+        )
+    header = llama2c_header(head)
+    stored = "int8" if header.version == 2 else "float32"
+    tokenizer = describe_tokenizer_files(path.parent)
+    return CheckpointHeader(
+        _args(path, header), "llama2c", path, stored, tokenizer=tokenizer, state=header
+    )
 
+
+def load(source: Path | CheckpointHeader) -> Checkpoint:
+    """Memory-map a llama2.c .bin (v0, v1 or v2) into canonical weights, with the tokenizer found
+    beside it."""
+    header = (
+        source
+        if isinstance(source, CheckpointHeader)
+        else read_header(checkpoint_file(Path(source), "llama2c"))
+    )
+    path, args, h = header.path, header.args, header.state
+    size = path.stat().st_size
+    mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, file untouched
+    if h.version == 0:
+        weights = _read_v0(path, mm, args, size, h)
+    elif h.version == 1:
+        weights = _read_v1(path, mm, args, size)
+    else:
+        weights = _read_v2(path, mm, args, size, h.group_size)
+    check_weights(args, weights, str(path), source="the llama2.c header")
     tokenizer = find_tokenizer(path.parent, args.vocab_size)
     return Checkpoint(args=args, weights=weights, tokenizer=tokenizer, path=path, format="llama2c")
 
 
-def _args(path: Path, header: tuple[int, ...], shared: bool) -> ModelArgs:
-    dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = header
-    if (
-        min(dim, hidden, n_layers, n_heads, n_kv_heads, seq_len, abs(vocab)) <= 0
-        or dim % n_heads
-        or n_heads % n_kv_heads
-    ):
+def _args(path: Path, header: Llama2cHeader) -> ModelArgs:
+    dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = header.fields
+    if min(header.fields) <= 0 or dim % n_heads or n_heads % n_kv_heads:
         raise CheckpointError(
             f"{path} has an inconsistent llama2.c header (dim={dim}, hidden_dim={hidden}, n_layers={n_layers}, "
-            f"n_heads={n_heads}, n_kv_heads={n_kv_heads}, vocab_size={vocab}, seq_len={seq_len}): the file is corrupt; re-export it"
+            f"n_heads={n_heads}, n_kv_heads={n_kv_heads}, vocab_size={header.vocab_size}, seq_len={seq_len}): the file is corrupt; re-export it"
         )
     # llama2.c fixes these (run.c: 1e-5f in rmsnorm, 10000.0f in RoPE); the header does not store them.
-    return ModelArgs(
-        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=abs(vocab),
-        hidden_dim=hidden, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=seq_len, tie_embeddings=shared,
-    )  # fmt: skip
+    try:
+        return ModelArgs(
+            dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab,
+            hidden_dim=hidden, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=seq_len,
+            tie_embeddings=header.shared,
+        )  # fmt: skip
+    except Exception as e:  # ConfigError from ModelArgs validation, with the file named
+        raise CheckpointError(f"{path} describes an impossible architecture: {e}") from e
 
 
 def _check_size(path: Path, size: int, expected: int, what: str) -> None:
@@ -206,22 +143,19 @@ class _Cursor:
         )
 
 
-def _read_v0(path: Path, mm: np.memmap, args: ModelArgs, size: int) -> dict[str, torch.Tensor]:
+def _read_v0(
+    path: Path, mm: np.memmap, args: ModelArgs, size: int, header: Llama2cHeader
+) -> dict[str, torch.Tensor]:
     L, C = args.n_layers, args.dim
-    shared, unshared = sorted(
-        expected_v0_size(
-            C, args.hidden_dim, L, args.n_heads, args.n_kv_heads, args.vocab_size, args.max_seq_len
-        )
-    )
-    _check_size(path, size, shared if args.tie_embeddings else unshared, "legacy llama2.c (v0)")
+    _check_size(path, size, v0_size(header), "legacy llama2.c (v0)")
     r = _Cursor(mm, 28)
     w = {"tok_embeddings.weight": r.f32(args.vocab_size, C)}
     w |= {f"layers.{i}.attention_norm.weight": r.f32(C) for i in range(L)}
-    shapes = _matrix_shapes(args)
-    for name in _MATRICES[:4]:
+    shapes = block_linear_shapes(args)
+    for name in BLOCK_LINEARS[:4]:
         w |= {f"layers.{i}.{name}.weight": r.f32(*shapes[name]) for i in range(L)}
     w |= {f"layers.{i}.ffn_norm.weight": r.f32(C) for i in range(L)}
-    for name in _MATRICES[4:]:
+    for name in BLOCK_LINEARS[4:]:
         w |= {f"layers.{i}.{name}.weight": r.f32(*shapes[name]) for i in range(L)}
     w["norm.weight"] = r.f32(C)
     r.offset += 4 * args.max_seq_len * args.head_dim  # the freq_cis cos/sin tables
@@ -239,21 +173,21 @@ def _norms(r: _Cursor, args: ModelArgs) -> dict[str, torch.Tensor]:
 
 
 def _v1_size(args: ModelArgs, bytes_per_value: float, group_size: int = 0) -> int:
-    norms, matrices, classifier = _numels(
+    norms, matrices, classifier = llama2c_numels(
         args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads, args.vocab_size
     )
     values = matrices + (0 if args.tie_embeddings else classifier)
     scales = values // group_size if group_size else 0
-    return V1_HEADER_BYTES + 4 * norms + int(bytes_per_value * values) + 4 * scales
+    return LLAMA2C_V1_HEADER_BYTES + 4 * norms + int(bytes_per_value * values) + 4 * scales
 
 
 def _read_v1(path: Path, mm: np.memmap, args: ModelArgs, size: int) -> dict[str, torch.Tensor]:
     _check_size(path, size, _v1_size(args, 4), "llama2.c version 1")
-    r = _Cursor(mm, V1_HEADER_BYTES)
+    r = _Cursor(mm, LLAMA2C_V1_HEADER_BYTES)
     w = _norms(r, args)
     w["tok_embeddings.weight"] = r.f32(args.vocab_size, args.dim)
-    shapes = _matrix_shapes(args)
-    for name in _MATRICES:
+    shapes = block_linear_shapes(args)
+    for name in BLOCK_LINEARS:
         w |= {f"layers.{i}.{name}.weight": r.f32(*shapes[name]) for i in range(args.n_layers)}
     if not args.tie_embeddings:
         w["output.weight"] = r.f32(args.vocab_size, args.dim)
@@ -263,17 +197,17 @@ def _read_v1(path: Path, mm: np.memmap, args: ModelArgs, size: int) -> dict[str,
 def _read_v2(
     path: Path, mm: np.memmap, args: ModelArgs, size: int, group_size: int
 ) -> dict[str, torch.Tensor]:
-    shapes = _matrix_shapes(args)
-    numels = [args.vocab_size * args.dim] + [shapes[n][0] * shapes[n][1] for n in _MATRICES]
+    shapes = block_linear_shapes(args)
+    numels = [args.vocab_size * args.dim] + [o * i for o, i in shapes.values()]
     if group_size <= 0 or any(n % group_size for n in numels):
         raise CheckpointError(
             f"{path} has group_size {group_size} in its llama2.c version 2 header, which does not divide the weight sizes: the file is corrupt; re-export it"
         )
     _check_size(path, size, _v1_size(args, 1, group_size), "llama2.c version 2")
-    r = _Cursor(mm, V1_HEADER_BYTES)
+    r = _Cursor(mm, LLAMA2C_V1_HEADER_BYTES)
     w = _norms(r, args)
     w["tok_embeddings.weight"] = r.q80(group_size, args.vocab_size, args.dim)
-    for name in _MATRICES:
+    for name in BLOCK_LINEARS:
         w |= {
             f"layers.{i}.{name}.weight": r.q80(group_size, *shapes[name])
             for i in range(args.n_layers)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import mmap
-import pickle
 import re
 import sys
 from pathlib import Path
@@ -22,28 +21,39 @@ import torch
 
 from ..config import ModelArgs, RopeScaling, ffn_hidden_dim
 from ..errors import CheckpointError, ConfigError
+from ..sniff import describe_tokenizer_files
 from ..tokenizer import Tokenizer, find_tokenizer
-from . import Checkpoint, check_weights, read_json
+from ..weights import Checkpoint, CheckpointHeader, check_weights
+from .files import read_json, read_state_dict
 
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 CONCAT_DIM_1 = (".attention.wo.weight", ".feed_forward.w2.weight")
 DROPPED = ("rope.freqs",)  # Llama 1/2 store their RoPE table; we compute it from params.json
 
 
-def load(path: Path) -> Checkpoint:
-    """Load a Meta checkpoint folder (params.json + consolidated.NN.pth), merging all shards."""
-    path = Path(path)
+def read_header(path: Path) -> CheckpointHeader:
+    """params.json and the shapes of the memory-mapped shard 0 (only its pickle index is read)."""
     params_path = path / "params.json"
     params = read_json(params_path)
     if not isinstance(params, dict):
         raise CheckpointError(
             f"{params_path} must hold a JSON object of model parameters; restore it from the original download"
         )
-    shard_paths = find_shards(path)
-    weights = merge_shards(shard_paths)
-    shapes = {name: tuple(t.shape) for name, t in weights.items()}
-    args = model_args(params, shapes, params_path, len(shard_paths))
-    check_weights(args, weights, str(path), source=params_path.name)
+    shards = find_shards(path)
+    first = read_shard(shards[0])
+    args = model_args(params, merged_shapes(first, len(shards)), params_path, len(shards))
+    stored = str(first["tok_embeddings.weight"].dtype).removeprefix("torch.")
+    # Meta's download puts tokenizer.model beside the shards or one folder up (llama-2-7b/../)
+    tokenizer = describe_tokenizer_files(path) or describe_tokenizer_files(path.parent)
+    return CheckpointHeader(args, "meta", path, stored, tokenizer=tokenizer, state=shards)
+
+
+def load(source: Path | CheckpointHeader) -> Checkpoint:
+    """A Meta checkpoint folder (params.json + consolidated.NN.pth), all shards merged."""
+    header = source if isinstance(source, CheckpointHeader) else read_header(Path(source))
+    path, args = header.path, header.args
+    weights = merge_shards(header.state)
+    check_weights(args, weights, str(path), source="params.json")
     return Checkpoint(
         args=args,
         weights=weights,
@@ -78,38 +88,6 @@ def read_shard(shard_path: Path) -> dict[str, torch.Tensor]:
     """One consolidated.NN.pth, memory-mapped; a corrupt file becomes one CheckpointError."""
     state = read_state_dict(shard_path, "a Meta consolidated.NN.pth file")
     return {k: t for k, t in state.items() if k not in DROPPED}
-
-
-def read_state_dict(file: Path, kind: str) -> dict[str, torch.Tensor]:
-    """A torch.save'd state dict: memory-mapped when it is a zip file (torch >= 1.6), else read
-    whole (the legacy pickle format cannot be mapped). Only tensors are unpickled."""
-    try:
-        with open(file, "rb") as f:
-            head = f.read(4)
-    except OSError as e:
-        raise CheckpointError(
-            f"{file} could not be opened ({e}); check that it exists and is readable"
-        ) from e
-    if head != b"PK\x03\x04" and head[:1] != b"\x80":
-        raise CheckpointError(
-            f"{file} is not a PyTorch checkpoint (it starts with neither a zip nor a pickle header); the file is corrupt, download it again"
-        )
-    try:
-        state = torch.load(file, map_location="cpu", mmap=head == b"PK\x03\x04", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise CheckpointError(
-            f"{file} could not be read as a PyTorch checkpoint ({_first_sentence(e)}); the file is truncated or corrupt, download it again"
-        ) from e
-    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-        raise CheckpointError(
-            f"{file} does not hold a dict of tensors (a state_dict); is it {kind}?"
-        )
-    return state
-
-
-def _first_sentence(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text.split(". ")[0].rstrip(".")
 
 
 def merge_shards(shard_paths: list[Path]) -> dict[str, torch.Tensor]:

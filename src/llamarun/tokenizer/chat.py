@@ -20,7 +20,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import RequestError, TokenizerError
-from . import Tokenizer
+from .base import Tokenizer
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import TokenizerError
-from . import split_special
+from .base import split_special
 
 BOS, EOS = 1, 2
 BYTE_OFFSET = 3  # run.c's byte fallback: byte b is token b + 3
@@ -48,35 +48,6 @@ def read_tokenizer_bin(data: bytes, where: str) -> tuple[list[bytes], list[float
     if not pieces:
         raise TokenizerError(f"{where} holds no tokens; it is not a llama2.c tokenizer.bin")
     return pieces, scores
-
-
-def is_llama2c_tokenizer(path: Path, head: bytes, size: int) -> bool:
-    """Whether a file's contents walk as a tokenizer.bin from end to end (model .bin files and
-    anything else fail within the first few records)."""
-    from ..loaders import LLAMA2C_MAGIC, _llama2c_v0_consistent
-
-    if struct.unpack_from("<I", head, 0)[0] == LLAMA2C_MAGIC or (
-        len(head) >= 28 and _llama2c_v0_consistent(path, head)
-    ):
-        return False
-    max_len = struct.unpack_from("<I", head, 0)[0]
-    if not 1 <= max_len <= 1024:
-        return False
-    i, count = 4, 0
-    with open(path, "rb") as f:
-        data = head
-        f.seek(len(head))
-        while i < size:
-            if i + 8 > len(data) and len(data) < size:
-                data += f.read(1 << 20)
-            if i + 8 > len(data):
-                return False
-            _, n = struct.unpack_from("<fI", data, i)
-            if n > max_len:
-                return False
-            i += 8 + n
-            count += 1
-    return i == size and count >= 3
 
 
 class Llama2cTokenizer:

@@ -8,7 +8,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 from ..errors import TokenizerError
-from . import _varint, split_special
+from ..sniff import varint
+from .base import split_special
 
 
 class SentencePieceTokenizer:
@@ -88,14 +89,14 @@ def _field(buf: bytes, number: int, wire: int = 2) -> bytes | int | None:
     i = 0
     try:
         while i < len(buf):
-            key, i = _varint(buf, i)
+            key, i = varint(buf, i)
             field, kind = key >> 3, key & 7
             if kind == 0:
-                value, i = _varint(buf, i)
+                value, i = varint(buf, i)
                 if field == number and wire == 0:
                     return value
             elif kind == 2:
-                n, i = _varint(buf, i)
+                n, i = varint(buf, i)
                 if field == number and wire == 2:
                     return buf[i : i + n]
                 i += n

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import codecs
 
-from . import Tokenizer
+from .base import Tokenizer
 
 
 class StreamDecoder:

@@ -310,9 +310,7 @@ def perplexity_of(
 
     import torch
 
-    import llamarun
-    from llamarun import build_model
-    from llamarun.cli.perplexity import chunk_nll
+    from llamarun import build_model, prepare
     from llamarun.loaders import load_checkpoint
     from llamarun.quantize import quantize_
 
@@ -325,10 +323,8 @@ def perplexity_of(
     if mode:
         quantize_(model, mode)
     model.setup_caches(1, ctx)
-    ids = ckpt.tokenizer.encode(text, bos=True)
-    bos = ckpt.tokenizer.bos_id if ckpt.tokenizer.add_bos else None
-    nll, count = chunk_nll(model, ids, ctx, len(ids) // ctx, bos)
-    del llamarun
+    llm = prepare(model, ckpt.tokenizer)
+    nll, count, _chunks = llm.perplexity(ckpt.tokenizer.encode(text, bos=True), ctx)
     return math.exp(nll / count)
 
 

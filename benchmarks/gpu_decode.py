@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from llamarun.build import prepare
 from llamarun.config import KNOWN_MODELS, ModelArgs
-from llamarun.generate import LLM
 from llamarun.model import Transformer
 from llamarun.plan import fmt_gb
 from llamarun.sampling import SamplingParams
@@ -101,7 +101,7 @@ def random_model(
 def decode_speed(model: Transformer, new_tokens: int, *, compile: bool) -> tuple[float, float]:
     """(decode tokens/s, compile seconds) for batch 1, greedy, through the LLM engine."""
     model.setup_caches(1, PROMPT_LEN + new_tokens + 8)
-    llm = LLM(model, None, compile=compile)
+    llm = prepare(model, None, compile=compile)
     prompt = [list(range(1, PROMPT_LEN + 1))]
     t0 = time.perf_counter()
     list(llm.generate(prompt, SamplingParams(temperature=0, max_new_tokens=4)))  # warm-up / compile

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llamarun.errors import RequestError, TokenizerError
-from llamarun.generate import LLM
+from llamarun.llm import LLM
 from llamarun.sampling import SamplingParams
 from llamarun.tokenizer.chat import (
     ChatMLFormat,

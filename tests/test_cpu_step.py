@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from llamarun import cpu_kernels
+from llamarun.build import prepare
 from llamarun.config import ModelArgs
-from llamarun.cpu_step import CpuStep, argmax_ids
-from llamarun.generate import LLM
-from llamarun.model import Transformer, fuse_
+from llamarun.cpu import CpuStep, argmax_ids, use_cpu_kernels_
+from llamarun.model import Transformer
 from llamarun.offload import place_
-from llamarun.quantize import quantize_, use_cpu_kernels_
+from llamarun.quantize import fuse_, quantize_
 from llamarun.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(
@@ -111,7 +111,7 @@ def test_engine_decodes_through_the_step_with_the_same_tokens_as_eager():
     model = random_model(GQA, "int8", fused=False, batch=2)
     prompts = [[1, 2, 3, 4], [7, 8]]
     params = SamplingParams(temperature=0.0, max_new_tokens=12)
-    fast = LLM(model, None)
+    fast = prepare(model, None)
     assert isinstance(fast.engine._decode, CpuStep)
     # Act
     got = list(fast.generate(prompts, params))
@@ -131,7 +131,7 @@ def test_models_it_cannot_run_keep_the_eager_forward():
     assert CpuStep.build(bf16) is None
     assert CpuStep.build(offloaded) is None
     assert CpuStep.build(odd) is None
-    assert not isinstance(LLM(bf16, None).engine._decode, CpuStep)
+    assert not isinstance(prepare(bf16, None).engine._decode, CpuStep)
 
 
 @torch.inference_mode()

@@ -8,7 +8,7 @@ from tiny import llamarun_state, meta_params, write_meta
 import llamarun
 from llamarun.device import as_token_ids, pick_device, pick_dtype, probe_machine
 from llamarun.errors import ConfigError, RequestError
-from llamarun.generate import LLM
+from llamarun.llm import LLM
 from llamarun.sampling import SamplingParams
 
 no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")

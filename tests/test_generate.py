@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from llamarun.errors import RequestError
-from llamarun.generate import LLM, TextStream
 from llamarun.llama import Llama
+from llamarun.llm import LLM, TextStream
 from llamarun.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12)

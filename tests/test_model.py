@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from llamarun.config import ModelArgs, RopeScaling
-from llamarun.model import Transformer, fuse_
+from llamarun.model import Transformer
+from llamarun.quantize import fuse_
 
 
 def _positions(start: int, stop: int) -> torch.Tensor:

@@ -78,7 +78,7 @@ def test_plan_fails_before_any_weight_is_read(checkpoint, monkeypatch):
         raise AssertionError("load_checkpoint must not run when the plan fails")
 
     monkeypatch.setattr(llamarun.plan, "free_memory", lambda device: 1000)
-    monkeypatch.setattr(llamarun, "load_checkpoint", no_weights)
+    monkeypatch.setattr(llamarun.build, "load_checkpoint", no_weights)
 
     with pytest.raises(
         MemoryPlanError, match=r"needs .* in float32 .* this machine's RAM has 1 kB free"

@@ -10,8 +10,7 @@ from torch import nn
 
 from llamarun import cpu_kernels
 from llamarun.errors import ConfigError
-from llamarun.model import fuse_
-from llamarun.quantize import Int4Linear, Int8Linear, linear_from_packed, quantize_
+from llamarun.quantize import Int4Linear, Int8Linear, fuse_, linear_from_packed, quantize_
 from llamarun.weights import PackedWeight
 
 

@@ -23,7 +23,7 @@ import uvicorn
 from conftest import shared_model
 
 from llamarun.config import ModelArgs
-from llamarun.generate import LLM
+from llamarun.llm import LLM
 from llamarun.model import Transformer
 from llamarun.server import create_app
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .build import load
 from .errors import RequestError
-from .generate import LLM
+from .llm import LLM
 from .sampling import sample_top_p_meta
 
 
@@ -31,8 +32,6 @@ class Llama:
         dtype: str | torch.dtype | None = None,
     ) -> Llama:
         """Load any supported checkpoint (folder or file); no torchrun or NCCL needed."""
-        from . import load
-
         llm = load(
             ckpt_dir,
             tokenizer=tokenizer_path,

@@ -2,7 +2,7 @@
 pairs (with Llama 3.1 frequency scaling), grouped-query attention, SwiGLU feed-forward.
 
 No file formats, tokenizers, sampling or devices here. Linear layers are plain `nn.Linear`;
-`quantize.py` swaps them and `fuse_()` below merges q/k/v and gate/up as an explicit post-load step.
+quantize.py swaps them (and its `fuse_` merges q/k/v and gate/up), cpu.py routes them to kernels.
 """
 
 from __future__ import annotations
@@ -165,29 +165,3 @@ class Transformer(nn.Module):
         if not all_logits:
             h = h[:, -1]
         return self.output(self.norm(h)).float()
-
-
-def fuse_(model: Transformer) -> Transformer:
-    """Merge wq/wk/wv into wqkv and w1/w3 into w13 (one matrix read per group); in place."""
-    for layer in model.layers:
-        attn, ffn = layer.attention, layer.feed_forward
-        if attn.wqkv is None and hasattr(attn, "wq"):
-            attn.wqkv = _cat_linears(attn.wq, attn.wk, attn.wv)
-            del attn.wq, attn.wk, attn.wv
-        if ffn.w13 is None and hasattr(ffn, "w1"):
-            ffn.w13 = _cat_linears(ffn.w1, ffn.w3)
-            del ffn.w1, ffn.w3
-    return model
-
-
-def _cat_linears(*linears: nn.Module) -> nn.Module:
-    if not all(isinstance(lin, nn.Linear) for lin in linears):  # int8/int4 layers from quantize.py
-        from .quantize import cat_quantized
-
-        return cat_quantized(list(linears))
-    weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)
-    fused = nn.Linear(
-        weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype
-    )
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    return fused

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import cpu_kernels
 from .errors import ConfigError
+from .q4_fit import fit_q4
 from .weights import PackedWeight
 
 BLOCK = 32  # columns per activation block and per stored 4-bit group
@@ -29,112 +30,6 @@ def _padded(in_features: int) -> int:
 
 def _cpu_ops(x: torch.Tensor):
     return cpu_kernels.ops() if x.device.type == "cpu" else None
-
-
-# Candidate scales for the int4 search, as levels spanning a group's max - min: 15 is plain
-# min/max rounding; fewer clip nothing, more clip the extremes (as llama.cpp's k-quants search).
-_Q4_SPANS = tuple(15 + 0.1 * i for i in range(-10, 11))
-_Q4_CHUNK = 8192  # groups searched at once: their temporaries stay in the CPU's cache
-_Q4_REFITS = 2  # rounds of (integers for (d, m), least-squares (d, m) for them) after the search
-
-
-def _q4_pick(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """The nearest integers 0..15 (as float) to w for w = d q + m: the best ones for that (d, m)."""
-    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    return torch.round((w - m) * inv).clamp_(0, 15)
-
-
-def _q4_half(d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return d.half().float(), m.half().float()
-
-
-def _weighted_sum(t: torch.Tensor, col: torch.Tensor | None) -> torch.Tensor:
-    return (t if col is None else t * col).sum(-1, keepdim=True)
-
-
-def _q4_lstsq(
-    n: torch.Tensor, sq: torch.Tensor, sqq: torch.Tensor, sx: torch.Tensor, sqx: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The (d, m) minimizing sum c (d q + m - x)^2 from its weighted sums (n = sum c, sq = sum
-    c q, ...), and where that fit is usable (two distinct integers at least, d > 0)."""
-    det = n * sqq - sq * sq
-    ok = det > 1e-6 * n * sqq
-    det = torch.where(ok, det, torch.ones_like(det))
-    d = (n * sqx - sq * sx) / det
-    m = (sqq * sx - sq * sqx) / det
-    return d, m, ok & (d > 0)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
-
-
-def _q4_search(
-    w: torch.Tensor, c: torch.Tensor | None, best_d: torch.Tensor, best_m: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The search of _fit_q4 over groups w (rows, size), starting from min/max's (d, m)."""
-    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    best_err = _weighted_sum((_q4_pick(w, best_d, best_m) * best_d + best_m - w).square_(), c)
-    # Sums in the frame x = w - lo (smaller numbers, so the expanded error cancels less).
-    x = w - lo
-    cx = x if c is None else c * x
-    n = torch.full_like(lo, x.shape[-1]) if c is None else c.sum(-1, keepdim=True)
-    sx, sxx = cx.sum(-1, keepdim=True), (cx * x).sum(-1, keepdim=True)
-    span = hi - lo
-    inv_span = torch.where(span > 0, 1 / span, torch.zeros_like(span))
-    for levels in _Q4_SPANS:
-        qc = (x * (inv_span * levels)).round_()  # 0..levels
-        if levels > 15:
-            qc.clamp_(max=15)
-        cq = qc if c is None else c * qc
-        sq, sqq, sqx = (t.sum(-1, keepdim=True) for t in (cq, cq * qc, cq * x))
-        dc, mc, ok = _q4_lstsq(n, sq, sqq, sx, sqx)
-        dc, mc = _q4_half(dc, mc + lo)
-        mx = mc - lo
-        err = sxx - 2 * dc * sqx - 2 * mx * sx + dc * dc * sqq + 2 * dc * mx * sq + mx * mx * n
-        better = ok & (err < best_err)
-        best_d, best_m = torch.where(better, dc, best_d), torch.where(better, mc, best_m)
-        best_err = torch.where(better, err, best_err)
-    qc = _q4_pick(w, best_d, best_m)
-    best_err = _weighted_sum((qc * best_d + best_m - w).square_(), c)
-    for _ in range(_Q4_REFITS):
-        cq = qc if c is None else c * qc
-        sq, sqq, sqx = (t.sum(-1, keepdim=True) for t in (cq, cq * qc, cq * x))
-        dc, mc, ok = _q4_lstsq(n, sq, sqq, sx, sqx)
-        dc, mc = _q4_half(dc, mc + lo)
-        qc = _q4_pick(w, dc, mc)
-        err = _weighted_sum((qc * dc + mc - w).square_(), c)
-        better = ok & (err < best_err)
-        best_d, best_m = torch.where(better, dc, best_d), torch.where(better, mc, best_m)
-        best_err = torch.where(better, err, best_err)
-    return best_d, best_m
-
-
-def _fit_q4(
-    w: torch.Tensor, col: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Integers q (uint8), d and m (float16) per group of w (out, groups, size) whose squared
-    error, weighted by col (1, groups, size) when given, is no larger than plain min/max
-    rounding's. Each candidate scale picks integers, (d, m) are fit to them by least squares and
-    rounded to float16, and the error is scored from the group's sums (the weights are not
-    rebuilt); the best (d, m) per group is then refined by alternating integers and least
-    squares. Groups that min/max already reconstructs exactly (weights that were 4-bit already,
-    e.g. a dequantized Q4_1 file) skip the search."""
-    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    d, m = _q4_half((hi - lo) / 15, lo)
-    q = _q4_pick(w, d, m)
-    exact = (q * d + m - w).abs_().amax(-1, keepdim=True) <= 1e-6 * (hi - lo)
-    q = q.to(torch.uint8)
-    rows = (~exact).reshape(-1).nonzero().squeeze(1)
-    if rows.numel() > 0:
-        d, m, q, flat = _rows(d).clone(), _rows(m).clone(), _rows(q).clone(), _rows(w)
-        cols = None if col is None else _rows(col)  # (groups, size), shared by all rows of w
-        for chunk in rows.split(_Q4_CHUNK):
-            c = None if cols is None else cols[chunk % cols.shape[0]]
-            d[chunk], m[chunk] = _q4_search(flat[chunk], c, d[chunk], m[chunk])
-            q[chunk] = _q4_pick(flat[chunk], d[chunk], m[chunk]).to(torch.uint8)
-        q = q.view(w.shape)
-    return q, d.view(lo.shape)[..., 0].half(), m.view(lo.shape)[..., 0].half()
 
 
 class Int8Linear(nn.Module):
@@ -214,7 +109,7 @@ class Int4Linear(nn.Module):
     ) -> Int4Linear:
         """Asymmetric quantization per group of `group_size` columns (a multiple of 32): the
         (d, m) of each group, float16 as stored, minimizing the squared reconstruction error,
-        found by a search around min/max (see _fit_q4). `importance` (in_features,), optional:
+        found by a search around min/max (q4_fit.py). `importance` (in_features,), optional:
         a non-negative weight per input column for that error (e.g. the squared RMSNorm gain in
         front of the layer, which scales each column's contribution to the output)."""
         if group_size % BLOCK or group_size <= 0:
@@ -236,7 +131,7 @@ class Int4Linear(nn.Module):
             col = importance.detach().float().to(w.device).clamp(min=0)
             col = col + 1e-4 * col.mean() + 1e-30  # no column is free to take any value
             col = F.pad(col, (0, padded - in_features), value=1.0).view(1, -1, group_size)
-        q, d, m = _fit_q4(w, col)
+        q, d, m = fit_q4(w, col)
         per_block = group_size // BLOCK  # the kernels keep one (d, m) per 32 columns
         q = q.view(out_features, -1, BLOCK)[:, : _padded(in_features) // BLOCK]
         layer = cls(in_features, out_features, device="meta")
@@ -290,44 +185,6 @@ class Int4Linear(nn.Module):
 
 
 QuantizedLinear = (Int8Linear, Int4Linear)
-KERNEL_MAX_ROWS = 8  # float32 products with more rows (prefill) go to MKL's GEMM
-
-
-class CpuLinear(nn.Linear):
-    """nn.Linear (same weight, same state dict) whose float32 matrix-vector products on CPU run
-    on the C++ kernel: MKL reaches a fraction of memory bandwidth at batch 1 (issue 5)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = _cpu_ops(x)
-        if (
-            ops is not None
-            and self.bias is None
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and x.numel() <= KERNEL_MAX_ROWS * self.in_features
-        ):
-            return ops.f32_linear(x, self.weight)
-        return super().forward(x)
-
-
-def use_cpu_kernels_(model: nn.Module) -> nn.Module:
-    """Route the float32 nn.Linear layers of a CPU model through CpuLinear, sharing their weights
-    (a tied classifier stays tied); in place. No-op where the CPU kernels are unavailable."""
-    if cpu_kernels.ops() is None:
-        return model
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if (
-                type(child) is nn.Linear
-                and child.bias is None
-                and child.weight.dtype == torch.float32
-                and child.weight.device.type == "cpu"
-                and child.weight.is_contiguous()
-            ):
-                fast = CpuLinear(child.in_features, child.out_features, bias=False, device="meta")
-                fast.weight = child.weight
-                setattr(module, name, fast)
-    return model
 
 
 def quantize_(model: nn.Module, mode: str, *, group_size: int = BLOCK) -> nn.Module:
@@ -446,3 +303,27 @@ def _warm_kernels(model: nn.Module) -> None:
     # where torch.compile would be tracing.
     if any(b.device.type == "cpu" for b in model.buffers()):
         cpu_kernels.ops()
+
+
+def fuse_(model: nn.Module) -> nn.Module:
+    """Merge wq/wk/wv into wqkv and w1/w3 into w13 (one matrix read per group); in place."""
+    for layer in model.layers:
+        attn, ffn = layer.attention, layer.feed_forward
+        if attn.wqkv is None and hasattr(attn, "wq"):
+            attn.wqkv = _cat_linears(attn.wq, attn.wk, attn.wv)
+            del attn.wq, attn.wk, attn.wv
+        if ffn.w13 is None and hasattr(ffn, "w1"):
+            ffn.w13 = _cat_linears(ffn.w1, ffn.w3)
+            del ffn.w1, ffn.w3
+    return model
+
+
+def _cat_linears(*linears: nn.Module) -> nn.Module:
+    if not all(isinstance(lin, nn.Linear) for lin in linears):  # int8/int4 layers
+        return cat_quantized(list(linears))
+    weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)
+    fused = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype
+    )
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused

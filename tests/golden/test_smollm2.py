@@ -9,7 +9,7 @@ from conftest import shared_model
 
 import llamarun
 from llamarun import build_model
-from llamarun.generate import LLM
+from llamarun.llm import LLM
 from llamarun.loaders.gguf import load
 from llamarun.sampling import SamplingParams
 

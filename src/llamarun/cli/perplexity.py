@@ -11,8 +11,6 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
 from . import add_model_args, load_from_args
 
 
@@ -45,7 +43,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{path} has {len(ids)} tokens, fewer than one chunk of --ctx {args.ctx}: use a smaller --ctx or a longer file"
         )
-    bos = llm.tokenizer.bos_id if llm.tokenizer.add_bos else None
 
     def progress(i: int, nll: float, count: int) -> None:
         print(
@@ -54,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    nll, count = chunk_nll(llm.model, ids, args.ctx, n_chunks, bos, on_chunk=progress)
+    nll, count, _ = llm.perplexity(ids, args.ctx, max_chunks=args.max_chunks, on_chunk=progress)
     ppl = math.exp(nll / count)
     if args.json:
         print(
@@ -73,29 +70,3 @@ def run(args: argparse.Namespace) -> int:
             f"perplexity {ppl:.4f} over {n_chunks} chunks of {args.ctx} tokens ({count} tokens scored)"
         )
     return 0
-
-
-@torch.inference_mode()
-def chunk_nll(
-    model, ids: list[int], ctx: int, n_chunks: int, bos: int | None, *, on_chunk=None
-) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) of the second half of each chunk and how many tokens
-    that covers: in a chunk t[0..ctx), logits at positions ctx/2 .. ctx-2 predict t[ctx/2+1 ..)."""
-    device = model.norm.weight.device
-    first = ctx // 2
-    total, count = 0.0, 0
-    for i in range(n_chunks):
-        chunk = list(ids[i * ctx : (i + 1) * ctx])
-        if bos is not None:
-            chunk[0] = bos
-        tokens = torch.tensor([chunk], device=device)
-        logits = model(tokens, torch.arange(ctx, device=device)[None], all_logits=True)[
-            0
-        ]  # (ctx, V)
-        logp = torch.log_softmax(logits[first:-1].float(), dim=-1)
-        targets = tokens[0, first + 1 :]
-        total -= float(logp.gather(1, targets[:, None]).sum())
-        count += len(targets)
-        if on_chunk is not None:
-            on_chunk(i, total, count)
-    return total, count

@@ -1,5 +1,5 @@
 """OpenAI-compatible HTTP server: wire types (protocol.py), continuous batching on one engine
-thread (engine.py) and the FastAPI routes (app.py). Start it with `llamarun serve`."""
+thread (scheduler.py) and the FastAPI routes (app.py). Start it with `llamarun serve`."""
 
 from .app import create_app
 

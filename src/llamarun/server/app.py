@@ -20,9 +20,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from ..errors import LlamarunError, RequestError, TokenizerError
-from ..generate import LLM, TextStream
+from ..llm import LLM, TextStream
 from . import protocol as p
-from .engine import Event, Job, Scheduler
+from .scheduler import Event, Job, Scheduler
 
 log = logging.getLogger("llamarun.server")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -168,7 +168,7 @@ def create_app(
                         prompt_ids,
                         params,
                         stream,
-                        tokenizer.stop_ids | stop_ids,
+                        stop_ids,
                         emit,
                         **job_args,
                     )

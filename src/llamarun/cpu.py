@@ -1,12 +1,15 @@
-"""The whole one-token decode step of a CPU float32 model in one C++ call (issue 5).
+"""The CPU fast path, in one place: what runs on the C++ kernels (cpu_kernels.py) and when.
 
-At batch 1 an eager decode step spends more time dispatching its ~40 torch ops per layer than
-reading weights. `CpuStep` hands the step to the extension's `Decoder` (cpu_kernels.py): per
-layer, four parallel matrix products on the same kernels the layers themselves use (q/k/v and
-gate/up each run as one product, fused or not), and RMSNorm, RoPE, the cache write, attention and
-SwiGLU as plain loops over float32. Same arithmetic as `Transformer.forward`, so logits agree to
-float rounding. The Engine uses it for decode steps on CPU; a model it cannot take (not float32,
-offloaded layers, linear layers of another kind, no kernels) keeps the eager forward.
+- `CpuLinear`: an nn.Linear whose float32 matrix-vector products run on the kernel (MKL reaches
+  a fraction of memory bandwidth at batch 1); `use_cpu_kernels_` swaps a model's float32 linears
+  for it. build.py calls it; nothing else changes a model.
+- `CpuStep`: the whole one-token decode step in one C++ call. At batch 1 an eager step spends
+  more time dispatching its ~40 torch ops per layer than reading weights; the extension's
+  `Decoder` runs per layer four parallel matrix products (q/k/v and gate/up each as one product)
+  and RMSNorm, RoPE, the cache write, attention and SwiGLU as plain loops over float32: the same
+  arithmetic as `Transformer.forward`, so logits agree to float rounding. A model it cannot take
+  (not float32, offloaded layers, linears of another kind, no kernels) keeps the eager forward.
+- `argmax_ids`: greedy picks by the extension's vectorised scan.
 """
 
 from __future__ import annotations
@@ -21,6 +24,46 @@ from .model import Transformer, TransformerBlock
 from .quantize import Int4Linear, Int8Linear
 
 log = logging.getLogger(__name__)
+
+KERNEL_MAX_ROWS = 8  # float32 products with more rows (prefill) go to MKL's GEMM
+
+
+class CpuLinear(nn.Linear):
+    """nn.Linear (same weight, same state dict) whose float32 matrix-vector products on CPU run
+    on the C++ kernel: MKL reaches a fraction of memory bandwidth at batch 1 (issue 5)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = cpu_kernels.ops() if x.device.type == "cpu" else None
+        if (
+            ops is not None
+            and self.bias is None
+            and x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and x.numel() <= KERNEL_MAX_ROWS * self.in_features
+        ):
+            return ops.f32_linear(x, self.weight)
+        return super().forward(x)
+
+
+def use_cpu_kernels_(model: nn.Module) -> nn.Module:
+    """Route the float32 nn.Linear layers of a CPU model through CpuLinear, sharing their weights
+    (a tied classifier stays tied); in place. No-op where the CPU kernels are unavailable."""
+    if cpu_kernels.ops() is None:
+        return model
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if (
+                type(child) is nn.Linear
+                and child.bias is None
+                and child.weight.dtype == torch.float32
+                and child.weight.device.type == "cpu"
+                and child.weight.is_contiguous()
+            ):
+                fast = CpuLinear(child.in_features, child.out_features, bias=False, device="meta")
+                fast.weight = child.weight
+                setattr(module, name, fast)
+    return model
+
 
 LINEAR_NONE, LINEAR_F32, LINEAR_INT8, LINEAR_Q4 = 0, 1, 2, 3
 _EMPTY = torch.empty(0)

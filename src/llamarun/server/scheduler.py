@@ -11,14 +11,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
-from ..generate import LLM, PREFILL_CHUNK, StepOutput, TextStream
+from ..engine import StepOutput, TopLogprobs
+from ..llm import LLM, TextStream
 from ..sampling import SamplingParams
 
 log = logging.getLogger("llamarun.server")
-
-TopLogprobs = list[tuple[int, float]]  # (token id, logprob), best first
 
 
 @dataclass
@@ -39,7 +36,7 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     stream: TextStream
-    stop_ids: frozenset[int]
+    stop_ids: frozenset[int]  # besides the model's own (a chat format's end of turn)
     emit: Callable[[Event], None]  # thread-safe: hands the event to the request's event loop
     logprobs: int | None = None  # top alternatives per token; None: no logprobs
     score_prompt: bool = False  # also report the prompt's own logprobs (completions echo)
@@ -116,7 +113,13 @@ class Scheduler:
             self.running[slot] = job
             try:
                 prompt_logprobs = self._score_prompt(slot, job) if job.score_prompt else None
-                out = self.engine.add(slot, job.prompt_ids, job.params, logprobs=job.logprobs)
+                out = self.engine.add(
+                    slot,
+                    job.prompt_ids,
+                    job.params,
+                    logprobs=job.logprobs,
+                    stop_ids=job.stop_ids,
+                )
             except Exception as e:  # fails this request only
                 self._fail(slot, e)
                 continue
@@ -138,22 +141,13 @@ class Scheduler:
         job = self.running[slot]
         try:
             event = Event(job.index, prompt_logprobs=prompt_logprobs)
-            if out.token_id < 0:  # max_tokens=0: nothing sampled
-                event.finish_reason = "length"
-            elif out.token_id in job.stop_ids:
-                job.n_tokens += 1
-                event.finish_reason = "stop"
-            else:
-                job.n_tokens += 1
-                event.text = job.stream.feed(out.token_id)
-                event.token_id, event.logprob, event.top_logprobs = (
-                    out.token_id,
-                    out.logprob,
-                    out.top_logprobs,
-                )
-                event.finish_reason = "stop" if job.stream.stopped else out.finish_reason
+            job.n_tokens += out.token_id >= 0  # the stop token counts, as OpenAI's usage does
+            event.text = job.stream.push(out)
+            if out.token_id >= 0 and out.finish_reason != "stop":
+                event.token_id, event.logprob = out.token_id, out.logprob
+                event.top_logprobs = out.top_logprobs
+            event.finish_reason = job.stream.finish_reason
             if event.finish_reason:
-                event.text += job.stream.finish()
                 self._release(slot)
             job.emit(event)
         except Exception as e:
@@ -169,33 +163,6 @@ class Scheduler:
         self.running.pop(slot, None)
         self.engine.release(slot)
 
-    @torch.inference_mode()
     def _score_prompt(self, slot: int, job: Job) -> list[tuple[float | None, TopLogprobs]]:
         """Logprob of each prompt token given the ones before it (the first has none)."""
-        self.engine.check_prompt(job.prompt_ids)
-        model, ids, k = self.llm.model, job.prompt_ids, job.logprobs or 0
-        device = self.engine.device
-        scores: list[tuple[float | None, TopLogprobs]] = [(None, [])]
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            chunk = ids[start : start + PREFILL_CHUNK]
-            tokens = torch.tensor([chunk], device=device)
-            input_pos = torch.arange(start, start + len(chunk), device=device)[None]
-            logp = torch.log_softmax(
-                model(tokens, input_pos, torch.tensor([slot], device=device), all_logits=True)[
-                    0
-                ].float(),
-                -1,
-            )
-            targets = ids[start + 1 : start + len(chunk) + 1]  # the token each position predicts
-            picked = logp[
-                torch.arange(len(targets)), torch.tensor(targets, dtype=torch.long)
-            ].tolist()
-            top = torch.topk(logp[: len(targets)], k) if k else None
-            for i, lp in enumerate(picked):
-                alts = (
-                    list(zip(top.indices[i].tolist(), top.values[i].tolist()))
-                    if top is not None
-                    else []
-                )
-                scores.append((lp, alts))
-        return scores
+        return self.engine.score(slot, job.prompt_ids, job.logprobs or 0)

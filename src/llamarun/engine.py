@@ -1,0 +1,229 @@
+"""The engine: slots over one static KV cache, prefill once per prompt, one decode step per token.
+
+`Engine` is what every face uses: `LLM` (native API, CLI), the Meta-compatible `Llama`, the
+server's continuous batching, perplexity. Each batch row is a slot with its own position,
+sampling parameters, seeded generator and stop ids, so a row's tokens do not depend on which
+other rows share the batch. The engine decides when a row ends on a token (a stop id, the token
+budget, the context); stop *strings* are text, and llm.TextStream decides those.
+
+The engine never changes the model it is given: build.py prepares it and hands over the fastest
+decode callable it has for that device (the one-call CPU step, a compiled step, or the model).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .cpu import argmax_ids
+from .errors import RequestError
+from .model import Transformer
+from .sampling import SamplingParams, apply_penalties, sample
+
+PREFILL_CHUNK = 512  # prompt tokens per forward: bounds attention memory for long prompts
+Decode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tokens, input_pos) -> logits
+TopLogprobs = list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclass
+class Slot:
+    params: SamplingParams
+    generator: torch.Generator
+    prompt_len: int
+    pos: int  # next cache position to write
+    tokens: list[int]  # prompt + generated
+    stop_ids: frozenset[int]
+    logprobs: int | None = None  # how many top alternatives to report; None: no logprobs
+    finish_reason: str | None = None
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+@dataclass
+class StepOutput:
+    slot: int
+    token_id: int  # -1 when nothing was sampled (max_new_tokens=0)
+    finish_reason: str | None  # "stop" (a stop id), "length", or None while running
+    logprob: float | None = None
+    top_logprobs: TopLogprobs = field(default_factory=list)
+
+
+class Engine:
+    """Owns the model's cache rows. Not thread-safe: one thread drives it."""
+
+    def __init__(
+        self, model: Transformer, stop_ids: frozenset[int], *, decode: Decode | None = None
+    ):
+        self.model = model
+        self.stop_ids = frozenset(stop_ids)
+        self.device = model.norm.weight.device
+        self.slots: list[Slot | None] = [None] * model.max_batch_size
+        self._decode = decode or model
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.max_seq_len
+
+    def free_slots(self) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if s is None]
+
+    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
+        vocab = self.model.args.vocab_size
+        if not prompt_ids:
+            raise RequestError("the prompt is empty: give at least one token", param="prompt")
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(
+                f"prompt has token ids outside the vocabulary (0..{vocab - 1})", param="prompt"
+            )
+        if len(prompt_ids) >= self.max_seq_len:
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens but max_seq_len is {self.max_seq_len}: "
+                "shorten the prompt or raise --max-seq-len",
+                param="prompt",
+            )
+
+    def prefill(
+        self, slot: int, ids: Sequence[int], *, all_logits: bool = False
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Write `ids` into cache row `slot` at positions 0.., PREFILL_CHUNK tokens per forward.
+        Yields (start, logits) per chunk: the chunk's last position (V,), or (T, V) each."""
+        rows = torch.tensor([slot], device=self.device)
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            chunk = list(ids[start : start + PREFILL_CHUNK])
+            tokens = torch.tensor([chunk], device=self.device)
+            input_pos = torch.arange(start, start + len(chunk), device=self.device)[None]
+            yield start, self.model(tokens, input_pos, rows, all_logits=all_logits)[0]
+
+    @torch.inference_mode()
+    def add(
+        self,
+        slot: int,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        logprobs: int | None = None,
+        stop_ids: frozenset[int] = frozenset(),
+    ) -> StepOutput:
+        """Prefill `prompt_ids` into a free slot and sample its first new token. `stop_ids` end
+        this row besides the model's own (a chat format's end-of-turn token)."""
+        self.check_prompt(prompt_ids)
+        assert self.slots[slot] is None, f"slot {slot} is busy"
+        seed = params.seed if params.seed is not None else random.randrange(2**63)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        state = Slot(
+            params,
+            generator,
+            len(prompt_ids),
+            0,
+            list(prompt_ids),
+            self.stop_ids | stop_ids,
+            logprobs,
+        )
+        self.slots[slot] = state
+        *_, (_, logits) = self.prefill(slot, prompt_ids)  # the last chunk's logits pick the token
+        state.pos = len(prompt_ids)
+        if params.max_new_tokens == 0:
+            state.finish_reason = "length"
+            return StepOutput(slot, -1, "length")
+        return self._pick(slot, logits)
+
+    @torch.inference_mode()
+    def score(
+        self, slot: int, ids: Sequence[int], top: int = 0
+    ) -> list[tuple[float | None, TopLogprobs]]:
+        """Log-probability of each token of `ids` given the ones before it (None for the first),
+        with the `top` best alternatives, written through cache row `slot` (which must be free)."""
+        self.check_prompt(ids)
+        assert self.slots[slot] is None, f"slot {slot} is busy"
+        scores: list[tuple[float | None, TopLogprobs]] = [(None, [])]
+        for start, logits in self.prefill(slot, ids, all_logits=True):
+            logp = torch.log_softmax(logits.float(), -1)
+            targets = list(ids[start + 1 : start + len(logits) + 1])  # what each position predicts
+            picked = logp[torch.arange(len(targets)), torch.tensor(targets, dtype=torch.long)]
+            best = torch.topk(logp[: len(targets)], top) if top else None
+            for i, lp in enumerate(picked.tolist()):
+                alts = list(zip(best.indices[i].tolist(), best.values[i].tolist())) if best else []
+                scores.append((lp, alts))
+        return scores
+
+    @torch.inference_mode()
+    def nll(self, ids: Sequence[int], first: int) -> tuple[float, int]:
+        """Summed negative log-likelihood (nats) of ids[first + 1:], each given the ones before
+        it, and how many tokens that is; written through a free cache row."""
+        slot = self.free_slots()[0]
+        total, count = 0.0, 0
+        for start, logits in self.prefill(slot, ids, all_logits=True):
+            lo = max(first - start, 0)  # logits at position p predict ids[p + 1]
+            hi = min(len(logits), len(ids) - 1 - start)
+            if lo >= hi:
+                continue
+            logp = torch.log_softmax(logits[lo:hi].float(), dim=-1)
+            targets = torch.tensor(ids[start + lo + 1 : start + hi + 1], device=logp.device)
+            total -= float(logp.gather(1, targets[:, None]).sum())
+            count += len(targets)
+        return total, count
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """One decode step for every running slot."""
+        running = [i for i, s in enumerate(self.slots) if s is not None and s.finish_reason is None]
+        if not running:
+            return []
+        hi = running[-1] + 1  # rows 0..hi-1 are a view of the cache; idle rows decode a dummy token
+        # Idle rows decode token 0 at position 0: a later prefill of the row overwrites it first,
+        # and the attended length (the batch's furthest position) does not grow.
+        live = [s if s is not None and s.finish_reason is None else None for s in self.slots[:hi]]
+        tokens = torch.tensor([[s.tokens[-1] if s else 0] for s in live], device=self.device)
+        input_pos = torch.tensor([[s.pos if s else 0] for s in live], device=self.device)
+        logits = self.decode(tokens, input_pos)  # (hi, V)
+        for i in running:
+            self.slots[i].pos += 1
+        return self._pick_many(running, logits)
+
+    def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) for one new token per cache row 0..B-1: tokens and input_pos (B, 1)."""
+        return self._decode(tokens, input_pos)
+
+    def release(self, slot: int) -> Slot | None:
+        state, self.slots[slot] = self.slots[slot], None
+        return state
+
+    def _pick_many(self, running: list[int], logits: torch.Tensor) -> list[StepOutput]:
+        states = [self.slots[i] for i in running]
+        if all(
+            s.params.is_greedy and not s.params.has_penalties and s.logprobs is None for s in states
+        ):
+            ids = argmax_ids(logits)  # one host sync for the whole batch
+            return [self._advance(i, ids[i]) for i in running]
+        return [self._pick(i, logits[i]) for i in running]
+
+    def _pick(self, slot: int, logits: torch.Tensor) -> StepOutput:
+        s = self.slots[slot]
+        if s.params.has_penalties:
+            seen = torch.tensor(s.tokens, device=logits.device)
+            logits = apply_penalties(logits, s.params, seen, seen[s.prompt_len :])
+        token = sample(logits[None], s.params, s.generator)
+        if s.logprobs is None:
+            return self._advance(slot, int(token))
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top = torch.topk(logp, s.logprobs) if s.logprobs else None
+        out = self._advance(slot, int(token))
+        out.logprob = float(logp[out.token_id])
+        if top is not None:
+            out.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+        return out
+
+    def _advance(self, slot: int, token_id: int) -> StepOutput:
+        """The one place a row ends on a token: a stop id, its budget, or the context's end."""
+        s = self.slots[slot]
+        s.tokens.append(token_id)
+        if token_id in s.stop_ids:
+            s.finish_reason = "stop"
+        elif s.n_generated >= s.params.max_new_tokens or s.pos >= self.max_seq_len:
+            s.finish_reason = "length"
+        return StepOutput(slot, token_id, s.finish_reason)

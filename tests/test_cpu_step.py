@@ -159,3 +159,17 @@ def test_argmax_ids_matches_torch_including_ties_and_odd_widths():
     got = argmax_ids(logits)
     # Assert
     assert got == logits.argmax(dim=-1).tolist() == [got[0], 17, 1002]
+
+
+@torch.inference_mode()
+def test_step_follows_a_model_quantized_after_it_was_built():
+    model = random_model(GQA, None, fused=False)
+    step = CpuStep.build(model)
+    tokens, input_pos, rows = torch.tensor([[5]]), torch.tensor([[0]]), torch.tensor([0])
+    float_logits = step(tokens, input_pos, rows)  # the step has run on the float32 weights
+    quantize_(model, "int4")  # Act: the model changes under the step
+    got = step(tokens, input_pos, rows)
+    expected = model(tokens, input_pos, rows)
+    # Assert: the step decoded with the new weights, not the ones it was built over
+    assert not torch.allclose(float_logits, expected, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

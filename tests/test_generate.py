@@ -159,3 +159,18 @@ def test_meta_sampling_is_seeded(tiny_model):
     assert set(c[0]) == {"generation", "tokens", "logprobs"} and len(c[0]["logprobs"]) == len(
         c[0]["tokens"]
     )
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_text_completion_follows_the_tokenizers_bos_policy(tiny_model, add_bos):
+    tok = ByteTokenizer()
+    tok.add_bos = add_bos  # True for every Meta/Llama tokenizer; False e.g. for SmolLM2's GGUF
+    tiny_model.setup_caches(1, 96)
+    llama = Llama(LLM(tiny_model, tok))
+
+    out = llama.text_completion(["hi"], temperature=0, max_gen_len=1, logprobs=True, echo=True)
+
+    fed = [t + 3 for t in b"hi"]  # what the prompt encodes to without BOS
+    expected = ([""] if add_bos else []) + [chr(b) for b in b"hi"]  # BOS decodes to ""
+    assert out[0]["tokens"][: len(expected)] == expected
+    assert len(out[0]["tokens"]) == len(fed) + add_bos + 1

@@ -139,13 +139,47 @@ def _decoder(model: Transformer) -> object | None:
         return None
 
 
+def _built_over(model: Transformer) -> tuple[list, tuple[int, ...]]:
+    """What a Decoder is built over, in a form cheap to check before every step (nn.Module's
+    __getattr__ cost ~400 us a step on 30 layers; dict lookups ~15 us): each block and its
+    linear and cache modules as (owner's module dict, name, module) — quantize_, fuse_,
+    setup_caches and offloading replace those — and where the weights live (.to() moves them)."""
+    watched = []
+    for i, block in enumerate(model.layers):
+        watched.append((model.layers._modules, str(i), block))
+        for owner in (block.attention, block.feed_forward):
+            watched += [(owner._modules, name, m) for name, m in owner._modules.items()]
+    watched += [(model._modules, name, m) for name, m in model._modules.items()]
+    return watched, _places(model)
+
+
+def _places(model: Transformer) -> tuple[int, ...]:
+    return (
+        model.norm.weight.data_ptr(),
+        model.tok_embeddings.weight.data_ptr(),
+        model.rope_cos.data_ptr(),
+    )
+
+
 class CpuStep:
-    """Calls like `model(tokens, input_pos, rows)` for tokens (B, 1); returns logits (B, V)."""
+    """Calls like `model(tokens, input_pos, rows)` for tokens (B, 1); returns logits (B, V).
+
+    The Decoder holds the tensors it was built over; when the model has changed since (new
+    caches, quantize_, .to()), a new one is built over what the model now holds, or the eager
+    forward runs when the step cannot take it any more."""
 
     def __init__(self, model: Transformer, decoder: object):
         self.model = model
         self.decoder = decoder
-        self.rope_cos = model.rope_cos  # setup_caches() makes new caches and tables
+        self.watched, self.places = _built_over(model)
+
+    def _model_changed(self) -> bool:
+        modules = self.watched[0][0]  # model.layers: a block added or removed changes its size
+        return (
+            len(modules) != len(self.model.layers)
+            or any(owner.get(name) is not m for owner, name, m in self.watched)
+            or _places(self.model) != self.places
+        )
 
     @classmethod
     def build(cls, model: Transformer) -> CpuStep | None:
@@ -156,8 +190,9 @@ class CpuStep:
     def __call__(
         self, tokens: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self.model.rope_cos is not self.rope_cos:  # new caches: point a new decoder at them
-            self.decoder, self.rope_cos = _decoder(self.model), self.model.rope_cos
+        if self._model_changed():
+            self.decoder = _decoder(self.model)
+            self.watched, self.places = _built_over(self.model)
         if self.decoder is None or tokens.shape[1] != 1:
             return self.model(tokens, input_pos, rows)
         if rows is None:

@@ -158,7 +158,11 @@ class Llama:
     ) -> list[dict]:
         if max_gen_len is None:
             max_gen_len = self.model.max_seq_len - 1
-        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        # Meta's line is bos=True; every Meta/Llama tokenizer says so itself, while models whose
+        # tokenizer says no (SmolLM2's GGUF, some Hugging Face configs) are fed what llama.cpp
+        # and transformers feed them.
+        bos = self.tokenizer.add_bos
+        prompt_tokens = [self.tokenizer.encode(x, bos=bos, eos=False) for x in prompts]
         tokens, token_logprobs = self.generate(
             prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo
         )

@@ -18,19 +18,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ModelArgs
+from .engine import PREFILL_CHUNK
 from .errors import ConfigError, MemoryPlanError
+from .quantize import INT4_LAYOUTS, INT8_LAYOUTS, MODES, Int4Linear, quantized_bytes
+from .weights import block_linear_shapes
 
-PREFILL_CHUNK = 512  # prompt tokens per forward in generate.Engine
 GPU_RESERVE = 512 * 2**20  # cuBLAS workspace, kernel scratch and allocator slack on a GPU
-QUANTIZE_MODES = ("int8", "int4")
-# Layouts of quantize.py's layers, in bytes: Int8Linear keeps an int8 weight and float32 scales,
-# one per output channel (or per 32 weights for GGUF Q8_0); Int4Linear keeps 4-bit weights with a
-# float16 scale and minimum per 32 weights, and on CUDA also a tile-packed copy (int4 + a bfloat16
-# scale/zero pair per 32) made on the device at its first forward. in_features pad to 32.
-BLOCK = 32
-INT8_SCALE_BYTES = 4
-INT4_GROUP_BYTES = 2 + 2
-CUDA_INT4_COPY_GROUP_BYTES = 2 * 2
+QUANTIZE_MODES = MODES
 GB = 1e9
 
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -46,9 +40,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def _linear_shapes(args: ModelArgs) -> list[tuple[int, int]]:
     """(out_features, in_features) of the linears in one transformer block."""
-    C, F, D = args.dim, args.hidden_dim, args.head_dim
-    q, kv = args.n_heads * D, args.n_kv_heads * D
-    return [(q, C), (kv, C), (kv, C), (C, q), (F, C), (C, F), (F, C)]
+    return list(block_linear_shapes(args).values())
 
 
 def linear_bytes(
@@ -59,28 +51,13 @@ def linear_bytes(
     *,
     gpu: bool = False,
 ) -> int:
-    """Bytes of one linear weight: dense in `dtype`, or as quantize.py's Int8Linear/Int4Linear hold
-    it (see the constants above); `quantize` may also name a GGUF type kept packed."""
+    """Bytes of one linear weight: dense in `dtype`, or as quantize.py's layer holds it (int8,
+    int4, or a GGUF type kept packed); on a GPU computing in `dtype`."""
     if quantize is None:
         return out_features * in_features * dtype_bytes(dtype)
-    padded = -(-in_features // BLOCK) * BLOCK
-    n, blocks = out_features * padded, out_features * padded // BLOCK
-    if quantize == "int8":
-        return n + out_features * INT8_SCALE_BYTES
-    if quantize == "Q8_0":
-        return n + blocks * INT8_SCALE_BYTES
-    if quantize in ("int4", "Q4_0", "Q4_1"):
-        copy = gpu and cuda_int4_packs(in_features, dtype)
-        cuda_copy = (
-            out_features * in_features // 2 + blocks * CUDA_INT4_COPY_GROUP_BYTES if copy else 0
-        )
-        return n // 2 + blocks * INT4_GROUP_BYTES + cuda_copy
-    raise MemoryPlanError(f"--quantize {quantize!r} is not a mode; choose int8, int4 or auto")
-
-
-def cuda_int4_packs(in_features: int, dtype: torch.dtype) -> bool:
-    """Whether Int4Linear runs torch's packed int4 kernel on CUDA (else it dequantizes per call)."""
-    return dtype == torch.bfloat16 and in_features % 1024 == 0
+    if quantize not in INT8_LAYOUTS + INT4_LAYOUTS:
+        raise MemoryPlanError(f"--quantize {quantize!r} is not a mode; choose int8, int4 or auto")
+    return quantized_bytes(quantize, out_features, in_features, cuda_dtype=dtype if gpu else None)
 
 
 def layer_bytes(
@@ -146,8 +123,8 @@ def working_bytes(
     attention = q_kv * b + T * (H + args.n_kv_heads) * D * 4 + 2 * H * S * D * b + H * T * S * 4
     ffn = 3 * T * F * b
     dequantized = 0
-    if gpu and quantize in ("int4", "Q4_0", "Q4_1"):
-        sizes = [o * i for o, i in _linear_shapes(args) if not cuda_int4_packs(i, dtype)]
+    if gpu and quantize in INT4_LAYOUTS:
+        sizes = [o * i for o, i in _linear_shapes(args) if not Int4Linear.cuda_packs(i, dtype)]
         dequantized = max(sizes, default=0) * (4 + b)
     return batch * (logits + residual + attention + ffn) + (GPU_RESERVE + dequantized if gpu else 0)
 

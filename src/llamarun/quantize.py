@@ -22,10 +22,32 @@ from .weights import PackedWeight
 BLOCK = 32  # columns per activation block and per stored 4-bit group
 MODES = ("int8", "int4")
 Q8_0_BYTES, Q4_0_BYTES, Q4_1_BYTES = 34, 18, 20  # bytes per 32-weight block in GGUF
+INT8_LAYOUTS = ("int8", "Q8_0")  # Int8Linear: one float32 scale per output channel / per block
+INT4_LAYOUTS = ("int4", "Q4_0", "Q4_1")  # Int4Linear
 
 
 def _padded(in_features: int) -> int:
     return -(-in_features // BLOCK) * BLOCK
+
+
+def quantized_bytes(
+    layout: str, out_features: int, in_features: int, *, cuda_dtype: torch.dtype | None = None
+) -> int:
+    """Bytes one quantized linear holds, from the buffers its layer allocates: an int8 weight
+    with float32 scales (Int8Linear), or 4-bit weights with a float16 scale and minimum per 32
+    (Int4Linear) plus, run on CUDA in `cuda_dtype`, the tile-packed copy it makes there at its
+    first forward (int4 and a bfloat16 scale/zero pair per 32)."""
+    padded = _padded(in_features)
+    groups = padded // BLOCK
+    if layout in INT8_LAYOUTS:
+        scales = 1 if layout == "int8" else groups
+        return out_features * padded + out_features * scales * 4
+    if layout not in INT4_LAYOUTS:
+        raise ConfigError(f"{layout!r} is not a quantized layout; choose one of int8, int4")
+    total = out_features * padded // 2 + out_features * groups * (2 + 2)
+    if cuda_dtype is not None and Int4Linear.cuda_packs(in_features, cuda_dtype):
+        total += out_features * in_features // 2 + out_features * groups * 2 * 2
+    return total
 
 
 def _cpu_ops(x: torch.Tensor):
@@ -155,9 +177,15 @@ class Int4Linear(nn.Module):
         ops = _cpu_ops(x)
         if ops is not None:
             return ops.q4_linear(x, self.qs, self.d, self.m)
-        if x.device.type == "cuda" and x.dtype == torch.bfloat16 and self.in_features % 1024 == 0:
+        if x.device.type == "cuda" and self.cuda_packs(self.in_features, x.dtype):
             return self._cuda_forward(x)
         return F.linear(x, self.dequantize().to(x.dtype))
+
+    @staticmethod
+    def cuda_packs(in_features: int, dtype: torch.dtype) -> bool:
+        """Whether CUDA runs torch's tile-packed int4 kernel (else it dequantizes per call): it
+        takes bfloat16 activations and rows of a multiple of 1024 here."""
+        return dtype == torch.bfloat16 and in_features % 1024 == 0
 
     def _cuda_forward(self, x: torch.Tensor) -> torch.Tensor:
         # torch's tile-packed int4 matmul computes w = (q - 8) * scale + zero, so zero = m + 8 d;

@@ -6,6 +6,12 @@ import re
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
+# Tokens chat templates write at the end of a turn: generation stops on them even when they are
+# not the model's EOS (Llama 3's <|eot_id|>, ChatML's <|im_end|>, Phi-3's <|end|>, Gemma's).
+END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
+# End-of-text tokens some vocabularies mark only as CONTROL, not as their EOS id.
+END_OF_TEXT = ("<|end_of_text|>", "<|endoftext|>")
+
 
 @runtime_checkable
 class Tokenizer(Protocol):

@@ -20,7 +20,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import RequestError, TokenizerError
-from .base import Tokenizer
+from .base import END_OF_TURN, Tokenizer
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
@@ -30,10 +30,6 @@ B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
-
-# Tokens that chat templates write at the end of a turn; the model must stop on them even when
-# they are not its EOS (Llama 3's <|eot_id|>, ChatML's <|im_end|>, Phi-3's <|end|>, Gemma's).
-END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
 
 # Texts that special tokens usually have, to name an id whose decode() is empty (SentencePiece <s>).
 _SPECIAL_NAMES = (

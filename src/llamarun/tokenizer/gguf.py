@@ -16,20 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TokenizerError
+from .base import END_OF_TEXT, END_OF_TURN
 
 # GGUF token types (llama.cpp's llama_token_type; the same numbers as SentencePiece's piece types)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-# Tokens that end a turn in common chat formats: generation stops on them as on EOS.
-END_OF_TURN = (
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|end_of_text|>",
-    "<|endoftext|>",
-    "<|end|>",
-    "<end_of_turn>",
-)
 
 # GPT-2 style pre-tokenizer regexes by `tokenizer.ggml.pre` (the same patterns as llama.cpp's vocab).
 LLAMA3_PATTERN = (
@@ -72,7 +62,7 @@ class GGUFTokenizer:
         ids |= {
             i
             for i, t in enumerate(tokens)
-            if t in END_OF_TURN and token_types[i] in (CONTROL, USER_DEFINED)
+            if t in END_OF_TURN + END_OF_TEXT and token_types[i] in (CONTROL, USER_DEFINED)
         }
         self.stop_ids = frozenset(i for i in ids if i is not None)
         self._ids = {}

@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 from .errors import ConfigError, RequestError
@@ -142,8 +143,6 @@ def probe_machine(
 ) -> Machine:
     """Look at this machine. `run(argv)` returns a command's stdout or None when it is missing or
     fails; `exists(path)` tests a file. Nothing here initialises torch.distributed."""
-    import psutil
-
     run = run or run_command
     cuda = torch.cuda.is_available()
     gpus = tuple(_gpu(i) for i in range(torch.cuda.device_count())) if cuda else ()

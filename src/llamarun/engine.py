@@ -63,7 +63,7 @@ class Engine:
         self.stop_ids = frozenset(stop_ids)
         self.device = model.norm.weight.device
         self.slots: list[Slot | None] = [None] * model.max_batch_size
-        self._decode = decode or model
+        self._decode = decode if decode is not None else model
 
     @property
     def max_seq_len(self) -> int:

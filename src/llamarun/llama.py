@@ -16,6 +16,7 @@ from .build import load
 from .errors import RequestError
 from .llm import LLM
 from .sampling import sample_top_p_meta
+from .tokenizer.chat import UNSAFE_ERROR, has_special_tags, meta_chat_format
 
 
 class Llama:
@@ -188,8 +189,6 @@ class Llama:
         """Meta's chat_completion: all dialogs as one batch, each answered as
         {"generation": {"role": "assistant", "content": ...}} (+ "tokens", "logprobs").
         Format: Llama 2 for SentencePiece tokenizers, Llama 3 for Llama 3's, else the checkpoint's."""
-        from .tokenizer.chat import UNSAFE_ERROR, has_special_tags, meta_chat_format
-
         if max_gen_len is None:
             max_gen_len = self.model.max_seq_len - 1
         fmt = meta_chat_format(self.tokenizer, self.llm.chat_template)

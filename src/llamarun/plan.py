@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 
 from .config import ModelArgs
@@ -225,8 +226,6 @@ def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free
-    import psutil
-
     available = psutil.virtual_memory().available
     if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
         return min(

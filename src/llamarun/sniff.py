@@ -8,6 +8,7 @@ llama2.c model?" means "do its first 28 bytes describe a model of exactly this f
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 from dataclasses import dataclass
@@ -242,8 +243,6 @@ def _is_hf_json(path: Path, head: bytes, size: int) -> bool:
         return True
     if size > 4 << 20:
         return False
-    import json
-
     try:
         data = json.loads(path.read_bytes())
     except (OSError, UnicodeDecodeError, ValueError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from ..errors import LlamarunError
 
@@ -124,8 +125,6 @@ def sampling_params(args: argparse.Namespace):
 
 def resolve_model(name: str | None) -> str:
     """A path stays a path; a catalogue name (or no name: the default) is pulled on first use."""
-    from pathlib import Path
-
     name = name or DEFAULT_MODEL
     if Path(name).expanduser().exists():
         return str(Path(name).expanduser())

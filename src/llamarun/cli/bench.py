@@ -10,8 +10,11 @@ import resource
 import sys
 import time
 
+import psutil
 import torch
 
+from ..errors import ConfigError
+from ..sampling import SamplingParams
 from . import add_model_args, load_from_args
 
 BANDWIDTH_BYTES = 512 << 20  # a tensor far larger than any CPU cache
@@ -36,8 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
-
     for flag in ("batch", "prompt_len", "gen_len"):
         if getattr(args, flag) < 1:
             raise ConfigError(
@@ -68,8 +69,6 @@ def run(args: argparse.Namespace) -> int:
 def measure(llm, batch: int, prompt_len: int, gen_len: int, *, seed: int = 0) -> dict:
     """Time prefill of `batch` random prompts and `gen_len - 1` greedy decode steps after it.
     A short untimed run first warms the kernels (and the compiled step, if any)."""
-    from ..sampling import SamplingParams
-
     engine = llm.engine
     vocab = llm.model.args.vocab_size
     g = torch.Generator().manual_seed(seed)
@@ -150,8 +149,6 @@ def memory_bandwidth_gbs(device: torch.device, repeats: int = 5) -> float:
 
 
 def physical_cores() -> int:
-    import psutil
-
     return psutil.cpu_count(logical=False) or torch.get_num_threads()
 
 

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from ..errors import LlamarunError, RequestError
+from ..tokenizer.chat import get_chat_format
 from . import add_model_args, add_sampling_args, load_from_args, sampling_params
 
 HELP = "/reset clears the history, /exit or Ctrl-D leaves, Ctrl-C stops an answer"
@@ -30,8 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tokenizer.chat import get_chat_format
-
     llm = load_from_args(args)
     # fail now, before the first message, if the model has no chat format
     llm.chat_format = get_chat_format(llm._need_tokenizer(), llm.chat_template, args.chat_template)

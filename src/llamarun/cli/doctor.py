@@ -15,6 +15,7 @@ from packaging.version import InvalidVersion, Version
 
 from ..device import Machine, probe_machine
 from ..plan import fewest_offloaded, fmt_gb, option
+from .info import add_memory_args, context_length, describe_target, memory_rows, render_table
 
 # Oldest NVIDIA driver that runs any CUDA x.y build of that major version (minor version
 # compatibility; NVIDIA's CUDA Toolkit release notes, "CUDA Driver" tables).
@@ -34,8 +35,6 @@ class Finding:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .info import add_memory_args
-
     parser.add_argument(
         "model",
         nargs="?",
@@ -55,8 +54,6 @@ def run(args: argparse.Namespace) -> int:
     for f in findings or [Finding("ok", "no problems found")]:
         print(f"  {f.level}: {f.text}")
     if args.model is not None:
-        from .info import context_length, describe_target
-
         model_args, header = describe_target(args.model, pull=False)
         print()
         print(
@@ -274,8 +271,6 @@ def arch_supported(capability: tuple[int, int], arch_list: tuple[str, ...]) -> b
 
 def fit_table(m: Machine, args, seq_len: int, batch: int, *, packed: str | None = None) -> str:
     """What fits on the default device of `m`, per dtype and quantization; offload for GPUs."""
-    from .info import memory_rows, render_table
-
     device, _ = default_device(m)
     gpu = device != "cpu"
     free = m.gpus[0].free if device == "cuda" else m.ram_available

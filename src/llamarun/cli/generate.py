@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import RequestError
 from . import add_model_args, add_sampling_args, load_from_args, sampling_params
 
 
@@ -31,8 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import RequestError
-
     prompts = list(args.prompt)
     if args.prompt_file:
         try:

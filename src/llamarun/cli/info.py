@@ -12,9 +12,13 @@ from pathlib import Path
 
 import torch
 
+from .. import catalogue
 from ..config import KNOWN_MODELS, ModelArgs
+from ..errors import CheckpointError
+from ..loaders import read_header
 from ..plan import GPU_RESERVE, QUANTIZE_MODES, Option, dtype_name, fmt_gb, option
 from ..weights import CheckpointHeader
+from . import resolve_model
 
 TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 QUANTIZED_DTYPE = torch.bfloat16  # compute dtype (and scales, KV cache) of the int8/int4 rows
@@ -62,17 +66,11 @@ def run(args: argparse.Namespace) -> int:
 def describe_target(name: str | None, *, pull: bool) -> tuple[ModelArgs, CheckpointHeader | None]:
     """(ModelArgs, header) for a path or catalogue name; (ModelArgs, None) for a KNOWN_MODELS shape.
     With pull=False a catalogue model must already be cached (doctor never downloads)."""
-    from ..errors import CheckpointError
-    from ..loaders import read_header
-    from . import resolve_model
-
     if name is not None and not Path(name).expanduser().exists():
         known = {k.lower(): v for k, v in KNOWN_MODELS.items()}
         if name.lower() in known:
             return known[name.lower()], None
         if not pull:
-            from .. import catalogue
-
             cached = catalogue.cached_path(name) if name in catalogue.CATALOGUE else None
             if cached is None:
                 raise CheckpointError(

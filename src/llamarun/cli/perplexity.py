@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 
+from ..errors import ConfigError
 from . import add_model_args, load_from_args
 
 
@@ -25,8 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
-
     if args.ctx < 4:
         raise ConfigError(f"--ctx must be at least 4 tokens, got {args.ctx}")
     path = Path(args.file).expanduser()

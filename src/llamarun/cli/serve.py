@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..tokenizer.chat import get_chat_format
 from . import DEFAULT_MODEL, add_model_args, load_from_args
 
 
@@ -73,8 +74,6 @@ def run(args: argparse.Namespace) -> int:
     model_name = args.model_name or Path(args.model or DEFAULT_MODEL).stem
     chat_format = None
     if args.chat_template is not None:
-        from ..tokenizer.chat import get_chat_format
-
         chat_format = get_chat_format(llm.tokenizer, llm.chat_template, args.chat_template)
     app = create_app(llm, model_name=model_name, api_key=args.api_key, chat_format=chat_format)
     server = uvicorn.Server(

@@ -15,6 +15,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import sentencepiece as spm
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
 from ..errors import TokenizerError
 from .base import END_OF_TEXT, END_OF_TURN
 
@@ -182,8 +185,6 @@ def _sentencepiece(
     dummy_prefix: bool,
 ):
     """A SentencePieceProcessor over the file's pieces (a BPE ModelProto serialized here)."""
-    import sentencepiece as spm
-
     unk = next((i for i, t in enumerate(types) if t == UNKNOWN), 0)
     proto = model_proto(
         tokens,
@@ -273,8 +274,6 @@ def _string(field: int, text: str) -> bytes:
 
 def _byte_level_bpe(tokens: list[str], meta: Mapping[str, Any], path: Path):
     """A `tokenizers.Tokenizer`: BPE over the GPT-2 byte alphabet, split by the file's pre-tokenizer."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
     if any(len(m) != 2 for m in merges):
         raise TokenizerError(

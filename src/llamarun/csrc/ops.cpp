@@ -1,0 +1,21 @@
+// The llamarun_cpu torch library: every op and class the Python side (cpu_kernels.py) sees.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(llamarun_cpu, lib) {
+  lib.def("int8_linear(Tensor x, Tensor w, Tensor sw) -> Tensor");
+  lib.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
+  lib.def("amx_int8_linear(Tensor x, Tensor w, Tensor sw) -> Tensor");
+  lib.def("f32_linear(Tensor x, Tensor w) -> Tensor");
+  lib.def("argmax_rows(Tensor logits) -> Tensor");
+  llamarun::register_decoder(lib);
+}
+
+TORCH_LIBRARY_IMPL(llamarun_cpu, CPU, lib) {
+  lib.impl("int8_linear", &llamarun::int8_linear);
+  lib.impl("q4_linear", &llamarun::q4_linear);
+  lib.impl("amx_int8_linear", &llamarun::amx_int8_linear);
+  lib.impl("f32_linear", &llamarun::f32_linear);
+  lib.impl("argmax_rows", &llamarun::argmax_rows);
+}

@@ -105,6 +105,17 @@ def ops():
         return _state["ops"]
 
 
+def linear_kinds() -> dict[str, int]:
+    """The code the extension's Decoder takes for each kind of linear ({"NONE": 0, "F32": 1, ...}),
+    read from the built extension (csrc/linear_kinds.h defines them) so Python cannot drift."""
+    if "kinds" not in _state:
+        if ops() is None:
+            raise RuntimeError("no CPU kernels to ask for linear kinds")
+        names = torch.ops.llamarun_cpu.linear_kinds()
+        _state["kinds"] = {name: code for code, name in enumerate(names)}
+    return dict(_state["kinds"])
+
+
 def _register_fakes() -> None:
     # Shapes for torch.compile tracing; the kernels themselves are opaque to it.
     @torch.library.register_fake("llamarun_cpu::int8_linear")

@@ -1,7 +1,21 @@
 // The llamarun_cpu torch library: every op and class the Python side (cpu_kernels.py) sees.
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
+#include "linear_kinds.h"
 #include "ops.h"
+
+namespace {
+
+// the names of the Decoder's linear kinds in code order (cpu_kernels.linear_kinds)
+std::vector<std::string> linear_kinds() {
+  using llamarun::kLinKindNames;
+  return std::vector<std::string>(std::begin(kLinKindNames), std::end(kLinKindNames));
+}
+
+}  // namespace
 
 TORCH_LIBRARY(llamarun_cpu, lib) {
   lib.def("int8_linear(Tensor x, Tensor w, Tensor sw) -> Tensor");
@@ -9,6 +23,7 @@ TORCH_LIBRARY(llamarun_cpu, lib) {
   lib.def("amx_int8_linear(Tensor x, Tensor w, Tensor sw) -> Tensor");
   lib.def("f32_linear(Tensor x, Tensor w) -> Tensor");
   lib.def("argmax_rows(Tensor logits) -> Tensor");
+  lib.def("linear_kinds() -> str[]", &linear_kinds);
   llamarun::register_decoder(lib);
 }
 

@@ -18,7 +18,8 @@ and C++ tooling read the kernels, and each file stays small enough to review. Th
 with -march=native on first use, which is why they are not built into the wheel: one binary would
 have to target the oldest CPU it runs on and lose VNNI/AVX-512/AMX everywhere else. The build lands
 in ~/.cache/torch_extensions (once per machine; ninja recompiles only files that changed).
-`ops()` returns None where no compiler, no x86 AVX2 or a failed build leaves only the torch path.
+`ops()` returns None where no compiler, no x86 AVX2 or a failed build leaves only the torch path;
+`describe()` says which one runs here.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def ops():
             return _state["ops"]
         _state["ops"] = None
         if not _cpu_supported():
+            _state["reason"] = "this CPU is not x86-64 with AVX2, FMA and F16C"
             return None
         from torch.utils import cpp_extension
 
@@ -85,7 +87,7 @@ def ops():
             sources = sorted(str(p) for p in CSRC.glob("*.cpp"))
             if not sources:
                 raise FileNotFoundError(f"no C++ sources in {CSRC}")
-            cpp_extension.load(
+            library = cpp_extension.load(
                 name=EXTENSION,
                 sources=sources,
                 extra_include_paths=[str(CSRC)],
@@ -96,13 +98,31 @@ def ops():
             )
         # Any build failure (no compiler, odd toolchain, read-only cache) means the torch path.
         except Exception as e:  # noqa: BLE001
+            _state["reason"] = f"the C++ kernels did not build ({_first_error(e)})"
             log.warning(
                 "llamarun: CPU quantized kernels unavailable (%s); using the slower torch path", e
             )
             return None
         _register_fakes()
+        _state["library"] = library
         _state["ops"] = torch.ops.llamarun_cpu
         return _state["ops"]
+
+
+def _first_error(e: Exception) -> str:
+    """The line of a build failure worth quoting: the compiler's first `error:`, which names the
+    csrc file and line, else the message's first line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return next((line for line in lines if "error:" in line), lines[0])[:300]
+
+
+def describe() -> str:
+    """One sentence saying which path the CPU kernels take here (for CI logs and bug reports);
+    builds the extension first if nothing has tried yet."""
+    if ops() is None:
+        return f"torch fallback: {_state.get('reason', 'the C++ kernels are switched off')}"
+    where = f", loaded from {_state['library']}" if isinstance(_state.get("library"), str) else ""
+    return f"C++ kernels from {CSRC} ({torch.ops.llamarun_cpu.isa()}){where}"
 
 
 def linear_kinds() -> dict[str, int]:
@@ -110,7 +130,7 @@ def linear_kinds() -> dict[str, int]:
     read from the built extension (csrc/linear_kinds.h defines them) so Python cannot drift."""
     if "kinds" not in _state:
         if ops() is None:
-            raise RuntimeError("no CPU kernels to ask for linear kinds")
+            raise RuntimeError(f"no CPU kernels to ask for linear kinds: {describe()}")
         names = torch.ops.llamarun_cpu.linear_kinds()
         _state["kinds"] = {name: code for code, name in enumerate(names)}
     return dict(_state["kinds"])

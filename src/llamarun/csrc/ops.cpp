@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "amx.h"
 #include "linear_kinds.h"
 #include "ops.h"
 
@@ -15,6 +16,21 @@ std::vector<std::string> linear_kinds() {
   return std::vector<std::string>(std::begin(kLinKindNames), std::end(kLinKindNames));
 }
 
+// the instruction sets these kernels were compiled for (cpu_kernels.describe), as the code tests them
+std::string isa() {
+  std::string s = "AVX2";
+#ifdef __AVX512F__
+  s += ", AVX-512";
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  s += ", VNNI";
+#endif
+#ifdef LLAMARUN_AMX
+  s += llamarun::amx_usable() ? ", AMX" : ", AMX (not granted by the OS)";
+#endif
+  return s;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llamarun_cpu, lib) {
@@ -24,6 +40,7 @@ TORCH_LIBRARY(llamarun_cpu, lib) {
   lib.def("f32_linear(Tensor x, Tensor w) -> Tensor");
   lib.def("argmax_rows(Tensor logits) -> Tensor");
   lib.def("linear_kinds() -> str[]", &linear_kinds);
+  lib.def("isa() -> str", &isa);
   llamarun::register_decoder(lib);
 }
 

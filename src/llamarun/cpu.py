@@ -65,20 +65,20 @@ def use_cpu_kernels_(model: nn.Module) -> nn.Module:
     return model
 
 
-LINEAR_NONE, LINEAR_F32, LINEAR_INT8, LINEAR_Q4 = 0, 1, 2, 3
 _EMPTY = torch.empty(0)
 
 
 def _linear_entry(lin: nn.Module | None) -> tuple[int, list[torch.Tensor]] | None:
     """(kind, three tensors) describing `lin` to the Decoder, or None when it cannot run it."""
+    kinds = cpu_kernels.linear_kinds()  # the Decoder's codes, from the built extension
     if lin is None:
-        return LINEAR_NONE, [_EMPTY, _EMPTY, _EMPTY]
+        return kinds["NONE"], [_EMPTY, _EMPTY, _EMPTY]
     if isinstance(lin, Int8Linear):
-        kind, tensors = LINEAR_INT8, [lin.weight, lin.scales, _EMPTY]
+        kind, tensors = kinds["INT8"], [lin.weight, lin.scales, _EMPTY]
     elif isinstance(lin, Int4Linear):
-        kind, tensors = LINEAR_Q4, [lin.qs, lin.d, lin.m]
+        kind, tensors = kinds["Q4"], [lin.qs, lin.d, lin.m]
     elif isinstance(lin, nn.Linear) and lin.bias is None and lin.weight.dtype == torch.float32:
-        kind, tensors = LINEAR_F32, [lin.weight.detach(), _EMPTY, _EMPTY]
+        kind, tensors = kinds["F32"], [lin.weight.detach(), _EMPTY, _EMPTY]
     else:
         return None
     if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):

@@ -3,8 +3,8 @@ Int4Linear (groups of 32, w = d * q + m with q in 0..15, like GGUF Q4_1; Q4_0 is
 
 `quantize_(model, mode)` swaps the model's nn.Linear layers in place after loading;
 `linear_from_packed` turns GGUF Q8_0/Q4_0/Q4_1 blocks into these layers without a float copy.
-Kernels: on x86 CPUs the C++ ones in cpu_kernels.py (int8 activations x int8/4-bit weights, as
-llama.cpp does); on CUDA torch's int4 tile-packed matmul and a fused int8 dequant; elsewhere a
+Kernels: on x86 CPUs the C++ ones in csrc/, built by cpu_kernels.py (int8 activations x int8/4-bit
+weights, as llama.cpp does); on CUDA torch's int4 tile-packed matmul and a fused int8 dequant; elsewhere a
 plain dequantize-then-matmul.
 """
 

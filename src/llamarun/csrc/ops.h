@@ -1,0 +1,24 @@
+// The entry points that ops.cpp registers as the llamarun_cpu torch library.
+#pragma once
+
+#include "common.h"
+
+namespace torch {
+class Library;
+}
+
+namespace llamarun {
+
+// matmul_int8.cpp
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw);
+at::Tensor amx_int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw);
+// matmul_q4.cpp
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m);
+// matmul_f32.cpp
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w);
+// argmax.cpp
+at::Tensor argmax_rows(const at::Tensor& logits);
+// decoder.cpp: adds the Decoder class (the one-call decode step) to lib
+void register_decoder(torch::Library& lib);
+
+}  // namespace llamarun

@@ -210,30 +210,10 @@ def create_app(
                 scheduler.cancel(jobs)
 
     def usage(prompts: list[list[int]], jobs: list[Job]) -> p.Usage:
-        prompt_tokens, completion_tokens = sum(map(len, prompts)), sum(j.n_tokens for j in jobs)
-        return p.Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        )
-
-    def token_text(token_id: int) -> str:
-        return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+        return p.usage(sum(map(len, prompts)), sum(j.n_tokens for j in jobs))
 
     def chat_logprobs(event: Event) -> p.ChoiceLogprobs | None:
-        if event.token_id is None or event.logprob is None:
-            return None
-        top = [
-            p.TopLogprob(token=token_text(t), logprob=lp, bytes=list(tokenizer.token_bytes(t)))
-            for t, lp in event.top_logprobs
-        ]
-        entry = p.TokenLogprob(
-            token=token_text(event.token_id),
-            logprob=event.logprob,
-            bytes=list(tokenizer.token_bytes(event.token_id)),
-            top_logprobs=top,
-        )
-        return p.ChoiceLogprobs(content=[entry])
+        return p.chat_logprobs(tokenizer, event.token_id, event.logprob, event.top_logprobs)
 
     async def sse_stream(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
         try:
@@ -281,32 +261,13 @@ def create_app(
             )
 
         async def chunks() -> AsyncIterator[BaseModel]:
-            yield chunk(
-                [
-                    p.ChatChunkChoice(
-                        index=j.index, delta=p.ChatDelta(role="assistant", content="")
-                    )
-                    for j in jobs
-                ]
-            )
+            yield chunk(p.chat_role_choices(j.index for j in jobs))
             async for ev in run_jobs(request, jobs, events, watch=False):
                 lp = chat_logprobs(ev)
                 if ev.text or lp:
-                    yield chunk(
-                        [
-                            p.ChatChunkChoice(
-                                index=ev.index, delta=p.ChatDelta(content=ev.text), logprobs=lp
-                            )
-                        ]
-                    )
+                    yield chunk([p.chat_text_choice(ev.index, ev.text, lp)])
                 if ev.finish_reason:
-                    yield chunk(
-                        [
-                            p.ChatChunkChoice(
-                                index=ev.index, delta=p.ChatDelta(), finish_reason=ev.finish_reason
-                            )
-                        ]
-                    )
+                    yield chunk([p.chat_finish_choice(ev.index, ev.finish_reason)])
             if body.stream_options and body.stream_options.include_usage:
                 yield chunk([], usage(prompts, jobs))
 
@@ -345,20 +306,6 @@ def create_app(
         ids = [llm.encode(x) if isinstance(x, str) else list(x) for x in prompt]
         return ids, [x if isinstance(x, str) else tokenizer.decode(x) for x in prompt]
 
-    def legacy_logprobs(
-        scores: list[tuple[int, float | None, list[tuple[int, float]]]], offset: int
-    ) -> p.CompletionLogprobs:
-        """OpenAI's completions logprobs for (token id, logprob, alternatives) starting at text `offset`."""
-        out = p.CompletionLogprobs()
-        for token_id, lp, alts in scores:
-            text = token_text(token_id)
-            out.tokens.append(text)
-            out.token_logprobs.append(lp)
-            out.top_logprobs.append({token_text(t): a for t, a in alts} if lp is not None else None)
-            out.text_offset.append(offset)
-            offset += len(text)
-        return out
-
     @app.post("/v1/completions", dependencies=v1)
     async def completions(body: p.CompletionRequest, request: Request):
         check_model(body.model)
@@ -385,7 +332,11 @@ def create_app(
                     ]
             if body.logprobs is not None and ev.token_id is not None:
                 scores.append((ev.token_id, ev.logprob, ev.top_logprobs))
-            lp = legacy_logprobs(scores, offsets[ev.index]) if body.logprobs is not None else None
+            lp = (
+                p.completion_logprobs(tokenizer, scores, offsets[ev.index])
+                if body.logprobs is not None
+                else None
+            )
             offsets[ev.index] += len(text)
             return p.CompletionChoice(
                 index=ev.index, text=text, logprobs=lp, finish_reason=ev.finish_reason

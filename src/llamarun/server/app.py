@@ -6,43 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import BaseModel
-from starlette.exceptions import HTTPException
 
-from ..errors import LlamarunError, RequestError, TokenizerError
+from ..errors import RequestError, TokenizerError
 from ..llm import LLM, TextStream
 from . import protocol as p
+from .http_errors import APIError, add_error_handlers, error_response
 from .scheduler import Event, Job, Scheduler
 
-log = logging.getLogger("llamarun.server")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
-
-
-class APIError(Exception):
-    def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
-    ):
-        super().__init__(message)
-        self.status, self.body = status, p.error_body(message, "invalid_request_error", param, code)
-
-
-def error_response(e: Exception) -> tuple[int, dict]:
-    if isinstance(e, APIError):
-        return e.status, e.body
-    if isinstance(e, LlamarunError):
-        return 400, p.error_body(str(e), param=getattr(e, "param", None), code=400)
-    log.error("request failed", exc_info=e)
-    return 500, p.error_body(f"internal error: {type(e).__name__}: {e}", "server_error", code=500)
 
 
 def create_app(
@@ -83,37 +62,7 @@ def create_app(
     app.state.scheduler = scheduler
     v1 = [Depends(check_key)]
 
-    @app.exception_handler(Exception)
-    async def on_error(request: Request, e: Exception):
-        status, body = error_response(e)
-        return JSONResponse(body, status_code=status)
-
-    for kind in (APIError, LlamarunError):
-        app.add_exception_handler(kind, on_error)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_invalid(request: Request, e: RequestValidationError):
-        err = e.errors()[0]
-        if err.get("type") == "json_invalid":
-            return JSONResponse(
-                p.error_body("the request body is not valid JSON", code=400), status_code=400
-            )
-        param = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or None
-        got = (
-            f", got {err['input']!r}"
-            if not isinstance(err.get("input"), dict | list | type(None))
-            else ""
-        )
-        return JSONResponse(
-            p.error_body(f"{param or 'body'}: {err['msg']}{got}", param=param, code=400),
-            status_code=400,
-        )
-
-    @app.exception_handler(HTTPException)
-    async def on_http_error(request: Request, e: HTTPException):
-        return JSONResponse(
-            p.error_body(str(e.detail), code=e.status_code), status_code=e.status_code
-        )
+    add_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict:

@@ -8,7 +8,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -16,9 +16,10 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import BaseModel
 
 from ..errors import RequestError, TokenizerError
-from ..llm import LLM, TextStream
+from ..llm import LLM
 from . import protocol as p
 from .http_errors import APIError, add_error_handlers, error_response
+from .jobs import emitter, make_jobs, run_jobs
 from .scheduler import Event, Job, Scheduler
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -85,79 +86,6 @@ def create_app(
                 "model_not_found",
             )
 
-    def make_jobs(
-        prompts: list[list[int]],
-        body: p.SamplingRequest,
-        max_tokens: int | None,
-        emit: Callable,
-        *,
-        stop_ids: frozenset[int] = frozenset(),
-        lstrip: bool = False,
-        **job_args,
-    ) -> list[Job]:
-        """One job per prompt and choice; max_tokens None: all the context the prompt leaves."""
-        body.log_ignored()
-        jobs = []
-        for prompt_ids in prompts:
-            llm.engine.check_prompt(prompt_ids)
-            budget = llm.max_seq_len - len(prompt_ids)
-            wanted = budget if max_tokens is None else max_tokens
-            if wanted > budget:
-                raise RequestError(
-                    f"this model's context is {llm.max_seq_len} tokens, but the prompt has {len(prompt_ids)} tokens and max_tokens "
-                    f"is {wanted} ({len(prompt_ids) + wanted} in total): shorten the prompt or set max_tokens to at most {budget}",
-                    param="max_tokens",
-                )
-            for choice in range(body.n):
-                params = body.to_sampling_params(wanted, choice)
-                stream = TextStream(tokenizer, params.stop, lstrip=lstrip)
-                jobs.append(
-                    Job(
-                        len(jobs),
-                        prompt_ids,
-                        params,
-                        stream,
-                        stop_ids,
-                        emit,
-                        **job_args,
-                    )
-                )
-        return jobs
-
-    def emitter(events: asyncio.Queue) -> Callable[[Event], None]:
-        loop = asyncio.get_running_loop()
-
-        def emit(event: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop has closed: nobody is listening any more
-                pass
-
-        return emit
-
-    async def run_jobs(
-        request: Request, jobs: list[Job], events: asyncio.Queue, *, watch: bool
-    ) -> AsyncIterator[Event]:
-        """Events of `jobs` until all finish. Cancels them when the client leaves: a streaming
-        response is cancelled by Starlette; otherwise (watch=True) poll for the disconnect."""
-        scheduler.submit(jobs)
-        remaining = len(jobs)
-        try:
-            while remaining:
-                try:
-                    event = await (asyncio.wait_for(events.get(), 0.5) if watch else events.get())
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
-                if event.error is not None:
-                    raise event.error
-                remaining -= event.finish_reason is not None
-                yield event
-        finally:
-            if remaining:
-                scheduler.cancel(jobs)
-
     def usage(prompts: list[list[int]], jobs: list[Job]) -> p.Usage:
         return p.usage(sum(map(len, prompts)), sum(j.n_tokens for j in jobs))
 
@@ -192,6 +120,7 @@ def create_app(
         )
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         jobs = make_jobs(
+            llm,
             prompts,
             body,
             max_tokens,
@@ -211,7 +140,7 @@ def create_app(
 
         async def chunks() -> AsyncIterator[BaseModel]:
             yield chunk(p.chat_role_choices(j.index for j in jobs))
-            async for ev in run_jobs(request, jobs, events, watch=False):
+            async for ev in run_jobs(scheduler, request, jobs, events, watch=False):
                 lp = chat_logprobs(ev)
                 if ev.text or lp:
                     yield chunk([p.chat_text_choice(ev.index, ev.text, lp)])
@@ -223,7 +152,7 @@ def create_app(
         if body.stream:
             return EventSourceResponse(sse_stream(chunks()))
         texts, reasons, lps = [""] * len(jobs), [""] * len(jobs), [[] for _ in jobs]
-        async for ev in run_jobs(request, jobs, events, watch=True):
+        async for ev in run_jobs(scheduler, request, jobs, events, watch=True):
             texts[ev.index] += ev.text
             reasons[ev.index] = ev.finish_reason or reasons[ev.index]
             if (lp := chat_logprobs(ev)) is not None:
@@ -263,7 +192,13 @@ def create_app(
         max_tokens = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
         scored = body.echo and body.logprobs is not None
         jobs = make_jobs(
-            prompts, body, max_tokens, emitter(events), logprobs=body.logprobs, score_prompt=scored
+            llm,
+            prompts,
+            body,
+            max_tokens,
+            emitter(events),
+            logprobs=body.logprobs,
+            score_prompt=scored,
         )
         rid, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         offsets = [0] * len(jobs)  # characters of text sent so far, per choice
@@ -292,7 +227,7 @@ def create_app(
             )
 
         async def chunks() -> AsyncIterator[BaseModel]:
-            async for ev in run_jobs(request, jobs, events, watch=False):
+            async for ev in run_jobs(scheduler, request, jobs, events, watch=False):
                 yield p.Completion(id=rid, created=now, model=model_name, choices=[choice_of(ev)])
             if body.stream_options and body.stream_options.include_usage:
                 yield p.Completion(
@@ -309,7 +244,7 @@ def create_app(
             )
             for i in range(len(jobs))
         ]
-        async for ev in run_jobs(request, jobs, events, watch=True):
+        async for ev in run_jobs(scheduler, request, jobs, events, watch=True):
             part, whole = choice_of(ev), merged[ev.index]
             whole.text += part.text
             whole.finish_reason = part.finish_reason or whole.finish_reason

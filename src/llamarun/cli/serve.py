@@ -85,5 +85,6 @@ def run(args: argparse.Namespace) -> int:
         f"llamarun: serving {model_name} at http://{shown}:{port}/v1 (batch {args.max_batch_size}, context {llm.max_seq_len})",
         file=sys.stderr,
     )
+    print(f"llamarun: chat page at http://{shown}:{port}/", file=sys.stderr)
     server.run(sockets=[sock])
     return 0

@@ -275,7 +275,7 @@ function openPanel(name, focus) {
   const panel = $(name);
   panel.classList.add("open");
   $(`toggle-${name}`).setAttribute("aria-expanded", "true");
-  (focus ?? panel.querySelector("button, input, select, textarea"))?.focus();
+  (focus ?? panel.querySelector("button, input, select, textarea"))?.focus({ preventScroll: true });
 }
 
 function closePanels() {
@@ -307,6 +307,7 @@ document.addEventListener("keydown", (e) => {
 // ---- settings --------------------------------------------------------------------------------
 
 const FIELDS = { temperature: "temperature", "top-p": "top_p", "max-tokens": "max_tokens", seed: "seed" };
+const INTEGERS = new Set(["max_tokens", "seed"]);
 
 function showSettings() {
   const s = state.settings;
@@ -322,7 +323,11 @@ function readSettings() {
     const raw = $(id).value.trim();
     s[name] = raw === "" ? null : Number(raw);
   }
-  const bad = Object.entries(FIELDS).filter(([id]) => !$(id).checkValidity());
+  // Off the arrows' step is fine for the decimals; out of range or a fraction of a token is not.
+  const bad = Object.entries(FIELDS).filter(([id, name]) => {
+    const v = $(id).validity;
+    return v.badInput || v.rangeUnderflow || v.rangeOverflow || (v.stepMismatch && INTEGERS.has(name));
+  });
   $("settings-error").textContent = bad.length
     ? `Check ${bad.map(([id]) => $(id).labels[0].textContent).join(", ")}: the server will refuse ${bad.length > 1 ? "these values" : "this value"}.`
     : "";

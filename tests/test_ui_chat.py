@@ -110,7 +110,9 @@ def test_answer_streams_in_and_names_paris(page):
     assert all(b.startswith(a) for a, b in zip(seen, seen[1:])), seen
     assert seen[-1] == answer
     stats = page.locator("article.assistant .stats").inner_text()
-    assert re.fullmatch(r"\d+ tokens · [\d.]+ tokens/s · first token after [\d.]+ s", stats), stats
+    assert re.fullmatch(r"\d+ tokens · [\d.]+ tokens/s · time to first token [\d.]+ s", stats), (
+        stats
+    )
     screenshot(page, "smollm2-answer")
 
 
@@ -128,6 +130,11 @@ def test_stop_ends_the_stream_and_frees_the_slot(page, server):
     text = body.inner_text()
     page.wait_for_timeout(500)
     assert body.inner_text() == text  # nothing more arrives
+
+    page.get_by_role("button", name="Regenerate").click()
+    page.get_by_role("button", name="Stop").click()  # at once: before the first token, even
+    page.get_by_role("button", name="Send").wait_for()
+    wait_for(lambda: running(server) == 0, timeout=10, what="/health to show the slot free")
 
 
 def test_code_block_renders_with_a_working_copy_button(page):
@@ -205,11 +212,12 @@ def test_regenerate_and_edit_resend_the_last_question(page):
     assert wait_answer(page) == first  # greedy: the same answer again, in place of the old one
     assert page.locator("#messages > article").count() == 2
 
-    page.get_by_role("button", name="Edit").click()
-    box = page.get_by_label("Edit your message")
+    page.get_by_role("button", name="Edit").click()  # the question goes back to the composer
+    box = page.get_by_label("Message", exact=True)
     assert box.input_value() == QUESTION
+    assert page.evaluate("document.activeElement.id") == "message"
     box.fill("What is the capital of Italy?")
-    box.press("Enter")
+    page.get_by_role("button", name="Send").click()
     wait_answer(page)
 
     assert [b["messages"] for b in bodies] == [

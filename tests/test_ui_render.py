@@ -196,6 +196,42 @@ def test_an_error_inside_the_stream_is_shown(open_page):
     assert page.locator("article.assistant .body").inner_text() == "Half an"  # what came is kept
 
 
+@pytest.mark.parametrize("shape", ["crlf-without-done", "json"])
+def test_answers_of_other_shapes_are_read(open_page, shape):
+    """Another OpenAI-style server may end a stream without [DONE], use CRLF, or not stream."""
+    page = open_page()
+    pieces = [{"choices": [{"index": 0, "delta": {"content": p}}]} for p in ("Par", "is")]
+    pieces.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    if shape == "json":
+        done = {"choices": [{"index": 0, "message": {"content": "Paris"}, "finish_reason": "stop"}]}
+        page.route(
+            CHAT_URL, lambda route: route.fulfill(json=done | {"usage": {"completion_tokens": 2}})
+        )
+    else:
+        mock_answer(page, body="".join(f"data: {json.dumps(p)}\r\n\r\n" for p in pieces))
+    ask(page, "capital of France?")
+
+    assert wait_answer(page) == "Paris"
+    assert page.locator("article.error").count() == 0
+
+
+def test_edit_can_be_cancelled(open_page):
+    page = open_page()
+    mock_answer(page, "ok")
+    ask(page, "hi")
+    wait_answer(page)
+    box = page.get_by_label("Message", exact=True)
+    box.fill("a draft")
+    page.get_by_role("button", name="Edit").click()
+    assert box.input_value() == "hi"
+    note = page.locator("#editing-note")
+    assert note.is_visible() and page.get_by_role("button", name="Regenerate").count() == 0
+    box.press("Escape")
+
+    assert box.input_value() == "a draft" and note.is_hidden()
+    assert page.locator("#messages .body").all_inner_texts() == ["hi", "ok"]
+
+
 def test_enter_sends_and_shift_enter_adds_a_line(open_page):
     page = open_page()
     mock_answer(page, "ok")
@@ -285,6 +321,7 @@ def test_no_serious_accessibility_problems(open_page, scheme, size):
     Axe = pytest.importorskip("axe_playwright_python.sync_playwright").Axe  # axe-core's JS inside
 
     page = open_page(viewport=DESKTOP if size == "desktop" else PHONE, scheme=scheme)
+    serious_problems(Axe, page, f"{scheme}-{size}-empty")
     mock_answer(page, *re.findall(r"\S+\s*", RICH))
     ask(page, "Write a function that adds two numbers.")
     wait_answer(page)
@@ -301,10 +338,10 @@ def test_no_serious_accessibility_problems(open_page, scheme, size):
         if drawer:
             page.get_by_role("button", name=drawer).click()
         screenshot(page, name)
-        found = Axe().run(page).response["violations"]
-        serious = [
-            (v["id"], v["impact"], v["help"])
-            for v in found
-            if v["impact"] in ("serious", "critical")
-        ]
-        assert not serious, f"{name}: {serious}"
+        serious_problems(Axe, page, name)
+
+
+def serious_problems(Axe, page, name: str) -> None:
+    found = Axe().run(page).response["violations"]
+    serious = [(v["id"], v["help"]) for v in found if v["impact"] in ("serious", "critical")]
+    assert not serious, f"{name}: {serious}"

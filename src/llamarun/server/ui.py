@@ -20,6 +20,8 @@ FILES = {
     "markdown.js": "text/javascript",
     "api.js": "text/javascript",
     "store.js": "text/javascript",
+    "settings.js": "text/javascript",
+    "panels.js": "text/javascript",
     "view.js": "text/javascript",
     "app.js": "text/javascript",
     "icon.svg": "image/svg+xml",

@@ -78,8 +78,11 @@ export async function streamChat(body, { apiKey, signal, onText }) {
     signal,
   });
   if (!response.ok) throw await refusal(response);
-
   const result = { finishReason: null, usage: null };
+  if (response.headers.get("Content-Type")?.includes("application/json")) {
+    return whole(await response.json(), result, onText); // a server that does not stream
+  }
+
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
@@ -90,7 +93,11 @@ export async function streamChat(body, { apiKey, signal, onText }) {
       if (e.name === "AbortError") throw e;
       throw new ApiError(BROKE_OFF, "offline");
     }
-    if (chunk.done) break;
+    if (chunk.done) {
+      // [DONE] should have come first; a finished choice is as good
+      if (result.finishReason) return result;
+      throw new ApiError(BROKE_OFF, "offline");
+    }
     buffer += chunk.value;
     const lines = buffer.split(/\r?\n/);
     buffer = lines.pop(); // an incomplete line waits for the rest
@@ -101,7 +108,6 @@ export async function streamChat(body, { apiKey, signal, onText }) {
       readEvent(JSON.parse(data), result, onText);
     }
   }
-  throw new ApiError(BROKE_OFF, "offline");
 }
 
 const BROKE_OFF =
@@ -115,4 +121,13 @@ function readEvent(event, result, onText) {
   if (!choice) return;
   if (choice.delta?.content) onText(choice.delta.content);
   if (choice.finish_reason) result.finishReason = choice.finish_reason;
+}
+
+function whole(completion, result, onText) {
+  if (completion.error) throw explain(completion.error.message ?? "", 0);
+  const choice = completion.choices?.[0];
+  if (choice?.message?.content) onText(choice.message.content);
+  result.finishReason = choice?.finish_reason ?? null;
+  result.usage = completion.usage ?? null;
+  return result;
 }

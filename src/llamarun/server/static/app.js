@@ -1,9 +1,12 @@
-// The chat page: wires the composer, the conversation list and the settings to the API
-// (api.js), the browser's storage (store.js) and the DOM (view.js).
+// The chat page: the conversation and its composer, asking the API (api.js) and keeping
+// conversations in the browser (store.js); the DOM is built by view.js, the settings are
+// settings.js, the drawers at phone width panels.js.
 
-import { ApiError, listModels, streamChat } from "./api.js";
+import { ApiError, streamChat } from "./api.js";
+import { closePanels, openPanel, setupPanels } from "./panels.js";
+import { setupSettings } from "./settings.js";
 import * as store from "./store.js";
-import { chatListView, editView, messageView, updateAnswer } from "./view.js";
+import { chatListView, copyButtons, messageView, updateAnswer } from "./view.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -17,6 +20,7 @@ const ui = {
   chatList: $("chat-list"),
   noChats: $("no-chats"),
   modelName: $("model-name"),
+  editingNote: $("editing-note"),
 };
 
 const state = {
@@ -25,7 +29,7 @@ const state = {
   settings: store.loadSettings(),
   apiKey: store.loadApiKey(),
   busy: null, // the answer being streamed: {chat, message, controller}
-  editing: false,
+  editing: null, // editing the last question in the composer: {draft} (what the composer held)
 };
 
 const currentChat = () => state.chats.find((c) => c.id === state.currentId) ?? null;
@@ -52,21 +56,20 @@ function render() {
   const idle = !state.busy;
   answerNode = null;
   const nodes = messages.map((message, i) => {
-    if (state.editing && i === lastUser) {
-      return editView(message, { onSubmit: resend, onCancel: cancelEdit });
-    }
     const actions = {};
-    if (idle && i === lastUser) actions.edit = startEdit;
-    if (idle && i === messages.length - 1 && i > lastUser && lastUser >= 0) {
+    if (idle && !state.editing && i === lastUser) actions.edit = startEdit;
+    if (idle && !state.editing && i === messages.length - 1 && i > lastUser && lastUser >= 0) {
       actions.regenerate = regenerate;
     }
     const streaming = state.busy?.message === message;
-    const node = messageView(message, { actions, streaming });
+    const edited = !!state.editing && i === lastUser;
+    const node = messageView(message, { actions, streaming, edited });
     if (streaming) answerNode = node;
     return node;
   });
   ui.messages.replaceChildren(...nodes);
   ui.empty.hidden = messages.length > 0;
+  ui.editingNote.hidden = !state.editing;
   chatListView(ui.chatList, state.chats, state.currentId, { onOpen: openChat, onDelete: deleteChat });
   ui.noChats.hidden = state.chats.length > 0;
   scrollToEnd(true);
@@ -119,6 +122,7 @@ function requestBody(chat) {
 
 function send(text) {
   if (state.busy || !text.trim()) return;
+  if (state.editing) return resend(text);
   let chat = currentChat();
   if (!chat) {
     chat = store.newChat();
@@ -216,35 +220,46 @@ function regenerate() {
   answer(chat);
 }
 
+// Editing happens in the composer: the last question's text goes there, and Send replaces the
+// question (and what came after it) and asks again.
 function startEdit() {
-  state.editing = true;
+  const chat = currentChat();
+  const lastUser = chat.messages.findLastIndex((m) => m.role === "user");
+  state.editing = { draft: ui.input.value };
+  ui.input.value = chat.messages[lastUser].content;
   render();
-  $("edit-message").focus();
+  ui.input.focus();
+  ui.input.setSelectionRange(ui.input.value.length, ui.input.value.length);
+}
+
+// Leaves editing; the composer gets back what it held before.
+function endEdit() {
+  if (!state.editing) return;
+  ui.input.value = state.editing.draft;
+  state.editing = null;
 }
 
 function cancelEdit() {
-  state.editing = false;
+  endEdit();
   render();
   ui.input.focus();
 }
 
 function resend(text) {
   const chat = currentChat();
-  state.editing = false;
-  if (state.busy || !chat) return;
+  endEdit();
   const lastUser = chat.messages.findLastIndex((m) => m.role === "user");
   chat.messages.splice(lastUser);
   if (lastUser === 0) chat.title = store.titleOf(text);
   chat.messages.push({ role: "user", content: text });
   answer(chat);
-  ui.input.focus();
 }
 
 // ---- conversations ---------------------------------------------------------------------------
 
 function openChat(id) {
   state.currentId = id;
-  state.editing = false;
+  endEdit();
   save();
   render();
   closePanels();
@@ -253,6 +268,7 @@ function openChat(id) {
 
 function deleteChat(id) {
   if (state.busy?.chat.id === id) stop();
+  if (state.currentId === id) endEdit();
   state.chats = state.chats.filter((c) => c.id !== id);
   if (state.currentId === id) state.currentId = null;
   save();
@@ -262,35 +278,11 @@ function deleteChat(id) {
 
 function startNewChat() {
   state.currentId = null;
-  state.editing = false;
+  endEdit();
   save();
   render();
   closePanels();
   ui.input.focus();
-}
-
-// ---- panels (drawers at phone width; always shown on a wide screen) --------------------------
-
-function openPanel(name, focus) {
-  const panel = $(name);
-  panel.classList.add("open");
-  $(`toggle-${name}`).setAttribute("aria-expanded", "true");
-  (focus ?? panel.querySelector("button, input, select, textarea"))?.focus({ preventScroll: true });
-}
-
-function closePanels() {
-  for (const name of ["chats", "settings"]) {
-    $(name).classList.remove("open");
-    $(`toggle-${name}`).setAttribute("aria-expanded", "false");
-  }
-}
-
-for (const name of ["chats", "settings"]) {
-  $(`toggle-${name}`).addEventListener("click", () => {
-    const open = $(name).classList.contains("open");
-    closePanels();
-    if (!open) openPanel(name);
-  });
 }
 
 document.addEventListener("keydown", (e) => {
@@ -299,70 +291,12 @@ document.addEventListener("keydown", (e) => {
   if (open) {
     closePanels();
     $(`toggle-${open.id}`).focus();
+  } else if (state.editing) {
+    cancelEdit();
   } else if (state.busy) {
     stop();
   }
 });
-
-// ---- settings --------------------------------------------------------------------------------
-
-const FIELDS = { temperature: "temperature", "top-p": "top_p", "max-tokens": "max_tokens", seed: "seed" };
-const INTEGERS = new Set(["max_tokens", "seed"]);
-
-function showSettings() {
-  const s = state.settings;
-  $("system").value = s.system;
-  for (const [id, name] of Object.entries(FIELDS)) $(id).value = s[name] ?? "";
-  $("api-key").value = state.apiKey;
-}
-
-function readSettings() {
-  const s = state.settings;
-  s.system = $("system").value;
-  for (const [id, name] of Object.entries(FIELDS)) {
-    const raw = $(id).value.trim();
-    s[name] = raw === "" ? null : Number(raw);
-  }
-  // Off the arrows' step is fine for the decimals; out of range or a fraction of a token is not.
-  const bad = Object.entries(FIELDS).filter(([id, name]) => {
-    const v = $(id).validity;
-    return v.badInput || v.rangeUnderflow || v.rangeOverflow || (v.stepMismatch && INTEGERS.has(name));
-  });
-  $("settings-error").textContent = bad.length
-    ? `Check ${bad.map(([id]) => $(id).labels[0].textContent).join(", ")}: the server will refuse ${bad.length > 1 ? "these values" : "this value"}.`
-    : "";
-  store.saveSettings(s);
-}
-
-for (const id of ["system", ...Object.keys(FIELDS)]) $(id).addEventListener("input", readSettings);
-
-$("model").addEventListener("change", (e) => {
-  state.settings.model = e.target.value;
-  ui.modelName.textContent = e.target.value;
-  store.saveSettings(state.settings);
-});
-
-$("api-key").addEventListener("change", (e) => {
-  state.apiKey = e.target.value.trim();
-  store.saveApiKey(state.apiKey);
-  loadModels();
-});
-
-async function loadModels() {
-  const select = $("model");
-  try {
-    const models = await listModels(state.apiKey);
-    select.replaceChildren(...models.map((id) => new Option(id, id)));
-    if (!models.includes(state.settings.model)) state.settings.model = models[0] ?? "";
-    select.value = state.settings.model;
-    ui.modelName.textContent = state.settings.model;
-    showBanner("");
-  } catch (e) {
-    select.replaceChildren(new Option("(not available)", ""));
-    state.settings.model = "";
-    showBanner(e.message);
-  }
-}
 
 // ---- composer --------------------------------------------------------------------------------
 
@@ -379,38 +313,12 @@ ui.input.addEventListener("keydown", (e) => {
 });
 
 ui.stop.addEventListener("click", stop);
+$("cancel-edit").addEventListener("click", cancelEdit);
 $("new-chat").addEventListener("click", startNewChat);
 
-// Copy buttons of code blocks: one listener for all, as answers are re-rendered while streaming.
-ui.messages.addEventListener("click", async (e) => {
-  const button = e.target.closest("button.copy");
-  if (!button) return;
-  const code = button.closest(".code-block").querySelector("code").textContent;
-  const done = await copyText(code);
-  button.textContent = done ? "Copied" : "Copy failed";
-  setTimeout(() => {
-    button.textContent = "Copy";
-  }, 1500);
-});
-
-async function copyText(text) {
-  try {
-    await navigator.clipboard.writeText(text);
-    return true;
-  } catch {
-    // navigator.clipboard exists only on https or localhost pages: fall back for the others
-    const area = Object.assign(document.createElement("textarea"), { value: text });
-    area.setAttribute("readonly", "");
-    area.className = "offscreen";
-    document.body.append(area);
-    area.select();
-    const done = document.execCommand("copy");
-    area.remove();
-    return done;
-  }
-}
-
-showSettings();
+const { loadModels } = setupSettings(state, { showBanner, modelName: ui.modelName });
+setupPanels();
+copyButtons(ui.messages);
 render();
 loadModels();
 ui.input.focus();

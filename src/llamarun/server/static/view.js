@@ -19,8 +19,8 @@ const el = (tag, props = {}, ...children) => {
 const WHO = { user: "You", assistant: "Assistant", error: "Error" };
 
 // opts: {actions: {edit, regenerate}} the buttons this message gets (only the last turn has them);
-// streaming: this answer is still coming in.
-export function messageView(message, { actions = {}, streaming = false } = {}) {
+// streaming: this answer is still coming in; edited: this question is being edited in the composer.
+export function messageView(message, { actions = {}, streaming = false, edited = false } = {}) {
   const body = el("div", { class: "body" });
   if (message.role === "assistant") body.innerHTML = renderMarkdown(message.content);
   else body.textContent = message.content;
@@ -36,6 +36,7 @@ export function messageView(message, { actions = {}, streaming = false } = {}) {
     node.setAttribute("aria-busy", "true");
     node.classList.add("streaming");
   }
+  if (edited) node.classList.add("edited");
   if (message.stats) node.append(el("p", { class: "stats", text: statsText(message.stats) }));
   const buttons = Object.entries(actions).map(([name, onclick]) =>
     el("button", { type: "button", class: `action ${name}`, text: LABELS[name], onclick }),
@@ -52,46 +53,13 @@ export function updateAnswer(node, message) {
 
 export function statsText(stats) {
   const parts = [];
-  if (stats.tokens != null) parts.push(`${stats.estimated ? "about " : ""}${stats.tokens} tokens`);
+  if (stats.tokens) parts.push(`${stats.estimated ? "about " : ""}${stats.tokens} tokens`);
   if (stats.tokensPerSecond) parts.push(`${stats.tokensPerSecond.toFixed(1)} tokens/s`);
   if (stats.firstTokenMs != null) {
-    parts.push(`first token after ${(stats.firstTokenMs / 1000).toFixed(2)} s`);
+    parts.push(`time to first token ${(stats.firstTokenMs / 1000).toFixed(2)} s`);
   }
   if (stats.note) parts.push(stats.note);
   return parts.join(" · ");
-}
-
-// The form that replaces the last question while it is edited: Enter asks again, Escape cancels.
-export function editView(message, { onSubmit, onCancel }) {
-  const id = "edit-message";
-  const box = el("textarea", { id, rows: "3", class: "edit-box" });
-  box.value = message.content;
-  const form = el(
-    "form",
-    { class: "msg user editing" },
-    el("label", { for: id, text: "Edit your message" }),
-    box,
-    el(
-      "div",
-      { class: "actions" },
-      el("button", { type: "submit", class: "action primary", text: "Ask again" }),
-      el("button", { type: "button", class: "action", text: "Cancel", onclick: onCancel }),
-    ),
-  );
-  form.addEventListener("submit", (e) => {
-    e.preventDefault();
-    if (box.value.trim()) onSubmit(box.value);
-  });
-  box.addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
-      e.preventDefault();
-      form.requestSubmit();
-    } else if (e.key === "Escape") {
-      e.preventDefault();
-      onCancel();
-    }
-  });
-  return form;
 }
 
 export function chatListView(list, chats, currentId, { onOpen, onDelete }) {
@@ -118,4 +86,35 @@ export function chatListView(list, chats, currentId, { onOpen, onDelete }) {
       ),
     );
   list.replaceChildren(...items);
+}
+
+// Copy buttons of code blocks: one listener for all, as answers are re-rendered while streaming.
+export function copyButtons(container) {
+  container.addEventListener("click", async (e) => {
+    const button = e.target.closest("button.copy");
+    if (!button) return;
+    const code = button.closest(".code-block").querySelector("code").textContent;
+    const done = await copyText(code);
+    button.textContent = done ? "Copied" : "Copy failed";
+    setTimeout(() => {
+      button.textContent = "Copy";
+    }, 1500);
+  });
+}
+
+async function copyText(text) {
+  try {
+    await navigator.clipboard.writeText(text);
+    return true;
+  } catch {
+    // navigator.clipboard exists only on https or localhost pages: fall back for the others
+    const area = Object.assign(document.createElement("textarea"), { value: text });
+    area.setAttribute("readonly", "");
+    area.className = "offscreen";
+    document.body.append(area);
+    area.select();
+    const done = document.execCommand("copy");
+    area.remove();
+    return done;
+  }
 }

@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from test_server import LineChatFormat, build_llm
 
+from llamarun.cli.serve import page_url
 from llamarun.server import create_app, ui
 
 
@@ -82,3 +83,19 @@ def test_only_the_page_files_are_served(client, name):
 
     assert r.status_code == 404
     assert r.json()["error"]["message"]  # the server's usual error body, not a file
+
+
+@pytest.mark.parametrize(
+    "host, url",
+    [
+        ("127.0.0.1", "http://127.0.0.1:8000/"),
+        (
+            "0.0.0.0",
+            "http://127.0.0.1:8000/",
+        ),  # every address: this machine's browser uses loopback
+        ("::", "http://[::1]:8000/"),
+        ("192.168.1.5", "http://192.168.1.5:8000/"),
+    ],
+)
+def test_serve_prints_a_page_url_a_browser_can_open(host, url):
+    assert page_url(host, 8000) == url

@@ -49,7 +49,7 @@ function explain(message, status) {
       "auth",
     );
   }
-  if (/context|max_seq_len/.test(message)) {
+  if (/context is \d+ tokens|max_seq_len is \d+/.test(message)) {
     return new ApiError(
       `This conversation is too long for the model's context. Start a new chat, shorten the message, or lower Max tokens.${said}`,
       "context",

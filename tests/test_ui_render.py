@@ -196,23 +196,41 @@ def test_an_error_inside_the_stream_is_shown(open_page):
     assert page.locator("article.assistant .body").inner_text() == "Half an"  # what came is kept
 
 
-@pytest.mark.parametrize("shape", ["crlf-without-done", "json"])
-def test_answers_of_other_shapes_are_read(open_page, shape):
-    """Another OpenAI-style server may end a stream without [DONE], use CRLF, or not stream."""
+def pieces_of(*texts, finish=True) -> list[dict]:
+    chunks = [{"choices": [{"index": 0, "delta": {"content": t}}]} for t in texts]
+    if finish:
+        chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    return chunks
+
+
+SHAPES = {
+    # another OpenAI-style server may end a stream without [DONE], or write CRLF
+    "crlf-without-done": "".join(f"data: {json.dumps(c)}\r\n\r\n" for c in pieces_of("Par", "is")),
+    "cut-off": "".join(f"data: {json.dumps(c)}\n\n" for c in pieces_of("Par", finish=False)),
+    "not-json": "data: {oops\n\n",
+}
+
+
+@pytest.mark.parametrize(
+    "shape, shown",
+    [
+        ("crlf-without-done", "Paris"),
+        ("json", "Paris"),  # a server that ignores stream: true
+        ("cut-off", "The connection to the server broke off"),
+        ("not-json", "The server sent something that is not part of an answer: {oops"),
+    ],
+)
+def test_answers_of_other_shapes_are_read_or_explained(open_page, shape, shown):
     page = open_page()
-    pieces = [{"choices": [{"index": 0, "delta": {"content": p}}]} for p in ("Par", "is")]
-    pieces.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
     if shape == "json":
         done = {"choices": [{"index": 0, "message": {"content": "Paris"}, "finish_reason": "stop"}]}
-        page.route(
-            CHAT_URL, lambda route: route.fulfill(json=done | {"usage": {"completion_tokens": 2}})
-        )
+        page.route(CHAT_URL, lambda route: route.fulfill(json=done))
     else:
-        mock_answer(page, body="".join(f"data: {json.dumps(p)}\r\n\r\n" for p in pieces))
+        mock_answer(page, body=SHAPES[shape])
     ask(page, "capital of France?")
 
-    assert wait_answer(page) == "Paris"
-    assert page.locator("article.error").count() == 0
+    page.locator("article.assistant .stats, article.error[role=alert]").first.wait_for()
+    assert shown in page.locator("#messages > article").last.inner_text()
 
 
 def test_edit_can_be_cancelled(open_page):

@@ -84,6 +84,14 @@ export async function streamChat(body, { apiKey, signal, onText }) {
   }
 
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  try {
+    return await readStream(reader, result, onText);
+  } finally {
+    reader.cancel().catch(() => {}); // done with it, whichever way it ended
+  }
+}
+
+async function readStream(reader, result, onText) {
   let buffer = "";
   for (;;) {
     let chunk;
@@ -105,13 +113,21 @@ export async function streamChat(body, { apiKey, signal, onText }) {
       if (!line.startsWith("data:")) continue; // blank separators, ": comments", event names
       const data = line.slice(5).trim();
       if (data === "[DONE]") return result;
-      readEvent(JSON.parse(data), result, onText);
+      readEvent(parse(data), result, onText);
     }
   }
 }
 
 const BROKE_OFF =
   "The connection to the server broke off before the answer was finished: the server may have stopped.";
+
+function parse(data) {
+  try {
+    return JSON.parse(data);
+  } catch {
+    throw new ApiError(`The server sent something that is not part of an answer: ${data.slice(0, 200)}`, "stream");
+  }
+}
 
 function readEvent(event, result, onText) {
   // after the 200 status is sent, the server reports an error as an event of its own

@@ -100,7 +100,8 @@ function setBusy(busy) {
   state.busy = busy;
   ui.send.hidden = !!busy;
   ui.stop.hidden = !busy;
-  if (busy && hadFocus === ui.send) ui.stop.focus();
+  // a click on Send or Regenerate moves to Stop (Send hides, Regenerate goes with the re-render)
+  if (busy && hadFocus !== ui.input) ui.stop.focus();
   if (!busy && (hadFocus === ui.stop || hadFocus === document.body)) ui.input.focus();
 }
 

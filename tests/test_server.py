@@ -232,6 +232,25 @@ def test_n2_sampled_choices_differ(client):
     assert out.usage.completion_tokens == 32
 
 
+def test_usage_counts_the_prompt_tokens_the_prefix_cache_held(client):
+    system = {"role": "system", "content": "s" * 70}  # BOS + "system: " + 70 + "\n" + "user: "
+
+    def ask(question: str):
+        return client.chat.completions.create(
+            model=MODEL,
+            messages=[system, {"role": "user", "content": question}],
+            max_tokens=8,
+            temperature=0,
+        )
+
+    cold = ask("a question")
+    warm = ask("another question")
+    assert warm.usage.prompt_tokens_details.cached_tokens == 64  # the 86 shared, in 32s
+    again = ask("a question")
+    assert again.usage.prompt_tokens_details.cached_tokens == 96  # all but its last chunk
+    assert again.choices[0].message.content == cold.choices[0].message.content
+
+
 def test_stop_string_cuts_the_text_and_reports_stop(client):
     full = chat(client, "Stop test", max_tokens=24).choices[0].message.content
     stop = full[10:12]

@@ -23,6 +23,7 @@ from .loaders import load_checkpoint, read_header
 from .model import Transformer
 from .offload import place_
 from .plan import QUANTIZE_MODES, plan_load
+from .prefix_cache import DEFAULT_BYTES
 from .quantize import linear_from_packed, quantize_
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -42,6 +43,7 @@ def load(
     offload: bool = False,
     offload_layers: int | None = None,
     kv_cache_dtype: str | torch.dtype | None = None,
+    prefix_cache_mb: float = DEFAULT_BYTES / 1e6,
 ) -> LLM:
     """Load a checkpoint (Meta folder, Hugging Face folder, GGUF or llama2.c file) ready to generate.
 
@@ -54,6 +56,8 @@ def load(
     offload_layers forces that many of the last blocks onto the CPU.
     kv_cache_dtype: the KV cache's dtype (default: the model's); float16 halves what attention
     reads per token, which dominates long contexts and large batches (as llama.cpp's f16 cache).
+    prefix_cache_mb: MB (1e6 bytes) of saved prompt prefixes a new prompt may start from instead
+    of prefilling them (prefix_cache.py), counted by the memory plan; 0 turns prefix caching off.
     """
     t0 = time.perf_counter()
     device = pick_device(device)
@@ -65,6 +69,9 @@ def load(
         raise ConfigError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise ConfigError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+    if not isinstance(prefix_cache_mb, int | float) or not 0 <= prefix_cache_mb < float("inf"):
+        raise ConfigError(f"prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}")
+    prefix_bytes = int(prefix_cache_mb * 1e6)
     header = read_header(path)  # config only: the plan runs before any weight is read
     seq_len = max_seq_len or min(header.args.max_seq_len, 4096)
     run = plan_load(
@@ -79,6 +86,7 @@ def load(
         packed=header.packed,
         name=header.name or Path(path).name,
         kv_dtype=kv_dtype,
+        prefix_cache=prefix_bytes,
     )
     mode = next((q for q in (run.quantize, quantize) if q in QUANTIZE_MODES), None)
     ckpt = load_checkpoint(header, tokenizer)
@@ -102,7 +110,12 @@ def load(
         "kv_cache_dtype": str(kv_dtype).removeprefix("torch."),
     }
     llm = prepare(
-        model, ckpt.tokenizer, chat_template=ckpt.chat_template, compile=compile, info=info
+        model,
+        ckpt.tokenizer,
+        chat_template=ckpt.chat_template,
+        compile=compile,
+        info=info,
+        prefix_cache_bytes=prefix_bytes,
     )
     if compile:  # compile now (the first compiled decode steps), timed apart from load and decoding
         t1 = time.perf_counter()
@@ -137,11 +150,19 @@ def prepare(
     chat_template: str | None = None,
     compile: bool = False,
     info: dict | None = None,
+    prefix_cache_bytes: int = DEFAULT_BYTES,
 ) -> LLM:
     """An LLM over a Transformer you built yourself (setup_caches done): `prepare_` readies the
     model, in place, and the LLM decodes with the step it returns."""
     decode = prepare_(model, compile=compile)
-    return LLM(model, tokenizer, chat_template=chat_template, decode=decode, info=info)
+    return LLM(
+        model,
+        tokenizer,
+        chat_template=chat_template,
+        decode=decode,
+        info=info,
+        prefix_cache_bytes=prefix_cache_bytes,
+    )
 
 
 def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> Transformer:

@@ -8,6 +8,7 @@ budget, the context); stop *strings* are text, and llm.TextStream decides those.
 
 The engine never changes the model it is given: build.py prepares it and hands over the fastest
 decode callable it has for that device (the one-call CPU step, a compiled step, or the model).
+With a prefix cache (prefix_cache.py) a prompt starts where the rows already hold it.
 """
 
 from __future__ import annotations
@@ -21,10 +22,16 @@ import torch
 from .cpu import argmax_ids
 from .errors import RequestError
 from .model import Transformer
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, apply_penalties, sample
 
-PREFILL_CHUNK = 512  # prompt tokens per forward: bounds attention memory for long prompts
-Decode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tokens, input_pos) -> logits
+PREFILL_CHUNK = 512  # the most prompt tokens per forward: bounds attention memory for long prompts
+# Prefix caching reuses whole chunks, so the chunk is also how finely a shared prefix is reused.
+# A CPU prefill is compute-bound and as fast at 32 tokens per forward as at 512 (SmolLM2 here);
+# a GPU forward of 32 tokens costs nearly what one of 512 does, so it keeps the large chunk.
+DEVICE_PREFILL_CHUNK = {"cpu": 32}
+# (tokens, input_pos, rows) -> logits; rows None: cache rows 0..B-1
+Decode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 TopLogprobs = list[tuple[int, float]]  # (token id, logprob), best first
 
 
@@ -38,6 +45,7 @@ class Slot:
     stop_ids: frozenset[int]
     logprobs: int | None = None  # how many top alternatives to report; None: no logprobs
     finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose cache rows were reused, not prefilled
 
     @property
     def n_generated(self) -> int:
@@ -57,13 +65,26 @@ class Engine:
     """Owns the model's cache rows. Not thread-safe: one thread drives it."""
 
     def __init__(
-        self, model: Transformer, stop_ids: frozenset[int], *, decode: Decode | None = None
+        self,
+        model: Transformer,
+        stop_ids: frozenset[int],
+        *,
+        decode: Decode | None = None,
+        prefix_cache_bytes: int = 0,
     ):
+        """prefix_cache_bytes: the pool of saved prompt prefixes (0: no prefix caching at all)."""
         self.model = model
         self.stop_ids = frozenset(stop_ids)
         self.device = model.norm.weight.device
         self.slots: list[Slot | None] = [None] * model.max_batch_size
         self._decode = decode if decode is not None else model
+        self.prefill_chunk = prefill_chunk(self.device)
+        self.prefix = (
+            PrefixCache(model, self.prefill_chunk, prefix_cache_bytes)
+            if prefix_cache_bytes > 0
+            else None
+        )
+        self.prefilled_tokens = 0  # prompt tokens run through the model (reused ones are not)
 
     @property
     def max_seq_len(self) -> int:
@@ -71,6 +92,19 @@ class Engine:
 
     def free_slots(self) -> list[int]:
         return [i for i, s in enumerate(self.slots) if s is None]
+
+    def pick_slot(self, prompt_ids: Sequence[int]) -> int | None:
+        """The free slot to run `prompt_ids` in (the one whose row holds most of it); None if none."""
+        free = self.free_slots()
+        if not free:
+            return None
+        return self.prefix.pick(free, prompt_ids) if self.prefix is not None else free[0]
+
+    def forget(self, slots: Sequence[int] | None = None) -> None:
+        """Nothing in these cache rows (default: any, and no saved prefix) may be reused: they
+        were written outside the engine (Llama.generate), or a benchmark wants a cold start."""
+        if self.prefix is not None:
+            self.prefix.forget(slots)
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> None:
         vocab = self.model.args.vocab_size
@@ -88,16 +122,23 @@ class Engine:
             )
 
     def prefill(
-        self, slot: int, ids: Sequence[int], *, all_logits: bool = False
+        self, slot: int, ids: Sequence[int], *, first: int = 0, all_logits: bool = False
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Write `ids` into cache row `slot` at positions 0.., PREFILL_CHUNK tokens per forward.
+        """Write ids[first:] into cache row `slot` at positions first.. (a multiple of the chunk,
+        the row holding ids[:first]), one chunk per forward, chunks at multiples of the chunk
+        size so the same prompt always runs in the same forwards (what prefix reuse rests on).
         Yields (start, logits) per chunk: the chunk's last position (V,), or (T, V) each."""
+        assert first % self.prefill_chunk == 0, "a prefill resumes on a chunk boundary"
         rows = torch.tensor([slot], device=self.device)
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            chunk = list(ids[start : start + PREFILL_CHUNK])
+        for start in range(first, len(ids), self.prefill_chunk):
+            chunk = list(ids[start : start + self.prefill_chunk])
             tokens = torch.tensor([chunk], device=self.device)
             input_pos = torch.arange(start, start + len(chunk), device=self.device)[None]
-            yield start, self.model(tokens, input_pos, rows, all_logits=all_logits)[0]
+            logits = self.model(tokens, input_pos, rows, all_logits=all_logits)[0]
+            self.prefilled_tokens += len(chunk)
+            if self.prefix is not None:
+                self.prefix.wrote(slot, start, chunk)
+            yield start, logits
 
     @torch.inference_mode()
     def add(
@@ -125,7 +166,12 @@ class Engine:
             logprobs,
         )
         self.slots[slot] = state
-        *_, (_, logits) = self.prefill(slot, prompt_ids)  # the last chunk's logits pick the token
+        if self.prefix is not None:
+            state.cached_tokens = self.prefix.reuse(slot, prompt_ids)
+        # the last chunk's logits pick the token
+        *_, (_, logits) = self.prefill(slot, prompt_ids, first=state.cached_tokens)
+        if self.prefix is not None:
+            self.prefix.save(slot)
         state.pos = len(prompt_ids)
         if params.max_new_tokens == 0:
             state.finish_reason = "length"
@@ -174,33 +220,41 @@ class Engine:
         running = [i for i, s in enumerate(self.slots) if s is not None and s.finish_reason is None]
         if not running:
             return []
-        hi = running[-1] + 1  # rows 0..hi-1 are a view of the cache; idle rows decode a dummy token
-        # Idle rows decode token 0 at position 0: a later prefill of the row overwrites it first,
-        # and the attended length (the batch's furthest position) does not grow.
-        live = [s if s is not None and s.finish_reason is None else None for s in self.slots[:hi]]
-        tokens = torch.tensor([[s.tokens[-1] if s else 0] for s in live], device=self.device)
-        input_pos = torch.tensor([[s.pos if s else 0] for s in live], device=self.device)
-        logits = self.decode(tokens, input_pos)  # (hi, V)
-        for i in running:
-            self.slots[i].pos += 1
+        # Only running rows decode: an idle row keeps what it holds for a later prompt to reuse,
+        # and costs nothing. Rows 0..B-1 go as None (the eager forward's view of the cache);
+        # other rows by index: the one-call CPU step reads them in place, the eager forward
+        # gathers a copy of them.
+        states = [self.slots[i] for i in running]
+        tokens = torch.tensor([[s.tokens[-1]] for s in states], device=self.device)
+        input_pos = torch.tensor([[s.pos] for s in states], device=self.device)
+        rows = (
+            None if running[-1] == len(running) - 1 else torch.tensor(running, device=self.device)
+        )
+        logits = self.decode(tokens, input_pos, rows)  # (len(running), V)
+        for s in states:
+            s.pos += 1
         return self._pick_many(running, logits)
 
-    def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """Logits (B, V) for one new token per cache row 0..B-1: tokens and input_pos (B, 1)."""
-        return self._decode(tokens, input_pos)
+    def decode(
+        self, tokens: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (B, V) for one new token per cache row `rows` (B,) (default: rows 0..B-1):
+        tokens and input_pos (B, 1)."""
+        return self._decode(tokens, input_pos, rows)
 
     def release(self, slot: int) -> Slot | None:
         state, self.slots[slot] = self.slots[slot], None
         return state
 
     def _pick_many(self, running: list[int], logits: torch.Tensor) -> list[StepOutput]:
+        """logits[j] belongs to slot running[j]."""
         states = [self.slots[i] for i in running]
         if all(
             s.params.is_greedy and not s.params.has_penalties and s.logprobs is None for s in states
         ):
             ids = argmax_ids(logits)  # one host sync for the whole batch
-            return [self._advance(i, ids[i]) for i in running]
-        return [self._pick(i, logits[i]) for i in running]
+            return [self._advance(i, ids[j]) for j, i in enumerate(running)]
+        return [self._pick(i, logits[j]) for j, i in enumerate(running)]
 
     def _pick(self, slot: int, logits: torch.Tensor) -> StepOutput:
         s = self.slots[slot]
@@ -227,3 +281,7 @@ class Engine:
         elif s.n_generated >= s.params.max_new_tokens or s.pos >= self.max_seq_len:
             s.finish_reason = "length"
         return StepOutput(slot, token_id, s.finish_reason)
+
+
+def prefill_chunk(device: torch.device) -> int:
+    return DEVICE_PREFILL_CHUNK.get(device.type, PREFILL_CHUNK)

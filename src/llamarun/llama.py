@@ -98,6 +98,8 @@ class Llama:
         stop_ids = torch.tensor(sorted(self.tokenizer.stop_ids), dtype=torch.long, device=device)
         eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
 
+        self.llm.engine.forget(range(bsz))  # this loop writes cache rows 0..bsz-1 itself
+
         def forward(start: int, end: int) -> torch.Tensor:
             input_pos = torch.arange(start, end, device=device).expand(bsz, -1)
             return model(tokens[:, start:end], input_pos, all_logits=True)  # (B, T, V)

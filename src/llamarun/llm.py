@@ -19,6 +19,7 @@ from .device import as_token_ids
 from .engine import Decode, Engine, StepOutput
 from .errors import RequestError, TokenizerError
 from .model import Transformer
+from .prefix_cache import DEFAULT_BYTES
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .tokenizer.chat import ChatFormat, Message, get_chat_format
@@ -109,10 +110,12 @@ class Stats:
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens the prefix cache held, so not prefilled
 
     @property
     def prefill_tps(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        prefilled = self.prompt_tokens - self.cached_tokens
+        return prefilled / self.prefill_s if self.prefill_s else 0.0
 
     @property
     def decode_tps(self) -> float:
@@ -124,7 +127,8 @@ class Stats:
 class LLM:
     """A loaded model with its tokenizer, ready to generate. Build it with `llamarun.load()`, or
     wrap a model of your own with `llamarun.build.prepare()`. LLM never changes the model: it
-    decodes with `decode` (default: the model's own forward)."""
+    decodes with `decode` (default: the model's own forward). prefix_cache_bytes bounds the
+    saved prompt prefixes a new prompt may start from (0: every prompt is prefilled whole)."""
 
     def __init__(
         self,
@@ -134,13 +138,14 @@ class LLM:
         chat_template: str | None = None,
         decode: Decode | None = None,
         info: dict | None = None,
+        prefix_cache_bytes: int = DEFAULT_BYTES,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.info = info or {}
         stop_ids = tokenizer.stop_ids if tokenizer is not None else frozenset()
-        self.engine = Engine(model, stop_ids, decode=decode)
+        self.engine = Engine(model, stop_ids, decode=decode, prefix_cache_bytes=prefix_cache_bytes)
         self.last_stats = Stats()
 
     @property
@@ -197,6 +202,7 @@ class LLM:
                 for i, (p, sp) in enumerate(zip(prompts, params_list))
             ]
             stats.prefill_s = time.perf_counter() - t0
+            stats.cached_tokens = sum(engine.slots[i].cached_tokens for i in range(len(prompts)))
             t0 = time.perf_counter()
             row: list[StepOutput | None] = [o if o.token_id >= 0 else None for o in first]
             stats.new_tokens = sum(o is not None for o in row)

@@ -5,7 +5,8 @@ Three parts, each explicit:
   byte per weight plus their scales (the output to int8 in both), while embeddings and norms stay;
 - KV cache: batch x context x layers x kv_heads x head_dim x 2 (k and v) x bytes of the dtype;
 - working memory: logits and sampling buffers, one prefill chunk's activations, and on a GPU a
-  fixed reserve for cuBLAS/kernel workspaces (see `working_bytes`).
+  fixed reserve for cuBLAS/kernel workspaces (see `working_bytes`);
+- prefix cache: the bound on saved prompt prefixes (prefix_cache.py, --prefix-cache-mb), in full.
 Free memory comes from torch.cuda.mem_get_info on CUDA and psutil's available RAM on CPU. No torch
 tensors are made here; sizes are in bytes and printed in decimal GB (1e9), as model cards do.
 """
@@ -141,10 +142,11 @@ class Option:
     working: int
     offload_layers: int = 0
     offloaded: int = 0  # bytes of weights + cache kept in CPU memory for the offloaded blocks
+    prefix_cache: int = 0  # the bound on saved prompt prefixes
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.working
+        return self.weights + self.kv_cache + self.working + self.prefix_cache
 
     @property
     def label(self) -> str:
@@ -178,7 +180,9 @@ class Plan:
         text = (
             f"{self.name} needs {fmt_gb(a.weights)} in {a.label} plus {fmt_gb(a.kv_cache)} of KV cache "
             f"at {self.seq_len} tokens{f' x {self.batch} rows' if self.batch > 1 else ''} and "
-            f"{fmt_gb(a.working)} of working memory ({fmt_gb(a.total)} in all); "
+            f"{fmt_gb(a.working)} of working memory"
+            f"{f' and {fmt_gb(a.prefix_cache)} of prefix cache' if a.prefix_cache else ''} "
+            f"({fmt_gb(a.total)} in all); "
             f"{where} has {fmt_gb(self.free)} free."
         )
         ways = [
@@ -192,6 +196,9 @@ class Plan:
             )
         if self.shorter_seq_len:
             ways.append(f"with --max-seq-len {self.shorter_seq_len}")
+        if a.prefix_cache and a.total - a.prefix_cache <= self.free:
+            room = max(self.free - (a.total - a.prefix_cache), 0) // 10**6
+            ways.append(f"with --prefix-cache-mb {room}")
         if ways:
             ways[0] = ways[0].replace("--quantize", "with --quantize", 1)
             text += (
@@ -244,8 +251,10 @@ def option(
     gpu: bool,
     offload_layers: int = 0,
     kv_dtype: torch.dtype | None = None,
+    prefix_cache: int = 0,
 ) -> Option:
-    """kv_dtype: the KV cache's dtype when it differs from the weights' (--kv-cache-dtype)."""
+    """kv_dtype: the KV cache's dtype when it differs from the weights' (--kv-cache-dtype);
+    prefix_cache: bytes of saved prompt prefixes, on the main device."""
     on_device = args.n_layers - offload_layers
     kv = kv_dtype or dtype
     lb = layer_bytes(args, dtype, quantize, gpu=gpu)
@@ -258,6 +267,7 @@ def option(
         offload_layers=offload_layers,
         offloaded=offload_layers * layer_bytes(args, dtype, quantize)  # on the CPU: no CUDA copies
         + kv_cache_bytes(args, batch, seq_len, kv, offload_layers),
+        prefix_cache=prefix_cache,
     )
 
 
@@ -276,6 +286,7 @@ def plan_memory(
     memory: Callable[[torch.device], int] | None = None,
     packed: str | None = None,
     kv_dtype: torch.dtype | None = None,
+    prefix_cache: int = 0,
 ) -> Plan:
     """Pick how to run: `quantize` None/"int8"/"int4" as asked, or "auto" for the best quality that
     fits (dtype, then int8, then int4); with `offload`, blocks that do not fit go to the CPU.
@@ -290,6 +301,11 @@ def plan_memory(
     if quantize not in (None, "auto", *QUANTIZE_MODES) and packed is None:
         raise MemoryPlanError(f"--quantize {quantize!r} is not a mode; choose int8, int4 or auto")
 
+    def make_seq(q: str | None, seq: int) -> Option:
+        return option(
+            args, dtype, q, batch, seq, gpu=gpu, kv_dtype=kv_dtype, prefix_cache=prefix_cache
+        )
+
     def make(q: str | None, offload_layers: int = 0) -> Option:
         return option(
             args,
@@ -300,6 +316,7 @@ def plan_memory(
             gpu=gpu,
             offload_layers=offload_layers,
             kv_dtype=kv_dtype,
+            prefix_cache=prefix_cache,
         )
 
     if packed is not None:
@@ -317,12 +334,7 @@ def plan_memory(
     else:
         chosen = asked if asked.total <= free else (off if offload else None)
     shorter = next(
-        (
-            s
-            for s in _halvings(seq_len)
-            if option(args, dtype, asked.quantize, batch, s, gpu=gpu, kv_dtype=kv_dtype).total
-            <= free
-        ),
+        (s for s in _halvings(seq_len) if make_seq(asked.quantize, s).total <= free),
         None,
     )
     return Plan(
@@ -383,6 +395,7 @@ def plan_load(
     name: str = "This model",
     memory: Callable[[torch.device], int] | None = None,
     kv_dtype: torch.dtype | None = None,
+    prefix_cache: int = 0,
 ) -> Option:
     """The option `llamarun.load` runs with, or MemoryPlanError before any weight is read.
     `offload_layers` forces that many blocks onto the CPU (implies offload), checked against memory."""
@@ -404,6 +417,7 @@ def plan_load(
         memory=memory,
         packed=packed,
         kv_dtype=kv_dtype,
+        prefix_cache=prefix_cache,
     )
     if offload_layers is None:
         return check_fits(plan)
@@ -421,6 +435,7 @@ def plan_load(
         gpu=device.type != "cpu",
         offload_layers=offload_layers,
         kv_dtype=kv_dtype,
+        prefix_cache=prefix_cache,
     )
     on_cpu = device.type == "cpu"  # both parts then share the same RAM
     if forced.total + (forced.offloaded if on_cpu else 0) > plan.free or (

@@ -78,6 +78,14 @@ def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = Tr
         "--max-seq-len", type=int, default=None, help="context length to allocate the KV cache for"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="memory for saved prompt prefixes a new prompt reuses instead of prefilling "
+        "(default: 256; 0 turns prefix caching off)",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, *, temperature: float = 0.8) -> None:
@@ -152,6 +160,7 @@ def load_from_args(
         offload=args.offload,
         offload_layers=args.offload_layers,
         kv_cache_dtype=args.kv_cache_dtype,
+        **({} if args.prefix_cache_mb is None else {"prefix_cache_mb": args.prefix_cache_mb}),
     )
 
 

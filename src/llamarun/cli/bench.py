@@ -98,6 +98,7 @@ def measure(llm, batch: int, prompt_len: int, gen_len: int, *, seed: int = 0) ->
 
 
 def _run(engine, prompts: list[list[int]], params) -> tuple[float, float, int]:
+    engine.forget()  # a prefill measured is a prefill done: nothing reused from an earlier run
     t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
         engine.add(i, prompt, params)

@@ -160,7 +160,13 @@ class _Answer:
         return run_jobs(self.state.scheduler, self.request, self.jobs, self.events, watch=watch)
 
     def usage(self) -> p.Usage:
-        return p.usage(sum(map(len, self.prompts)), sum(j.n_tokens for j in self.jobs))
+        # a prompt counts once, however many choices it has: its first choice's cache hit
+        first_choices = self.jobs[:: len(self.jobs) // len(self.prompts)]
+        return p.usage(
+            sum(map(len, self.prompts)),
+            sum(j.n_tokens for j in self.jobs),
+            sum(j.cached_tokens for j in first_choices),
+        )
 
 
 async def _chat_chunks(answer: _Answer, include_usage: bool) -> AsyncIterator[BaseModel]:

@@ -42,6 +42,7 @@ class Job:
     score_prompt: bool = False  # also report the prompt's own logprobs (completions echo)
     cancelled: bool = False
     n_tokens: int = 0  # tokens sampled so far, stop token included
+    cached_tokens: int = 0  # prompt tokens the prefix cache held when the job was admitted
 
 
 class Scheduler:
@@ -106,10 +107,12 @@ class Scheduler:
                 self._release(slot)
 
     def _admit(self) -> None:
-        for slot in self.engine.free_slots():
-            job = self.waiting.popleft() if self.waiting else None
-            if job is None:
+        while self.waiting:
+            # the free row holding most of this prompt: a conversation's next turn finds its own
+            slot = self.engine.pick_slot(self.waiting[0].prompt_ids)
+            if slot is None:
                 return
+            job = self.waiting.popleft()
             self.running[slot] = job
             try:
                 prompt_logprobs = self._score_prompt(slot, job) if job.score_prompt else None
@@ -123,6 +126,8 @@ class Scheduler:
             except Exception as e:  # fails this request only
                 self._fail(slot, e)
                 continue
+            # a scored prompt was prefilled whole for its logprobs, whatever the cache held
+            job.cached_tokens = 0 if job.score_prompt else self.engine.slots[slot].cached_tokens
             self._route(slot, out, prompt_logprobs)
 
     def _step(self) -> None:

@@ -37,6 +37,7 @@ class TextStream:
         self.pending = ""
         self.text = ""  # everything emitted so far
         self.stopped = False  # a stop string appeared
+        self.stop_string: str | None = None  # which one
         self.finish_reason: str | None = None  # set once the row has ended, for any reason
 
     def push(self, out: StepOutput) -> str:
@@ -66,9 +67,10 @@ class TextStream:
         if not self.stop:
             out, self.pending = self.pending, ""
         else:
-            hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+            hits = [(i, s) for s in self.stop if (i := self.pending.find(s)) >= 0]
             if hits:
-                out, self.pending, self.stopped = self.pending[: min(hits)], "", True
+                cut, self.stop_string = min(hits, key=lambda hit: hit[0])
+                out, self.pending, self.stopped = self.pending[:cut], "", True
             else:
                 keep = max(
                     (

@@ -1,19 +1,22 @@
 """A request's life on the engine thread, for any API: `make_jobs` checks each prompt against the
-context and makes one `Job` per prompt and choice, `run_jobs` submits them and yields their
-events on the request's event loop (where `emitter` delivers them), cancelling what is left when
-the client goes away."""
+context and makes one `Job` per prompt and choice (`Generation` one job for one answer),
+`run_jobs` submits them and yields their events on the request's event loop (where `emitter`
+delivers them), cancelling what is left when the client goes away."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from fastapi import Request
 
 from ..errors import RequestError
 from ..llm import LLM, TextStream
+from ..sampling import SamplingParams
 from . import protocol as p
 from .scheduler import Event, Job, Scheduler
+from .state import ServerState
 
 
 def make_jobs(
@@ -31,20 +34,78 @@ def make_jobs(
     body.log_ignored()
     jobs = []
     for prompt_ids in prompts:
-        llm.engine.check_prompt(prompt_ids)
-        budget = llm.max_seq_len - len(prompt_ids)
-        wanted = budget if max_tokens is None else max_tokens
-        if wanted > budget:
-            raise RequestError(
-                f"this model's context is {llm.max_seq_len} tokens, but the prompt has {len(prompt_ids)} tokens and max_tokens "
-                f"is {wanted} ({len(prompt_ids) + wanted} in total): shorten the prompt or set max_tokens to at most {budget}",
-                param="max_tokens",
-            )
+        wanted = token_budget(llm, prompt_ids, max_tokens)
         for choice in range(body.n):
             params = body.to_sampling_params(wanted, choice)
             stream = TextStream(llm.tokenizer, params.stop, lstrip=lstrip)
             jobs.append(Job(len(jobs), prompt_ids, params, stream, stop_ids, emit, **job_args))
     return jobs
+
+
+def token_budget(
+    llm: LLM, prompt_ids: list[int], max_tokens: int | None, param: str = "max_tokens"
+) -> int:
+    """New tokens a prompt may have: `max_tokens`, or None for all the context it leaves; more
+    than the context leaves is a RequestError naming the API's `param`."""
+    llm.engine.check_prompt(prompt_ids)
+    budget = llm.max_seq_len - len(prompt_ids)
+    wanted = budget if max_tokens is None else max_tokens
+    if wanted > budget:
+        raise RequestError(
+            f"this model's context is {llm.max_seq_len} tokens, but the prompt has {len(prompt_ids)} tokens and {param} "
+            f"is {wanted} ({len(prompt_ids) + wanted} in total): shorten the prompt or set {param} to at most {budget}",
+            param=param,
+        )
+    return wanted
+
+
+@dataclass(eq=False)
+class Generation:
+    """One prompt and one answer on the engine thread: what the Responses, Anthropic and ollama
+    routes run (OpenAI's choices, echo and logprobs stay with openai.py's make_jobs)."""
+
+    scheduler: Scheduler
+    request: Request
+    job: Job
+    events: asyncio.Queue[Event]
+
+    @classmethod
+    def start(
+        cls,
+        state: ServerState,
+        request: Request,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        chat: bool,
+    ) -> Generation:
+        """chat: the prompt is a rendered dialog, so the answer ends at the format's end of turn
+        and its leading space is dropped, as the chat completions route does."""
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        stop_ids = frozenset(state.chat_format.stop_ids) if chat else frozenset()
+        stream = TextStream(state.tokenizer, params.stop, lstrip=chat)
+        job = Job(0, prompt_ids, params, stream, stop_ids, emitter(events))
+        return cls(state.scheduler, request, job, events)
+
+    def run(self, *, watch: bool) -> AsyncIterator[Event]:
+        return run_jobs(self.scheduler, self.request, [self.job], self.events, watch=watch)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.job.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.job.n_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.job.cached_tokens
+
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the answer, if one did."""
+        return self.job.stream.stop_string
 
 
 def emitter(events: asyncio.Queue[Event]) -> Callable[[Event], None]:

@@ -22,20 +22,9 @@ from . import protocol as p
 from .http_errors import APIError, error_response
 from .jobs import emitter, make_jobs, run_jobs
 from .scheduler import Event, Job
-from .state import ServerState, get_state
+from .state import ServerState, get_state, require_key
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
-
-
-async def require_key(request: Request) -> None:
-    api_key = get_state(request).api_key
-    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if api_key is not None and not secrets.compare_digest(given.encode(), api_key.encode()):
-        raise APIError(
-            401,
-            "missing or incorrect API key: send the server's --api-key as the header 'Authorization: Bearer KEY'",
-            code="invalid_api_key",
-        )
 
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])

@@ -3,6 +3,7 @@ route functions live at module level and read it with `get_state(request)`."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from ..errors import TokenizerError
 from ..llm import LLM
 from ..tokenizer import Tokenizer
 from ..tokenizer.chat import ChatFormat
+from .http_errors import APIError
 from .scheduler import Scheduler
 
 NO_CHAT = (
@@ -64,3 +66,20 @@ class ServerState:
 
 def get_state(request: Request) -> ServerState:
     return request.app.state.server
+
+
+async def require_key(request: Request) -> None:
+    """The server's --api-key, as OpenAI's clients send it (Authorization: Bearer KEY) or as
+    Anthropic's (x-api-key: KEY); a route dependency, so each API answers in its own shape."""
+    api_key = get_state(request).api_key
+    if api_key is None:
+        return
+    bearer = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    given = request.headers.get("x-api-key", "").strip() or bearer
+    if not secrets.compare_digest(given.encode(), api_key.encode()):
+        raise APIError(
+            401,
+            "missing or incorrect API key: send the server's --api-key as the header "
+            "'Authorization: Bearer KEY' or 'x-api-key: KEY'",
+            code="invalid_api_key",
+        )

@@ -104,6 +104,7 @@ def load(
         "quantize": mode,
         "offload_layers": run.offload_layers,
         "format": ckpt.format,
+        "stored": header.stored,  # how the file holds most weights (float32, Q4_1, ...)
         "path": str(ckpt.path),
         "load_s": time.perf_counter() - t0,
         "dtype": str(dtype).removeprefix("torch."),

@@ -13,7 +13,7 @@ from fastapi import APIRouter, FastAPI, Request
 
 from ..llm import LLM
 from ..tokenizer.chat import ChatFormat
-from . import anthropic, openai, responses, ui
+from . import anthropic, ollama, openai, responses, ui
 from .http_errors import add_error_handlers
 from .state import ServerState, get_state
 
@@ -33,6 +33,7 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(responses.router)
     app.include_router(anthropic.router)
+    app.include_router(ollama.router)
     app.include_router(ui.router)
     return app
 

@@ -1,7 +1,9 @@
 """The HTTP server: `create_app` builds the one `ServerState` (state.py), installs the error
-handlers (http_errors.py) and assembles the routers around them: the OpenAI API (openai.py),
-/health, and the chat page at / (ui.py). A router module reads the state from `request.app.state`, so adding an
-API is one more module and one more `include_router` here."""
+handlers (http_errors.py) and assembles the routers around them: the OpenAI API (openai.py,
+responses.py), Anthropic's (anthropic.py), ollama's (ollama.py), /tokenize and /detokenize
+(tokenize.py), /metrics (metrics.py, which also counts every request), /health, and the chat
+page at / (ui.py). A router module reads the state from `request.app.state`, so adding an API is
+one more module and one more `include_router` here; each answers errors in its API's shape."""
 
 from __future__ import annotations
 
@@ -9,13 +11,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 
 from ..llm import LLM
 from ..tokenizer.chat import ChatFormat
-from . import anthropic, ollama, openai, responses, ui
+from . import anthropic, metrics, ollama, openai, responses, tokenize, ui
 from .http_errors import add_error_handlers
-from .state import ServerState, get_state
+from .state import ServerState, get_state, require_key
 
 health_router = APIRouter()
 
@@ -34,6 +36,9 @@ def create_app(
     app.include_router(responses.router)
     app.include_router(anthropic.router)
     app.include_router(ollama.router)
+    app.include_router(tokenize.router, dependencies=[Depends(require_key)])
+    app.include_router(metrics.router, dependencies=[Depends(require_key)])
+    app.add_middleware(metrics.CountRequests, metrics=state.metrics)
     app.include_router(ui.router)
     return app
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ..engine import StepOutput, TopLogprobs
 from ..llm import LLM, TextStream
@@ -43,11 +45,22 @@ class Job:
     cancelled: bool = False
     n_tokens: int = 0  # tokens sampled so far, stop token included
     cached_tokens: int = 0  # prompt tokens the prefix cache held when the job was admitted
+    submitted_at: float = 0.0  # time.monotonic() when it reached the scheduler
+    last_token_at: float | None = None
+
+
+class Observer(Protocol):
+    """What is told of each job's tokens, on the engine thread (server/metrics.py)."""
+
+    def token(self, job: Job, now: float) -> None: ...
+
+    def finished(self, job: Job) -> None: ...
 
 
 class Scheduler:
-    def __init__(self, llm: LLM):
+    def __init__(self, llm: LLM, observer: Observer | None = None):
         self.llm = llm
+        self.observer = observer
         self.engine = llm.engine
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.waiting: deque[Job] = deque()
@@ -60,6 +73,7 @@ class Scheduler:
 
     def submit(self, jobs: list[Job]) -> None:
         for job in jobs:
+            job.submitted_at = time.monotonic()
             self.inbox.put(job)
 
     def cancel(self, jobs: list[Job]) -> None:
@@ -152,11 +166,21 @@ class Scheduler:
                 event.token_id, event.logprob = out.token_id, out.logprob
                 event.top_logprobs = out.top_logprobs
             event.finish_reason = job.stream.finish_reason
+            if self.observer is not None:
+                self._observe(job, out)
             if event.finish_reason:
                 self._release(slot)
             job.emit(event)
         except Exception as e:
             self._fail(slot, e)
+
+    def _observe(self, job: Job, out: StepOutput) -> None:
+        if out.token_id >= 0:
+            now = time.monotonic()
+            self.observer.token(job, now)
+            job.last_token_at = now
+        if job.stream.finish_reason:
+            self.observer.finished(job)
 
     def _fail(self, slot: int, error: Exception) -> None:
         job = self.running.get(slot)

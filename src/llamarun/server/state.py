@@ -14,6 +14,7 @@ from ..llm import LLM
 from ..tokenizer import Tokenizer
 from ..tokenizer.chat import ChatFormat
 from .http_errors import APIError
+from .metrics import Metrics
 from .scheduler import Scheduler
 
 NO_CHAT = (
@@ -32,6 +33,7 @@ class ServerState:
     no_chat: str | None  # why chat is refused (a base model); None when chat_format is set
     api_key: str | None
     created: int  # the model card's creation time: when the server was built
+    metrics: Metrics
 
     @classmethod
     def create(
@@ -52,15 +54,19 @@ class ServerState:
                 chat_format = llm.chat_format
             except TokenizerError:
                 no_chat = NO_CHAT
+        metrics = Metrics()
+        scheduler = Scheduler(llm, observer=metrics)
+        metrics.watch(scheduler)
         return cls(
             llm=llm,
             tokenizer=tokenizer,
-            scheduler=Scheduler(llm),
+            scheduler=scheduler,
             model_name=model_name,
             chat_format=chat_format,
             no_chat=no_chat,
             api_key=api_key,
             created=int(time.time()),
+            metrics=metrics,
         )
 
 

@@ -35,9 +35,9 @@ def make_llm(*, batch: int = 2, prefix_cache_bytes: int = 10**7) -> LLM:
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
     model.eval().setup_caches(batch, 512)
-    return LLM(
-        model, ByteTokenizer(), chat_template=TEMPLATE, prefix_cache_bytes=prefix_cache_bytes
-    )
+    llm = LLM(model, ByteTokenizer(), chat_template=TEMPLATE, prefix_cache_bytes=prefix_cache_bytes)
+    llm.engine.prefill_chunk = 32  # short prompts: small chunks, so they have whole ones to reuse
+    return llm
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -138,16 +138,40 @@ def test_the_pool_serves_a_prefix_its_row_no_longer_holds(cold):
 
 
 def test_a_small_pool_evicts_the_least_recently_used_and_stays_exact(cold):
-    one_block = sum(block_bytes(layer.attention.kv_cache, 32) for layer in cold.model.layers)
-    llm = make_llm(batch=1, prefix_cache_bytes=3 * one_block)
+    one_chunk = sum(block_bytes(layer.attention.kv_cache, 32) for layer in cold.model.layers)
+    llm = make_llm(batch=1, prefix_cache_bytes=3 * one_chunk)  # 6 pages of 16
     pool = llm.engine.prefix.pool
     prompts = [f"Conversation {i}: " + "some shared words " * 5 for i in range(4)]
     for p in prompts:
         assert llm.complete(p, GREEDY) == cold.complete(p, GREEDY)
-        assert len(pool.lru) <= pool.capacity == 3
+        assert len(pool.lru) <= 3 and pool.capacity == 6
     for p in reversed(prompts):  # the oldest were evicted: outputs stay exact either way
         assert llm.complete(p, GREEDY) == cold.complete(p, GREEDY)
-    assert pool.used_bytes <= 3 * one_block
+    assert pool.used_bytes <= 3 * one_chunk
+
+
+def test_chunks_end_at_a_turns_end_and_at_the_chunk_size(cold):
+    engine = cold.engine
+    engine.prefill_chunk = 32
+    ids = [1] + [50] * 40 + [2] + [60] * 70  # 2 ends a turn (the model's end-of-text)
+    cuts = list(engine.chunks(ids))
+    assert cuts == [
+        (0, 32, True),
+        (32, 42, True),
+        (42, 74, True),
+        (74, 106, True),
+        (106, 112, False),
+    ]
+    assert list(engine.chunks(ids, 42)) == cuts[2:]  # resumed where a chunk ended: the same cuts
+
+
+def test_a_whole_turn_is_reused_up_to_its_end_token(cold):
+    llm = make_llm()
+    turn = [1] + [50 + i % 40 for i in range(45)] + [2]  # 47 tokens: one whole chunk and a turn end
+    first = [list(t) for t in llm.generate([turn + [70, 71, 72]], GREEDY)]
+    second = [t for (t,) in llm.generate([turn + [80, 81]], GREEDY)]
+    assert first and llm.last_stats.cached_tokens == 47
+    assert second == [t for (t,) in cold.generate([turn + [80, 81]], GREEDY)]
 
 
 def test_off_means_every_prompt_is_prefilled_whole(cold):

@@ -1,8 +1,9 @@
 """`llamarun serve` with the real SmolLM2-135M-Instruct (Q4_1), driven by the official `openai`,
 `anthropic` and `ollama` clients: answers, streaming equals non-streaming at temperature 0, usage
 equal to the tokenizer's count, the prefix cache (cached_tokens, warm equals cold, eviction under
-a 2-chunk pool) and each API's error for a prompt past the context. One server for the module:
-one cache row and a 3 MB pool (SmolLM2 keeps 1.5 MB per 32-token chunk), so eviction happens."""
+a small pool) and each API's error for a prompt past the context. One server for the module:
+one cache row and a 6 MB pool (8 pages of 16 positions, 0.74 MB each for SmolLM2): one system
+turn fits, two do not, so eviction happens."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 SMOLLM2 = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "smollm2"
 QUESTION = "What is the capital of France?"
-CHUNK = 32  # the CPU prefill chunk: the prefix cache reuses whole chunks
+END_OF_TURN = 2  # <|im_end|>: a prefill chunk ends after it, so a whole turn is reused
 SYSTEM = (
     "You are a careful geography tutor. Answer in one short sentence, name the country and its "
     "capital, avoid lists, never use markdown, and do not add greetings or closing remarks. "
@@ -42,7 +43,7 @@ def server():
     model = shared_model(SMOLLM2)
     cmd = [sys.executable, "-m", "llamarun", "serve", str(model), "--port", "0"]
     cmd += ["--model-name", NAME, "--max-batch-size", "1", "--max-seq-len", "512"]
-    cmd += ["--prefix-cache-mb", "3", "--log-level", "warning"]
+    cmd += ["--prefix-cache-mb", "6", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
     try:
         for line in proc.stderr:
@@ -123,7 +124,7 @@ def test_ollama_chat_generate_list_show(llama, count):
     assert shown.modelinfo["llama.block_count"] == 30 and shown.details.quantization_level == "Q4_1"
 
 
-def test_the_prefix_cache_is_exact_counts_whole_chunks_and_evicts(oai, count):
+def test_the_prefix_cache_is_exact_reuses_the_system_turn_and_evicts(oai, count):
     def ask(system: str, question: str, **kwargs):
         messages = [{"role": "system", "content": system}, *user(question)]
         out = oai.chat.completions.create(model=NAME, messages=messages, max_tokens=12, **kwargs)
@@ -131,9 +132,9 @@ def test_the_prefix_cache_is_exact_counts_whole_chunks_and_evicts(oai, count):
 
     first, first_ids = ask(SYSTEM, "Where is Lima?", temperature=0)
     warm, warm_ids = ask(SYSTEM, "Where is Oslo?", temperature=0)
-    shared = next(i for i, (a, b) in enumerate(zip(first_ids, warm_ids)) if a != b)
-    expected = min(shared // CHUNK, (len(warm_ids) - 1) // CHUNK) * CHUNK
-    assert warm.usage.prompt_tokens_details.cached_tokens == expected >= 64
+    system_turn = warm_ids.index(END_OF_TURN) + 1  # under the 128-token chunk: one chunk
+    assert first_ids[:system_turn] == warm_ids[:system_turn] and system_turn > 64
+    assert warm.usage.prompt_tokens_details.cached_tokens == system_turn
     seeded_warm, _ = ask(SYSTEM, "Where is Oslo?", temperature=1.0, seed=11)
     # another conversation takes the only row and both chunks of the pool: Oslo is cold again
     ask(MUSIC, "Who was Bach?")

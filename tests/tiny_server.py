@@ -69,7 +69,9 @@ def build_llm(max_batch_size: int = 4) -> LLM:
     with torch.no_grad():  # logit 0 for BOS and EOS: greedy text is then always len(max_tokens)
         model.output.weight[[BOS, EOS]] = 0
     model.eval().setup_caches(max_batch_size, 128)
-    return LLM(model, CharTokenizer())
+    llm = LLM(model, CharTokenizer())
+    llm.engine.prefill_chunk = 32  # a 128-token context: small chunks, so prompts have whole ones
+    return llm
 
 
 class ServerThread:

@@ -26,10 +26,11 @@ from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, apply_penalties, sample
 
 PREFILL_CHUNK = 512  # the most prompt tokens per forward: bounds attention memory for long prompts
-# Prefix caching reuses whole chunks, so the chunk is also how finely a shared prefix is reused.
-# A CPU prefill is compute-bound and as fast at 32 tokens per forward as at 512 (SmolLM2 here);
-# a GPU forward of 32 tokens costs nearly what one of 512 does, so it keeps the large chunk.
-DEVICE_PREFILL_CHUNK = {"cpu": 32}
+# Prefix caching reuses whole chunks (a chunk also ends at a turn's end, see `Engine.chunks`), so
+# the size is how finely a long message is reused. A CPU prefill is compute-bound from about a
+# hundred tokens per forward (each forward also pays its threads' start-up, which a busy machine
+# stretches); a GPU forward of 128 tokens costs nearly what one of 512 does.
+DEVICE_PREFILL_CHUNK = {"cpu": 128}
 # (tokens, input_pos, rows) -> logits; rows None: cache rows 0..B-1
 Decode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 TopLogprobs = list[tuple[int, float]]  # (token id, logprob), best first
@@ -79,10 +80,9 @@ class Engine:
         self.slots: list[Slot | None] = [None] * model.max_batch_size
         self._decode = decode if decode is not None else model
         self.prefill_chunk = prefill_chunk(self.device)
+        self.turn_ends = self.stop_ids  # where chunks end; fixed, as reuse rests on the same cuts
         self.prefix = (
-            PrefixCache(model, self.prefill_chunk, prefix_cache_bytes)
-            if prefix_cache_bytes > 0
-            else None
+            PrefixCache(model, self.chunks, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         )
         self.prefilled_tokens = 0  # prompt tokens run through the model (reused ones are not)
 
@@ -121,23 +121,34 @@ class Engine:
                 param="prompt",
             )
 
+    def chunks(self, ids: Sequence[int], first: int = 0) -> Iterator[tuple[int, int, bool]]:
+        """How a prefill cuts ids[first:] into forwards, `first` being where one of its chunks
+        ends: a chunk ends after a turn's end token or at `prefill_chunk` tokens, a rule that
+        only looks back, so prompts sharing a start cut it alike (prefix_cache.py rests on it).
+        Yields (start, end, whole); whole: ended by the rule, not by the prompt running out."""
+        start = first
+        for i in range(first, len(ids)):
+            if ids[i] in self.turn_ends or i + 1 - start == self.prefill_chunk:
+                yield start, i + 1, True
+                start = i + 1
+        if start < len(ids):
+            yield start, len(ids), False
+
     def prefill(
         self, slot: int, ids: Sequence[int], *, first: int = 0, all_logits: bool = False
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Write ids[first:] into cache row `slot` at positions first.. (a multiple of the chunk,
-        the row holding ids[:first]), one chunk per forward, chunks at multiples of the chunk
-        size so the same prompt always runs in the same forwards (what prefix reuse rests on).
-        Yields (start, logits) per chunk: the chunk's last position (V,), or (T, V) each."""
-        assert first % self.prefill_chunk == 0, "a prefill resumes on a chunk boundary"
+        """Write ids[first:] into cache row `slot` at positions first.., one chunk (`chunks`)
+        per forward, the row holding ids[:first] already. Yields (start, logits) per chunk: the
+        chunk's last position (V,), or (T, V) each."""
         rows = torch.tensor([slot], device=self.device)
-        for start in range(first, len(ids), self.prefill_chunk):
-            chunk = list(ids[start : start + self.prefill_chunk])
+        for start, end, whole in self.chunks(ids, first):
+            chunk = list(ids[start:end])
             tokens = torch.tensor([chunk], device=self.device)
-            input_pos = torch.arange(start, start + len(chunk), device=self.device)[None]
+            input_pos = torch.arange(start, end, device=self.device)[None]
             logits = self.model(tokens, input_pos, rows, all_logits=all_logits)[0]
             self.prefilled_tokens += len(chunk)
             if self.prefix is not None:
-                self.prefix.wrote(slot, start, chunk)
+                self.prefix.wrote(slot, start, chunk, whole)
             yield start, logits
 
     @torch.inference_mode()

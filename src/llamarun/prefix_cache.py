@@ -1,35 +1,40 @@
 """Prefix caching: a prompt whose start an earlier prefill already wrote reuses those KV rows.
 
-Reuse is exact by construction, not by tolerance. A prefill runs in chunks that start at
-multiples of the chunk size (engine.py), and the rows a chunk writes depend on its tokens, the
-rows before it and the chunk's bounds: the kernels group a chunk's rows in tiles and attention
-reads up to the chunk's last position, so one position computed inside another chunk differs in
-the last bits. A full chunk inside the shared prefix is therefore bitwise what a cold prefill of
-the new prompt writes there, and only full chunks are kept. Rows written by decode steps (the C++
-step sums in another order than a prefill) are never reused: the next turn of a conversation
-prefills the previous answer once, with the new message.
+Reuse is exact by construction, not by tolerance. The rows a prefill forward writes depend on
+its tokens, the rows before it and the forward's bounds: the kernels group a forward's rows in
+tiles and attention reads up to its last position, so one position computed inside another
+chunk differs in the last bits. So the engine cuts every prompt into chunks by a rule that only
+looks back (`Engine.chunks`: a chunk ends after a turn's end token, or at the chunk size), and
+two prompts sharing a start cut it the same way: a whole chunk inside the shared start is
+bitwise what a cold prefill of the new prompt writes there. Only whole chunks are kept (the
+prompt's unfinished last one is not), and never rows written by decode steps (the C++ step sums
+in another order): the next turn of a conversation prefills the previous answer with its message.
 
 Reusable chunks are kept in two places:
-- each cache row remembers the chunks its last prefill wrote (slot affinity: `pick` gives a
-  prompt the free row sharing the most with it, so a conversation's next turn finds its rows);
-- a pool of saved chunks (`BlockPool`) under a byte bound, least recently used evicted first,
+- each cache row remembers the whole chunks its last prefill wrote (slot affinity: `pick` gives
+  a prompt the free row sharing the most with it, so a conversation's next turn finds its rows);
+- a pool of saved chunks (`ChunkPool`) under a byte bound, least recently used evicted first,
   each chunk keyed by its tokens and the chunk before it, so a system prompt shared by many
   conversations is stored once and copied into whichever row needs it.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from .cache import KVCache
 from .model import Transformer
 
-ROOT = 0  # the serial of "no chunk before": a prompt's first chunk hangs from it
 DEFAULT_BYTES = 256 * 10**6  # the pool's bound unless load(prefix_cache_mb=...) says otherwise
+PAGE = 16  # tokens per pool page: a saved chunk takes ceil(length / PAGE) pages
+ROOT = 0  # the serial of "no chunk before": a prompt's first chunk hangs from it
+# (ids, first) -> (start, end, whole) per prefill forward from `first` on (Engine.chunks)
+Chunks = Callable[[Sequence[int], int], Iterator[tuple[int, int, bool]]]
 
 
 @dataclass
@@ -40,143 +45,179 @@ class PrefixStats:
     cached_tokens: int = 0  # prompt tokens reused instead of prefilled
 
 
-class BlockPool:
-    """Saved chunks of KV rows, one block per chunk across all layers, in buffers allocated once
-    (max_bytes // bytes_per_block blocks). A chunk is found by (serial of the chunk before, its
-    tokens): Python's dict compares the tokens themselves, so two prompts never share a block by
-    a hash collision. Serials are never reused, so a block refilled for another chunk cannot be
-    matched as the parent of its old children; those become unreachable and age out."""
+@dataclass
+class Held:
+    """What one cache row holds as a cold prefill writes it: tokens[:ends[-1]], whole chunks."""
 
-    def __init__(self, caches: list[KVCache], chunk: int, max_bytes: int):
-        self.chunk = chunk
-        self.bytes_per_block = sum(block_bytes(c, chunk) for c in caches)
-        self.capacity = max_bytes // self.bytes_per_block
-        # per layer (blocks, Hkv, chunk, D); CPU pages are only touched when a block is filled
-        self.k = [_buffer(c.k, self.capacity, chunk) for c in caches]
-        self.v = [_buffer(c.v, self.capacity, chunk) for c in caches]
-        self.index: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent serial, tokens) -> block
-        self.lru: OrderedDict[int, tuple[int, tuple[int, ...]]] = OrderedDict()  # oldest first
-        self.serials = [ROOT] * self.capacity
+    tokens: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)  # where its whole chunks end, ascending
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:]
+        del self.ends[bisect.bisect_right(self.ends, n) :]
+
+
+@dataclass(eq=False)
+class Entry:
+    """One saved chunk: its key, its length and the pool pages holding its rows."""
+
+    serial: int
+    key: tuple[int, tuple[int, ...]]
+    pages: list[int]
+
+
+class ChunkPool:
+    """Saved chunks of KV rows in pages of PAGE positions across all layers, in buffers allocated
+    once (max_bytes // bytes_per_page pages). A chunk is found by (serial of the chunk before,
+    its tokens): the dict compares the tokens themselves, so prompts never share a chunk by a
+    hash collision. Serials are never reused, so when a chunk is evicted its followers can no
+    longer be reached; they age out like any other."""
+
+    def __init__(self, caches: list[KVCache], max_bytes: int):
+        self.bytes_per_page = sum(block_bytes(c, PAGE) for c in caches)
+        self.capacity = max_bytes // self.bytes_per_page  # pages
+        # per layer (pages, Hkv, PAGE, D); CPU memory is only touched when a page is filled
+        self.k = [_buffer(c.k, self.capacity) for c in caches]
+        self.v = [_buffer(c.v, self.capacity) for c in caches]
+        self.index: dict[tuple[int, tuple[int, ...]], Entry] = {}
+        self.lru: OrderedDict[int, Entry] = OrderedDict()  # by serial, least recent first
         self.free = list(range(self.capacity))
         self.next_serial = ROOT + 1
 
     @property
     def used_bytes(self) -> int:
-        return len(self.lru) * self.bytes_per_block
+        return (self.capacity - len(self.free)) * self.bytes_per_page
 
-    def match(self, ids: Sequence[int], limit: int) -> list[int]:
-        """Blocks holding ids' first chunks, in order, up to `limit` tokens."""
-        blocks, parent = [], ROOT
-        for start in range(0, limit - self.chunk + 1, self.chunk):
-            block = self.index.get((parent, tuple(ids[start : start + self.chunk])))
-            if block is None:
+    def match(self, ids: Sequence[int], bounds: list[tuple[int, int]]) -> list[Entry]:
+        """The saved chunks of ids' first chunks `bounds` ((start, end) in order), as far as kept."""
+        found, parent = [], ROOT
+        for start, end in bounds:
+            entry = self.index.get((parent, tuple(ids[start:end])))
+            if entry is None:
                 break
-            blocks.append(block)
-            parent = self.serials[block]
-        self._touch(blocks)
-        return blocks
+            found.append(entry)
+            parent = entry.serial
+        self._touch(found)
+        return found
 
-    def save(self, caches: list[KVCache], row: int, ids: Sequence[int]) -> None:
-        """Keep the chunks of `ids` (whole chunks, as cache row `row` holds them) not kept yet."""
-        chain: list[int] = []
-        new: list[tuple[int, int]] = []  # (block, start) to copy from the row
-        parent = ROOT
-        for start in range(0, len(ids) - self.chunk + 1, self.chunk):
-            key = (parent, tuple(ids[start : start + self.chunk]))
-            block = self.index.get(key)
-            if block is None:
-                block = self._allocate(set(chain))
-                if block is None:  # the pool is full of this very prompt
+    def save(self, caches: list[KVCache], row: int, held: Held) -> None:
+        """Keep the whole chunks cache row `row` holds that are not kept yet."""
+        chain: list[Entry] = []
+        parent, start = ROOT, 0
+        for end in held.ends:
+            key = (parent, tuple(held.tokens[start:end]))
+            entry = self.index.get(key)
+            if entry is None:
+                pages = self._allocate(-(-(end - start) // PAGE), {e.serial for e in chain})
+                if pages is None:  # the pool is full of this very prompt
                     break
-                self.index[key], self.lru[block] = block, key
-                self.serials[block], self.next_serial = self.next_serial, self.next_serial + 1
-                new.append((block, start))
-            chain.append(block)
-            parent = self.serials[block]
-        if new:
-            blocks = torch.tensor([b for b, _ in new], device=self.k[0].device)
-            starts = [s for _, s in new]
-            for layer, cache in enumerate(caches):
-                for pool, rows in ((self.k[layer], cache.k), (self.v[layer], cache.v)):
-                    pool.index_copy_(
-                        0, blocks.to(pool.device), _gather(rows[row], starts, self.chunk)
-                    )
+                entry = Entry(self.next_serial, key, pages)
+                self.next_serial += 1
+                self.index[key] = self.lru[entry.serial] = entry
+                self._copy_out(caches, row, start, end, pages)
+            chain.append(entry)
+            parent, start = entry.serial, end
         self._touch(chain)
 
-    def load(self, caches: list[KVCache], row: int, blocks: list[int], first: int) -> None:
-        """Copy blocks[first:] into cache row `row` at their chunks' positions."""
-        if first >= len(blocks):
-            return
-        start, end = first * self.chunk, len(blocks) * self.chunk
-        for layer, cache in enumerate(caches):
-            for pool, rows in ((self.k[layer], cache.k), (self.v[layer], cache.v)):
-                picked = pool[torch.tensor(blocks[first:], device=pool.device)]  # (n, Hkv, C, D)
-                rows[row, :, start:end] = picked.transpose(0, 1).flatten(1, 2)
+    def load(self, caches: list[KVCache], row: int, entries: list[Entry], start: int) -> None:
+        """Copy the chunks `entries` into cache row `row`, one after another from `start`."""
+        for entry in entries:
+            end = start + len(entry.key[1])
+            pages = torch.tensor(entry.pages, device=self.k[0].device)
+            for layer, cache in enumerate(caches):
+                for pool, rows in ((self.k[layer], cache.k), (self.v[layer], cache.v)):
+                    picked = pool[pages.to(pool.device)]  # (n, Hkv, PAGE, D)
+                    rows[row, :, start:end] = picked.transpose(0, 1).flatten(1, 2)[:, : end - start]
+            start = end
 
     def clear(self) -> None:
         self.index.clear()
         self.lru.clear()
         self.free = list(range(self.capacity))
 
-    def _allocate(self, keep: set[int]) -> int | None:
-        if self.free:
-            return self.free.pop()
-        victim = next(iter(self.lru), None)
-        if victim is None or victim in keep:
-            return None
-        del self.index[self.lru.pop(victim)]
-        return victim
+    def _copy_out(self, caches: list[KVCache], row: int, start: int, end: int, pages) -> None:
+        index = torch.tensor(pages, device=self.k[0].device)
+        padded = len(pages) * PAGE
+        for layer, cache in enumerate(caches):
+            for pool, rows in ((self.k[layer], cache.k), (self.v[layer], cache.v)):
+                part = rows[row, :, start:end]  # (Hkv, L, D)
+                part = torch.nn.functional.pad(part, (0, 0, 0, padded - (end - start)))
+                paged = part.unflatten(1, (len(pages), PAGE)).transpose(0, 1)  # (n, Hkv, PAGE, D)
+                pool.index_copy_(0, index.to(pool.device), paged)
 
-    def _touch(self, chain: list[int]) -> None:
+    def _allocate(self, n: int, keep: set[int]) -> list[int] | None:
+        if n > self.capacity:
+            return None
+        while len(self.free) < n:
+            victim = next((e for s, e in self.lru.items() if s not in keep), None)
+            if victim is None:
+                return None
+            del self.lru[victim.serial], self.index[victim.key]
+            self.free += victim.pages
+        taken, self.free = self.free[:n], self.free[n:]
+        return taken
+
+    def _touch(self, chain: list[Entry]) -> None:
         # The first chunk becomes the most recent: a chain is evicted from its end, and its
         # start (the system prompt every conversation shares) stays longest.
-        for block in reversed(chain):
-            self.lru.move_to_end(block)
+        for entry in reversed(chain):
+            self.lru.move_to_end(entry.serial)
 
 
 class PrefixCache:
     """What each cache row holds as a cold prefill writes it, and the pool of saved chunks.
-    The Engine calls `reuse` before a prefill, `wrote` for each chunk it writes and `save` after."""
+    The Engine calls `reuse` before a prefill, `wrote` for each chunk it writes and `save` after;
+    `chunks` is the engine's rule for cutting a prompt into prefill forwards."""
 
-    def __init__(self, model: Transformer, chunk: int, max_bytes: int):
+    def __init__(self, model: Transformer, chunks: Chunks, max_bytes: int):
         self.model = model
-        self.chunk = chunk
+        self.chunks = chunks
         self.max_bytes = max_bytes
         self.stats = PrefixStats()
         self._build()
 
     def _build(self) -> None:
         self.caches = _caches(self.model)
-        self.rows: list[list[int]] = [[] for _ in range(self.model.max_batch_size)]
+        self.rows = [Held() for _ in range(self.model.max_batch_size)]
         self.last_used = [0] * len(self.rows)  # when each row last took a prompt
         self.clock = 0
-        self.pool = BlockPool(self.caches, self.chunk, self.max_bytes)
+        self.pool = ChunkPool(self.caches, self.max_bytes)
 
     def _check_caches(self) -> None:
         if any(a is not b for a, b in zip(_caches(self.model), self.caches, strict=True)):
             self._build()  # setup_caches made new buffers: nothing saved matches them any more
 
-    def shared(self, row: int, ids: Sequence[int]) -> int:
-        """How many of ids' first tokens cache row `row` holds, in whole chunks."""
-        held, n, c = self.rows[row], 0, self.chunk
-        while n + c <= len(held) and held[n : n + c] == list(ids[n : n + c]):
-            n += c
-        return n
+    def shared(self, row: int, ids: Sequence[int], limit: int | None = None) -> int:
+        """How many of ids' first tokens cache row `row` holds, in whole chunks (up to `limit`)."""
+        held = self.rows[row]
+        n = 0
+        for n, (a, b) in enumerate(zip(held.tokens, ids)):  # noqa: B007  (n is the common length)
+            if a != b:
+                break
+        else:
+            n = min(len(held.tokens), len(ids))
+        if limit is not None:
+            n = min(n, limit)
+        i = bisect.bisect_right(held.ends, n)
+        return held.ends[i - 1] if i else 0
 
     def pick(self, free: list[int], ids: Sequence[int]) -> int:
         """The free row to prefill `ids` in: the one holding most of it, else the longest idle."""
         return max(free, key=lambda row: (self.shared(row, ids), -self.last_used[row]))
 
     def reuse(self, row: int, ids: Sequence[int]) -> int:
-        """Make cache row `row` hold as much of ids' start as is kept (from the row itself or the
+        """Make cache row `row` hold as much of ids' start as is kept (in the row itself or the
         pool), leaving at least one token to prefill for the logits; returns how many tokens."""
         self._check_caches()
-        limit = (len(ids) - 1) // self.chunk * self.chunk
-        own = min(self.shared(row, ids), limit)
-        blocks = self.pool.match(ids, limit) if self.pool.capacity else []
-        start = max(own, len(blocks) * self.chunk)
-        self.pool.load(self.caches, row, blocks, own // self.chunk)
-        self.rows[row] = list(ids[:start])
+        whole = [(s, e) for s, e, is_whole in self.chunks(ids, 0) if is_whole and e < len(ids)]
+        own = self.shared(row, ids, len(ids) - 1)
+        found = self.pool.match(ids, whole) if self.pool.capacity else []
+        pooled = whole[len(found) - 1][1] if found else 0
+        start = max(own, pooled)
+        if pooled > own:
+            first = next(i for i, (s, _) in enumerate(whole) if s == own)
+            self.pool.load(self.caches, row, found[first:], own)
+        self.rows[row] = Held(list(ids[:start]), [e for _, e in whole if e <= start])
         self.clock += 1
         self.last_used[row] = self.clock
         stats = self.stats
@@ -185,13 +226,14 @@ class PrefixCache:
         stats.cached_tokens += start
         return start
 
-    def wrote(self, row: int, start: int, chunk: Sequence[int]) -> None:
+    def wrote(self, row: int, start: int, chunk: Sequence[int], whole: bool) -> None:
         """A prefill wrote `chunk` at positions start.. of cache row `row`; whatever the row held
         from `start` on is gone, and the chunk is kept only when whole."""
         held = self.rows[row]
-        del held[start:]
-        if len(chunk) == self.chunk and len(held) == start:
-            held.extend(chunk)
+        held.truncate(start)
+        if whole and len(held.tokens) == start:
+            held.tokens.extend(chunk)
+            held.ends.append(start + len(chunk))
 
     def save(self, row: int) -> None:
         """Put the whole chunks cache row `row` holds into the pool."""
@@ -201,27 +243,21 @@ class PrefixCache:
     def forget(self, rows: Sequence[int] | None = None) -> None:
         """The rows (default: all, and the pool) were written outside the engine or must be cold."""
         for row in range(len(self.rows)) if rows is None else rows:
-            self.rows[row] = []
+            self.rows[row] = Held()
         if rows is None:
             self.pool.clear()
 
 
-def block_bytes(cache: KVCache, chunk: int) -> int:
-    """Bytes of one chunk of one layer's keys and values."""
+def block_bytes(cache: KVCache, length: int) -> int:
+    """Bytes of `length` positions of one layer's keys and values."""
     _, n_kv_heads, _, head_dim = cache.k.shape
-    return 2 * n_kv_heads * chunk * head_dim * cache.k.element_size()
+    return 2 * n_kv_heads * length * head_dim * cache.k.element_size()
 
 
 def _caches(model: Transformer) -> list[KVCache]:
     return [layer.attention.kv_cache for layer in model.layers]
 
 
-def _buffer(like: torch.Tensor, blocks: int, chunk: int) -> torch.Tensor:
+def _buffer(like: torch.Tensor, pages: int) -> torch.Tensor:
     _, n_kv_heads, _, head_dim = like.shape
-    return torch.empty((blocks, n_kv_heads, chunk, head_dim), dtype=like.dtype, device=like.device)
-
-
-def _gather(row: torch.Tensor, starts: list[int], chunk: int) -> torch.Tensor:
-    """Chunks at `starts` of one row (Hkv, S, D) as (n, Hkv, chunk, D)."""
-    parts = [row[:, s : s + chunk] for s in starts]
-    return torch.stack(parts)
+    return torch.empty((pages, n_kv_heads, PAGE, head_dim), dtype=like.dtype, device=like.device)

@@ -112,7 +112,7 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily(
             "llamarun_prefix_cache_capacity_bytes",
             "Bytes the saved prefix chunks may take (--prefix-cache-mb)",
-            pool.capacity * pool.bytes_per_block,
+            pool.capacity * pool.bytes_per_page,
         )
 
 

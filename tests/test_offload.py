@@ -88,9 +88,10 @@ def test_plan_fails_before_any_weight_is_read(checkpoint, monkeypatch):
 
 def test_auto_quantizes_when_only_int8_fits(checkpoint, tiny_args, monkeypatch):
     pytest.importorskip("llamarun.quantize")
-    from llamarun.plan import option
+    from llamarun.plan import kv_cache_bytes, option
 
-    int8 = option(tiny_args, torch.float32, "int8", 1, 64, gpu=False)
+    pool = kv_cache_bytes(tiny_args, 1, 64, torch.float32)  # the default prefix cache's size
+    int8 = option(tiny_args, torch.float32, "int8", 1, 64, gpu=False, prefix_cache=pool)
     monkeypatch.setattr(llamarun.plan, "free_memory", lambda device: int8.total + 1)
 
     llm = llamarun.load(checkpoint, device="cpu", max_seq_len=64, quantize="auto")

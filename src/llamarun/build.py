@@ -22,8 +22,8 @@ from .llm import LLM
 from .loaders import load_checkpoint, read_header
 from .model import Transformer
 from .offload import place_
-from .plan import QUANTIZE_MODES, plan_load
-from .prefix_cache import DEFAULT_BYTES
+from .plan import QUANTIZE_MODES, kv_cache_bytes, plan_load
+from .prefix_cache import default_bytes
 from .quantize import linear_from_packed, quantize_
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -43,7 +43,7 @@ def load(
     offload: bool = False,
     offload_layers: int | None = None,
     kv_cache_dtype: str | torch.dtype | None = None,
-    prefix_cache_mb: float = DEFAULT_BYTES / 1e6,
+    prefix_cache_mb: float | None = None,
 ) -> LLM:
     """Load a checkpoint (Meta folder, Hugging Face folder, GGUF or llama2.c file) ready to generate.
 
@@ -57,7 +57,8 @@ def load(
     kv_cache_dtype: the KV cache's dtype (default: the model's); float16 halves what attention
     reads per token, which dominates long contexts and large batches (as llama.cpp's f16 cache).
     prefix_cache_mb: MB (1e6 bytes) of saved prompt prefixes a new prompt may start from instead
-    of prefilling them (prefix_cache.py), counted by the memory plan; 0 turns prefix caching off.
+    of prefilling them (prefix_cache.py), counted by the memory plan (default: as large as the
+    KV cache, up to 256 MB); 0 turns prefix caching off.
     """
     t0 = time.perf_counter()
     device = pick_device(device)
@@ -69,11 +70,17 @@ def load(
         raise ConfigError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise ConfigError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
-    if not isinstance(prefix_cache_mb, int | float) or not 0 <= prefix_cache_mb < float("inf"):
+    if prefix_cache_mb is not None and (
+        not isinstance(prefix_cache_mb, int | float) or not 0 <= prefix_cache_mb < float("inf")
+    ):
         raise ConfigError(f"prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}")
-    prefix_bytes = int(prefix_cache_mb * 1e6)
     header = read_header(path)  # config only: the plan runs before any weight is read
     seq_len = max_seq_len or min(header.args.max_seq_len, 4096)
+    prefix_bytes = (
+        default_bytes(kv_cache_bytes(header.args, max_batch_size, seq_len, kv_dtype))
+        if prefix_cache_mb is None
+        else int(prefix_cache_mb * 1e6)
+    )
     run = plan_load(
         header.args,
         device=device,
@@ -151,7 +158,7 @@ def prepare(
     chat_template: str | None = None,
     compile: bool = False,
     info: dict | None = None,
-    prefix_cache_bytes: int = DEFAULT_BYTES,
+    prefix_cache_bytes: int | None = None,
 ) -> LLM:
     """An LLM over a Transformer you built yourself (setup_caches done): `prepare_` readies the
     model, in place, and the LLM decodes with the step it returns."""

@@ -19,7 +19,7 @@ from .device import as_token_ids
 from .engine import Decode, Engine, StepOutput
 from .errors import RequestError, TokenizerError
 from .model import Transformer
-from .prefix_cache import DEFAULT_BYTES
+from .prefix_cache import block_bytes, default_bytes
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .tokenizer.chat import ChatFormat, Message, get_chat_format
@@ -130,7 +130,8 @@ class LLM:
     """A loaded model with its tokenizer, ready to generate. Build it with `llamarun.load()`, or
     wrap a model of your own with `llamarun.build.prepare()`. LLM never changes the model: it
     decodes with `decode` (default: the model's own forward). prefix_cache_bytes bounds the
-    saved prompt prefixes a new prompt may start from (0: every prompt is prefilled whole)."""
+    saved prompt prefixes a new prompt may start from (None: as large as the KV cache, up to
+    256 MB; 0: every prompt is prefilled whole)."""
 
     def __init__(
         self,
@@ -140,13 +141,19 @@ class LLM:
         chat_template: str | None = None,
         decode: Decode | None = None,
         info: dict | None = None,
-        prefix_cache_bytes: int = DEFAULT_BYTES,
+        prefix_cache_bytes: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.info = info or {}
         stop_ids = tokenizer.stop_ids if tokenizer is not None else frozenset()
+        if prefix_cache_bytes is None and not model.max_seq_len:
+            prefix_cache_bytes = 0  # no cache rows yet (setup_caches): nothing to reuse either
+        if prefix_cache_bytes is None:
+            rows = model.max_batch_size * model.max_seq_len
+            caches = (layer.attention.kv_cache for layer in model.layers)
+            prefix_cache_bytes = default_bytes(sum(block_bytes(c, rows) for c in caches))
         self.engine = Engine(model, stop_ids, decode=decode, prefix_cache_bytes=prefix_cache_bytes)
         self.last_stats = Stats()
 

@@ -30,7 +30,7 @@ import torch
 from .cache import KVCache
 from .model import Transformer
 
-DEFAULT_BYTES = 256 * 10**6  # the pool's bound unless load(prefix_cache_mb=...) says otherwise
+MAX_DEFAULT_BYTES = 256 * 10**6  # the default pool: as large as the KV cache, up to this
 PAGE = 16  # tokens per pool page: a saved chunk takes ceil(length / PAGE) pages
 ROOT = 0  # the serial of "no chunk before": a prompt's first chunk hangs from it
 # (ids, first) -> (start, end, whole) per prefill forward from `first` on (Engine.chunks)
@@ -246,6 +246,12 @@ class PrefixCache:
             self.rows[row] = Held()
         if rows is None:
             self.pool.clear()
+
+
+def default_bytes(kv_cache_bytes: int) -> int:
+    """The pool's bound when none is given: as many positions as the cache rows hold (all rows'
+    prompts can be saved once), at most MAX_DEFAULT_BYTES."""
+    return min(kv_cache_bytes, MAX_DEFAULT_BYTES)
 
 
 def block_bytes(cache: KVCache, length: int) -> int:

@@ -84,7 +84,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = Tr
         default=None,
         metavar="MB",
         help="memory for saved prompt prefixes a new prompt reuses instead of prefilling "
-        "(default: 256; 0 turns prefix caching off)",
+        "(default: as large as the KV cache, up to 256; 0 turns prefix caching off)",
     )
 
 

@@ -78,6 +78,20 @@ def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = Tr
         "--max-seq-len", type=int, default=None, help="context length to allocate the KV cache for"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tensor parallelism over N processes of a torchrun job (docs/distributed.md)",
+    )
+    parser.add_argument(
+        "--pp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="pipeline parallelism: N stages of contiguous layers (world size = tp x pp)",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, *, temperature: float = 0.8) -> None:
@@ -140,7 +154,7 @@ def load_from_args(
 ):
     import llamarun
 
-    return llamarun.load(
+    llm = llamarun.load(
         resolve_model(args.model),
         tokenizer=args.tokenizer,
         device=args.device,
@@ -152,7 +166,12 @@ def load_from_args(
         offload=args.offload,
         offload_layers=args.offload_layers,
         kv_cache_dtype=args.kv_cache_dtype,
+        tp=args.tp,
+        pp=args.pp,
     )
+    if llm is None:  # a rank other than 0 has run rank 0's forwards: the output is rank 0's
+        raise SystemExit(0)
+    return llm
 
 
 def main(argv: list[str] | None = None) -> int:

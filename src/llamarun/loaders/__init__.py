@@ -33,12 +33,19 @@ def read_header(path: str | Path) -> CheckpointHeader:
 
 
 def load_checkpoint(
-    source: str | Path | CheckpointHeader, tokenizer_path: str | Path | None = None
+    source: str | Path | CheckpointHeader,
+    tokenizer_path: str | Path | None = None,
+    *,
+    merge_shards: bool = True,
 ) -> Checkpoint:
     """Load any supported checkpoint (a path, or the header read from it); `tokenizer_path`
-    overrides the tokenizer found beside it."""
+    overrides the tokenizer found beside it. merge_shards=False leaves a Meta checkpoint's
+    shards apart (ShardedWeight), for a distributed rank that reads only its slice."""
     header = source if isinstance(source, CheckpointHeader) else read_header(source)
-    ckpt = FORMATS[header.format].load(header)
+    if header.format == "meta":
+        ckpt = meta.load(header, merge=merge_shards)
+    else:
+        ckpt = FORMATS[header.format].load(header)
     if tokenizer_path is not None:
         ckpt.tokenizer = load_tokenizer(tokenizer_path)
     if ckpt.tokenizer is not None and ckpt.tokenizer.vocab_size > ckpt.args.vocab_size:

@@ -23,7 +23,7 @@ from ..config import ModelArgs, RopeScaling, ffn_hidden_dim
 from ..errors import CheckpointError, ConfigError
 from ..sniff import describe_tokenizer_files
 from ..tokenizer import Tokenizer, find_tokenizer
-from ..weights import Checkpoint, CheckpointHeader, check_weights
+from ..weights import Checkpoint, CheckpointHeader, ShardedWeight, check_weights
 from .files import read_json, read_state_dict
 
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
@@ -48,11 +48,13 @@ def read_header(path: Path) -> CheckpointHeader:
     return CheckpointHeader(args, "meta", path, stored, tokenizer=tokenizer, state=shards)
 
 
-def load(source: Path | CheckpointHeader) -> Checkpoint:
-    """A Meta checkpoint folder (params.json + consolidated.NN.pth), all shards merged."""
+def load(source: Path | CheckpointHeader, *, merge: bool = True) -> Checkpoint:
+    """A Meta checkpoint folder (params.json + consolidated.NN.pth), all shards merged; with
+    merge=False the split matrices of several shards stay apart, memory-mapped, as ShardedWeight
+    (a distributed rank then reads only its slice of them)."""
     header = source if isinstance(source, CheckpointHeader) else read_header(Path(source))
     path, args = header.path, header.args
-    weights = merge_shards(header.state)
+    weights = merge_shards(header.state) if merge else shard_views(header.state)
     check_weights(args, weights, str(path), source="params.json")
     return Checkpoint(
         args=args,
@@ -130,6 +132,34 @@ def merge_shards(shard_paths: list[Path]) -> dict[str, torch.Tensor]:
         del shard
         first = None
     return merged
+
+
+def shard_views(shard_paths: list[Path]) -> dict[str, torch.Tensor | ShardedWeight]:
+    """Canonical weights over all shards without merging: each split matrix as its memory-mapped
+    pieces (nothing is read), the replicated norms from shard 0; checked as merge_shards does."""
+    shards = [read_shard(p) for p in shard_paths]
+    if len(shards) == 1:
+        return shards[0]
+    first = shards[0]
+    views: dict[str, torch.Tensor | ShardedWeight] = {}
+    for shard_path, shard in zip(shard_paths, shards):
+        if set(shard) != set(first):
+            odd = sorted(set(shard) ^ set(first))
+            raise CheckpointError(
+                f"{shard_path} does not hold the same tensors as {shard_paths[0].name} (differs in {', '.join(odd[:5])}); the shards come from different checkpoints or one is damaged"
+            )
+        for name, t in shard.items():
+            if t.shape != first[name].shape:
+                raise CheckpointError(
+                    f"{name} in {shard_path} has shape {tuple(t.shape)}, which does not match the other shards; the shards come from different checkpoints"
+                )
+    for name, t in first.items():
+        views[name] = (
+            t
+            if t.dim() == 1
+            else ShardedWeight([s[name] for s in shards], _concat_dim(name, first))
+        )
+    return views
 
 
 def _drop_pages(t: torch.Tensor) -> None:

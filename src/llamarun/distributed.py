@@ -103,9 +103,7 @@ class World:
     rank 0's driver while one is open."""
 
     def __init__(self, launch: Launch, split: Split, device: torch.device):
-        self.rank, self.split, self.launch = launch.rank, split, launch
-        self.device = device
-        self.stage, self.tp_rank = split.stage_of(self.rank), split.tp_rank_of(self.rank)
+        self.rank, self.launch, self.device = launch.rank, launch, device
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -114,13 +112,20 @@ class World:
             backend, store=self.store, rank=rank, world_size=world_size, timeout=COMPUTE_TIMEOUT
         )
         self.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+        self.driver: Driver | None = None
+        self.broken: BaseException | None = None
+        self.use_split(split)
+
+    def use_split(self, split: Split) -> None:
+        """Place this rank in `split` (every rank calls it, in the same order: new groups are
+        made by all ranks together)."""
+        self.split = split
+        self.stage, self.tp_rank = split.stage_of(self.rank), split.tp_rank_of(self.rank)
         self.tp_group = None  # the whole world when there is one stage
         for stage in range(split.pp if split.tp > 1 and split.pp > 1 else 0):
             group = dist.new_group([split.rank_at(stage, i) for i in range(split.tp)])
             if stage == self.stage:
                 self.tp_group = group
-        self.driver: Driver | None = None
-        self.broken: Exception | None = None
 
     @property
     def is_driver(self) -> bool:
@@ -189,12 +194,17 @@ def init_world(split: Split, device: torch.device) -> World:
     """Join the torchrun job (once per process; later loads with the same split reuse it)."""
     global _world
     launch = check_launch(split, device)
-    if _world is not None:
-        if _world.split != split or _world.device.type != device.type:
+    if _world is not None:  # a later load in the same job
+        if _world.device.type != device.type:
             raise ConfigError(
-                f"this process already runs with {_world.split.flags()} on {_world.device.type}; "
-                "one torchrun job splits its models one way"
+                f"this torchrun job already runs on {_world.device.type}; every model it loads runs there"
             )
+        if _world.driver is not None:
+            raise ConfigError(
+                "close the distributed LLM loaded before (llm.close()) to load another"
+            )
+        if _world.split != split:
+            _world.use_split(split)
         return _world
     if device.type == "cuda":
         device = torch.device("cuda", launch.local_rank)

@@ -79,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     server = uvicorn.Server(
         uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=None)
     )
+    scheduler = app.state.scheduler
+    scheduler.on_fatal = lambda: setattr(server, "should_exit", True)  # uvicorn polls it
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(
@@ -86,4 +88,6 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     server.run(sockets=[sock])
+    if scheduler.fatal is not None:  # a rank of a distributed model was lost
+        raise scheduler.fatal
     return 0

@@ -21,6 +21,7 @@ from tiny_llama2c import write_llama2c
 from tiny_tokenizers import write_sentencepiece
 
 import llamarun
+from llamarun.cli import main
 from llamarun.config import ModelArgs
 from llamarun.errors import ConfigError
 from llamarun.llm import LLM
@@ -139,7 +140,9 @@ def matrix(tmp_path_factory):
 
 def assert_logprobs(got: dict, expected: dict, atol: float) -> None:
     for key in ("logprobs", "scores"):
-        torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(expected[key]), atol=atol, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(got[key]), torch.tensor(expected[key]), atol=atol, rtol=0
+        )
 
 
 @pytest.mark.parametrize("mode", ["tp2", "pp2"])
@@ -165,3 +168,162 @@ def test_packed_stages_repeat_the_eager_forward(matrix, fmt):
     eager, two = expected[fmt + " eager"], got[f"{fmt} pp2"]
     assert two["tokens"] == eager["tokens"]
     assert_logprobs(two, eager, atol=1e-6)
+
+
+# ---- the CLI in 2 processes ----
+
+GENERATE = ["-p", "Once upon a time", "-n", "12", "-t", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory) -> Path:
+    """A 2-shard Meta folder with a SentencePiece tokenizer."""
+    model = tiny()
+    directory = tmp_path_factory.mktemp("text") / "meta"
+    write_meta(llamarun_state(model), meta_params(model.args), directory, shards=2)
+    write_sentencepiece(directory)
+    return directory
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+@pytest.mark.slow  # two torchrun agents and two ranks start: ~30 s on a busy 2-core machine
+def test_two_machines_on_loopback_give_the_same_tokens(text_model, capsys):
+    assert main(["generate", str(text_model), *GENERATE]) == 0
+    expected = capsys.readouterr().out
+    rdzv = [
+        "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "llamarun-test",
+        "--local-addr", "127.0.0.1",
+    ]  # fmt: skip
+    argv = torchrun(*rdzv, "-m", "llamarun", "generate", str(text_model), "--tp", "2", *GENERATE)
+    env = child_env() | {"OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = finish(nodes)
+    assert [rc for rc, _, _ in results] == [0, 0], results
+    assert "".join(out for _, out, _ in results) == expected  # rank 0 prints; the other is silent
+
+
+@pytest.mark.slow  # a one-process server, then two ranks serving: ~30 s on a busy 2-core machine
+def test_the_server_under_tp_2_answers_as_one_process(text_model):
+    import openai
+    from test_server import ServerThread
+
+    from llamarun.server import create_app
+    from llamarun.tokenizer.chat import get_chat_format
+
+    def ask(base_url: str) -> tuple[str, str]:
+        client = openai.OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=60)
+        completion = client.completions.create(
+            model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0
+        )
+        chat = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=12, temperature=0
+        )
+        return completion.choices[0].text, chat.choices[0].message.content
+
+    llm = llamarun.load(text_model, max_batch_size=2)
+    chat_format = get_chat_format(llm.tokenizer, None, "llama2")
+    one = ServerThread(create_app(llm, model_name="tiny", chat_format=chat_format))
+    try:
+        expected = ask(one.url)
+    finally:
+        one.stop()
+    port = free_port()
+    serve = ["serve", str(text_model), "--tp", "2", "--port", str(port), "--max-batch-size", "2"]
+    serve += ["--model-name", "tiny", "--chat-template", "llama2", "--log-level", "warning"]
+    ranks = start_ranks(["-m", "llamarun", *serve])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_health(url, ranks[0])
+        assert ask(url) == expected
+        ranks[0].send_signal(signal.SIGTERM)  # a server's usual end; rank 0 releases rank 1
+        (rc0, _, err0), (rc1, out1, err1) = finish(ranks, timeout=60)
+    finally:
+        for p in ranks:
+            p.kill()
+    assert rc0 == 128 + signal.SIGTERM, err0  # ended by the signal, as a one-process server is
+    assert (rc1, out1, err1) == (0, "", "")
+
+
+def wait_for_health(url: str, job: subprocess.Popen, timeout: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert job.poll() is None, job.communicate()[1]
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise AssertionError(f"no server at {url} after {timeout} s")
+
+
+@pytest.mark.parametrize("killed", [1, pytest.param(0, marks=pytest.mark.slow)])
+def test_a_killed_rank_ends_the_other_with_one_clear_error(text_model, killed):
+    long_run = ["generate", str(text_model), "--tp", "2", "-p", "Once", "-n", "100000", "-t", "0"]
+    procs = start_ranks(["-m", "llamarun", *long_run])
+    try:
+        assert procs[0].stdout.read(1)  # rank 0 has begun printing the answer
+        procs[killed].kill()
+        t0 = time.monotonic()
+        survivor = procs[1 - killed]
+        rc, _, err = finish([survivor], timeout=30)[0]
+        assert time.monotonic() - t0 < 30
+    finally:
+        for p in procs:
+            p.kill()
+    assert rc == 2
+    assert err.count("llamarun: error:") == 1 and "lost contact" in err, err
+    assert "Traceback" not in err
+
+
+def test_an_indivisible_head_count_fails_on_every_rank_before_any_weight_is_read(tmp_path):
+    model = tiny(dim=48, n_heads=3, n_kv_heads=3, hidden_dim=96)
+    path = write_hf(model, tmp_path / "hf")
+    (path / "model.safetensors").write_bytes(b"not safetensors")  # reading a weight would fail
+    results = finish(start_ranks(["-m", "llamarun", "generate", str(path), "--tp", "2", "-p", "x"]))
+    assert [rc for rc, _, _ in results] == [2, 2]
+    err = "".join(err for _, _, err in results)
+    assert err.count("llamarun: error:") == 1, err  # printed once, by rank 0
+    assert "n_heads (3) is not divisible by --tp 2" in results[0][2]
+    assert "--tp can be 1 or 3 for this model" in results[0][2]
+
+
+def test_tp_outside_a_torchrun_job_says_how_to_start_one(tmp_path):
+    path = write_hf(tiny(), tmp_path / "hf")
+    with pytest.raises(
+        ConfigError,
+        match="--tp 2 needs 2 processes but WORLD_SIZE is 1. Run with: torchrun --nproc-per-node 2",
+    ):
+        llamarun.load(path, tp=2)
+    with pytest.raises(
+        ConfigError, match=r"n_kv_heads \(2\) is not divisible by --tp 4.*--tp can be 1 or 2"
+    ):
+        llamarun.load(path, tp=4)
+
+
+def test_one_process_never_imports_the_distributed_code(tmp_path):
+    path = write_hf(tiny(), tmp_path / "hf")
+    code = (
+        "import sys, torch, llamarun\n"
+        "llm = llamarun.load(sys.argv[1])\n"
+        "list(llm.generate([[1, 2, 3]], llamarun.SamplingParams(max_new_tokens=4)))\n"
+        "assert not torch.distributed.is_initialized()\n"
+        "loaded = [m for m in ('llamarun.distributed', 'llamarun.tp', 'llamarun.pp') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr

@@ -101,7 +101,9 @@ def check_split(args: ModelArgs, split: Split, *, block: int | None = None) -> N
     the header alone, before any weight is read."""
     works = tp_sizes_that_work(args, block)
     if split.tp not in works:
-        sizes = ", ".join(map(str, works))
+        sizes = (
+            ", ".join(map(str, works[:-1])) + (" or " if len(works) > 1 else "") + str(works[-1])
+        )
         shape = (
             f"n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}, hidden_dim={args.hidden_dim}"
         )

@@ -174,6 +174,15 @@ def load_from_args(
     return llm
 
 
+def is_follower(args: argparse.Namespace) -> bool:
+    """A rank other than 0 of a --tp/--pp job: it runs rank 0's forwards and prints nothing."""
+    if getattr(args, "tp", 1) * getattr(args, "pp", 1) == 1:
+        return False
+    from ..distributed import launch_rank
+
+    return launch_rank() != 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
@@ -197,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     except LlamarunError as e:
         if args.debug:
             raise
-        print(f"llamarun: error: {e}", file=sys.stderr)
+        if not is_follower(args):  # every rank of a --tp/--pp job meets the same error
+            print(f"llamarun: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..tokenizer.chat import get_chat_format
-from . import DEFAULT_MODEL, add_model_args, load_from_args
+from . import DEFAULT_MODEL, add_model_args, is_follower, load_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_batch_size < 1:
         raise ConfigError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
-    sock = bind(args.host, args.port)
+    # bound before loading, so a taken port fails at once; with --tp/--pp only rank 0 serves
+    sock = None if is_follower(args) else bind(args.host, args.port)
     llm = load_from_args(args, max_batch_size=args.max_batch_size)
     model_name = args.model_name or Path(args.model or DEFAULT_MODEL).stem
     chat_format = None

@@ -84,31 +84,42 @@ def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     }
 
 
-def start_ranks(argv: list[str], world_size: int = 2, **popen) -> list[subprocess.Popen]:
+def start(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """A process in its own session, so kill_all also ends what it started (torchrun's ranks)."""
+    return subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def start_ranks(argv: list[str], world_size: int = 2) -> list[subprocess.Popen]:
     port = free_port()
     return [
-        subprocess.Popen(
-            [sys.executable, *argv],
-            env=rank_env(rank, world_size, port),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            **popen,
-        )
+        start([sys.executable, *argv], rank_env(rank, world_size, port))
         for rank in range(world_size)
     ]
 
 
-def finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str, str]]:
-    results = []
+def kill_all(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str, str]]:
+    results = []
+    try:
+        for p in procs:
             out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        results.append((p.returncode, out, err))
+            results.append((p.returncode, out, err))
+    finally:
+        kill_all(procs)  # whatever outlived its command (or the timeout)
     return results
 
 
@@ -199,11 +210,7 @@ def test_two_machines_on_loopback_give_the_same_tokens(text_model, capsys):
         "--local-addr", "127.0.0.1",
     ]  # fmt: skip
     argv = torchrun(*rdzv, "-m", "llamarun", "generate", str(text_model), "--tp", "2", *GENERATE)
-    env = child_env() | {"OMP_NUM_THREADS": "1"}
-    nodes = [
-        subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
+    nodes = [start(argv, child_env() | {"OMP_NUM_THREADS": "1"}) for _ in range(2)]
     results = finish(nodes)
     assert [rc for rc, _, _ in results] == [0, 0], results
     assert "".join(out for _, out, _ in results) == expected  # rank 0 prints; the other is silent
@@ -245,8 +252,7 @@ def test_the_server_under_tp_2_answers_as_one_process(text_model):
         ranks[0].send_signal(signal.SIGTERM)  # a server's usual end; rank 0 releases rank 1
         (rc0, _, err0), (rc1, out1, err1) = finish(ranks, timeout=60)
     finally:
-        for p in ranks:
-            p.kill()
+        kill_all(ranks)
     assert rc0 == 128 + signal.SIGTERM, err0  # ended by the signal, as a one-process server is
     assert (rc1, out1, err1) == (0, "", "")
 
@@ -277,8 +283,7 @@ def test_a_killed_rank_ends_the_other_with_one_clear_error(text_model, killed):
         rc, _, err = finish([survivor], timeout=30)[0]
         assert time.monotonic() - t0 < 30
     finally:
-        for p in procs:
-            p.kill()
+        kill_all(procs)
     assert rc == 2
     assert err.count("llamarun: error:") == 1 and "lost contact" in err, err
     assert "Traceback" not in err

@@ -174,6 +174,10 @@ class VocabParallelOutput(nn.Module):
             dst,
         )
 
+    @property
+    def weight(self) -> torch.Tensor:  # the rank's share, where code reads model.output.weight
+        return self.linear.weight
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.linear(h)  # (..., V / tp)
         if logits.shape[-1] < self.per_rank:

@@ -22,11 +22,13 @@ from pathlib import Path
 import psutil
 import torch
 
-CONFIGS = [  # (label, tp, pp, threads per process; None: --threads)
-    ("1 process", 1, 1, None),
-    ("1 process, 1 thread", 1, 1, 1),
-    ("--tp 2, 1 thread each", 2, 1, 1),
-    ("--pp 2, 1 thread each", 1, 2, 1),
+CONFIGS = [  # (label, tp, pp, threads per process (None: --threads), eager)
+    ("1 process", 1, 1, None, False),
+    ("1 process, 1 thread", 1, 1, 1, False),
+    # what each rank runs: the model's forward, not the one-call C++ step of a whole model
+    ("1 process, eager, 1 thr", 1, 1, 1, True),
+    ("--tp 2, 1 thread each", 2, 1, 1, False),
+    ("--pp 2, 1 thread each", 1, 2, 1, False),
 ]
 
 
@@ -99,6 +101,7 @@ def worker(args: argparse.Namespace) -> None:
     import llamarun
     from llamarun import cpu_kernels
     from llamarun.cli.bench import measure
+    from llamarun.llm import LLM
 
     torch.set_num_threads(args.threads)
     cpu_kernels.ops()  # the extension's memory is not the model's
@@ -114,7 +117,8 @@ def worker(args: argparse.Namespace) -> None:
     )
     report = None
     if llm is not None:
-        report = measure(llm, 1, args.prompt_len, args.gen_len)
+        engine_llm = LLM(llm.model, llm.tokenizer) if args.eager else llm
+        report = measure(engine_llm, 1, args.prompt_len, args.gen_len)
         report["weights_held_rank0"] = weights_held(llm.model)
         report["model_bytes"] = llm.model.args.n_params() * 4
         n = args.tp * args.pp
@@ -132,13 +136,13 @@ def worker(args: argparse.Namespace) -> None:
         (out / "report.json").write_text(json.dumps(report))
 
 
-def run_config(model: Path, tp: int, pp: int, threads: int, args) -> dict:
+def run_config(model: Path, tp: int, pp: int, threads: int, eager: bool, args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         worker_args = [
             str(Path(__file__).resolve()), "--worker", "--model", str(model), "--out", out,
             "--tp", str(tp), "--pp", str(pp), "--threads", str(threads),
             "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len),
-        ]  # fmt: skip
+        ] + (["--eager"] if eager else [])  # fmt: skip
         n = tp * pp
         launcher = [sys.executable] if n == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
@@ -159,24 +163,26 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--pp", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else write_stories110m(Path(tmp))
         results = []
-        for label, tp, pp, threads in CONFIGS:
-            r = run_config(model, tp, pp, threads or args.threads, args)
+        for label, tp, pp, threads, eager in CONFIGS:
+            r = run_config(model, tp, pp, threads or args.threads, eager, args)
             results.append((label, tp * pp, r))
             print(json.dumps({"config": label, **r}), file=sys.stderr)
-    base = results[0][2]
+    base = results[1][2]  # one process with the ranks' thread count: the same cores per process
     print(f"{'configuration':<24}{'prefill tok/s':>14}{'ratio':>7}{'decode tok/s':>14}{'ratio':>7}")
     for label, _, r in results:
         print(
             f"{label:<24}{r['prefill_tok_s']:>14.1f}{r['prefill_tok_s'] / base['prefill_tok_s']:>7.2f}"
             f"{r['decode_tok_s']:>14.1f}{r['decode_tok_s'] / base['decode_tok_s']:>7.2f}"
         )
-    for label, n, r in results:
+    print(f"(ratios against '{results[1][0]}')")
+    for label, _, r in results:
         if "all_reduce_us" in r:
             print(
                 f"{label}: {r['all_reduces_per_token']} all-reduces of (1, 1, dim) per token, "
@@ -184,12 +190,18 @@ def main() -> None:
                 f"logits gather {r['gather_ms_per_token']:.2f} ms, batch broadcast {r['broadcast_ms_per_token']:.2f} ms; "
                 f"a decode step takes {1e3 / r['decode_tok_s']:.1f} ms"
             )
-        target = r["model_bytes"] / n * 1.05
+    one_rss = base["rss_growth_rank0"]
+    for label, n, r in results:
+        held, model = r["weights_held_rank0"], r["model_bytes"]
         grown = [r[f"rss_growth_rank{i}"] for i in range(n)]
+        verdict = "meets" if held <= model / n * 1.05 else "misses"
         print(
-            f"{label}: model {r['model_bytes'] / 1e6:.0f} MB; rank 0 holds {r['weights_held_rank0'] / 1e6:.0f} MB "
-            f"of weights; resident growth per rank {', '.join(f'{g / 1e6:.0f} MB' for g in grown)} "
-            f"(target <= {target / 1e6:.0f} MB: 1/{n} + 5%, plus the KV cache and activations)"
+            f"{label}: rank 0 holds {held / 1e6:.0f} MB of weights = {100 * held / model:.1f}% of the "
+            f"{model / 1e6:.0f} MB model ({verdict} 1/{n} + 5%); resident growth after generating "
+            + ", ".join(
+                f"rank {i} {g / 1e6:.0f} MB ({g / one_rss:.2f}x one process)"
+                for i, g in enumerate(grown)
+            )
         )
 
 

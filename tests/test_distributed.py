@@ -172,6 +172,23 @@ def test_two_ranks_match_one_process(matrix, fmt, mode):
         assert_logprobs(two, one, atol=1e-5)
 
 
+@pytest.mark.slow  # 4 processes on this machine's cores
+def test_tp_and_pp_combine_over_four_ranks(tmp_path):
+    formats = ["hf-tied", "meta-2", "gguf-q8_0"]
+    paths = {fmt: write_format(fmt, tmp_path) for fmt in formats}
+    cases = [{"name": fmt, "path": str(paths[fmt]), "tp": 2, "pp": 2} for fmt in formats]
+    spec, out = tmp_path / "spec.json", tmp_path / "out.json"
+    spec.write_text(json.dumps({"cases": cases, "prompts": PROMPTS, "max_new_tokens": NEW_TOKENS}))
+    results = finish(start_ranks([str(WORKER), str(spec), str(out)], world_size=4))
+    assert [rc for rc, _, _ in results] == [0] * 4, [err for _, _, err in results]
+    got = json.loads(out.read_text())
+    for fmt in formats:
+        llm = llamarun.load(paths[fmt], max_batch_size=len(PROMPTS), max_seq_len=64)
+        one = run_case(llm, PROMPTS, NEW_TOKENS)
+        assert got[fmt]["tokens"] == one["tokens"]
+        assert_logprobs(got[fmt], one, atol=2e-3 if fmt in PACKED else 1e-5)
+
+
 @pytest.mark.parametrize("fmt", PACKED)
 def test_packed_stages_repeat_the_eager_forward(matrix, fmt):
     # a pipeline stage runs the same kernels on the same inputs as one process's eager forward

@@ -54,6 +54,12 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory so far (Linux VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def weights_held(model: torch.nn.Module) -> int:
     """Bytes of the distinct weight tensors a model holds (not its KV cache or RoPE tables)."""
     seen, total = set(), 0
@@ -126,6 +132,7 @@ def worker(args: argparse.Namespace) -> None:
             start = json.loads((out / f"rank{r}.json").read_text())
             grown = psutil.Process(start["pid"]).memory_info().rss - start["rss0"]
             report[f"rss_growth_rank{r}"] = grown
+            report[f"peak_growth_rank{r}"] = peak_rss(start["pid"]) - start["rss0"]
         llm.close()
     if args.tp > 1:  # every rank, now that rank 0 has released the others
         from llamarun.loaders import read_header
@@ -202,6 +209,8 @@ def main() -> None:
                 f"rank {i} {g / 1e6:.0f} MB ({g / one_rss:.2f}x one process)"
                 for i, g in enumerate(grown)
             )
+            + "; peak growth while loading and generating "
+            + ", ".join(f"{r[f'peak_growth_rank{i}'] / 1e6:.0f} MB" for i in range(n))
         )
 
 

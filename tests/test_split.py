@@ -3,6 +3,8 @@ blocks, Meta shards, tp.shard_weights), without starting any process."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 from llamarun.config import KNOWN_MODELS, ModelArgs
 from llamarun.errors import ConfigError, MemoryPlanError
+from llamarun.loaders.files import drop_file_pages
 from llamarun.plan import weight_bytes
 from llamarun.quantize import linear_from_packed
 from llamarun.split import (
@@ -157,3 +160,32 @@ def test_shard_weights_gives_each_rank_its_share_and_copies_it_out_of_the_file()
     norm = share["layers.0.attention_norm.weight"]
     torch.testing.assert_close(norm, weights["layers.0.attention_norm.weight"])
     assert norm.data_ptr() != weights["layers.0.attention_norm.weight"].data_ptr()
+
+
+def resident_mb(path) -> float:
+    """This process's resident memory in the mappings of `path` (Linux smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+                inside = len(fields) >= 6 and fields[5] == str(path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total / 1e3
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux smaps")
+def test_dropping_file_pages_lets_the_mapping_go_and_leaves_anonymous_memory_alone(tmp_path):
+    path = tmp_path / "weights.bin"
+    np.arange(1 << 21, dtype=np.float32).tofile(path)  # 8 MB
+    mapped = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c"))
+    assert float(mapped.sum()) > 0 and resident_mb(path) > 7  # read: resident
+
+    drop_file_pages(mapped)
+    anonymous = torch.arange(1 << 21, dtype=torch.float32)
+    drop_file_pages(anonymous)  # not a file's: DONTNEED would zero it, so it is left alone
+
+    assert resident_mb(path) < 1
+    assert float(mapped[123456]) == 123456.0  # read again from the file
+    assert torch.equal(anonymous, torch.arange(1 << 21, dtype=torch.float32))

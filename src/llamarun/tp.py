@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import World, guarded
+from .loaders.files import drop_file_pages, file_mappings
 from .model import Transformer
 from .split import Split, shard_bounds, shard_size
 from .weights import PackedWeight, ShardedWeight
@@ -56,17 +57,23 @@ def weight_slice(name: str, shape: tuple[int, ...], split: Split, tp_rank: int):
 
 
 def shard_weights(weights: dict[str, Weight], split: Split, tp_rank: int) -> dict[str, Weight]:
-    """Each weight's share for `tp_rank`. Float slices are copied out of the file's mapping (a
-    view would keep the whole mapping resident, with every page the column slices touched);
-    packed slices stay views, which their layers copy apart anyway."""
+    """Each weight's share for `tp_rank`. Float slices are copied out of the file's mapping, and
+    the pages the copy read are let go at once: a view would keep the whole mapping resident,
+    and a column slice reads every page of its matrix (that doubled a rank's peak). Packed
+    slices stay views, which their layers copy apart anyway."""
+    mappings = file_mappings()
     out: dict[str, Weight] = {}
     for name, w in weights.items():
         cut = weight_slice(name, tuple(w.shape), split, tp_rank) if split.tp > 1 else None
-        if cut is not None:
-            w = w.narrow(*cut)
-        elif isinstance(w, ShardedWeight):
-            w = w.narrow(0, 0, w.shape[0])
-        out[name] = w if isinstance(w, PackedWeight) else w.clone()
+        share = w.narrow(*cut) if cut is not None else w
+        if isinstance(share, ShardedWeight):
+            share = share.narrow(0, 0, share.shape[0])
+        if isinstance(share, PackedWeight):
+            out[name] = share
+            continue
+        out[name] = share.clone()
+        for source in w.pieces if isinstance(w, ShardedWeight) else [w]:
+            drop_file_pages(source, mappings)
     return out
 
 

@@ -10,11 +10,7 @@ stays memory-mapped.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import mmap
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -24,7 +20,7 @@ from ..errors import CheckpointError, ConfigError
 from ..sniff import describe_tokenizer_files
 from ..tokenizer import Tokenizer, find_tokenizer
 from ..weights import Checkpoint, CheckpointHeader, ShardedWeight, check_weights
-from .files import read_json, read_state_dict
+from .files import drop_file_pages, file_mappings, read_json, read_state_dict
 
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 CONCAT_DIM_1 = (".attention.wo.weight", ".feed_forward.w2.weight")
@@ -109,8 +105,7 @@ def merge_shards(shard_paths: list[Path]) -> dict[str, torch.Tensor]:
             merged[name] = torch.empty(shape, dtype=t.dtype)
     for i, shard_path in enumerate(shard_paths):
         shard = first if i == 0 else read_shard(shard_path)
-        with open(shard_path, "rb") as f:
-            mapped = f.read(4) == b"PK\x03\x04"  # zip .pth files are memory-mapped by read_shard
+        mappings = file_mappings()  # zip .pth files are memory-mapped by read_shard
         if set(shard) != set(merged):
             odd = sorted(set(shard) ^ set(merged))
             raise CheckpointError(
@@ -127,8 +122,7 @@ def merge_shards(shard_paths: list[Path]) -> dict[str, torch.Tensor]:
                     f"{name} in {shard_path} has shape {tuple(t.shape)}, which does not match the other shards; the shards come from different checkpoints"
                 )
             out.narrow(dim, i * size, size).copy_(t)
-            if mapped:
-                _drop_pages(t)
+            drop_file_pages(t, mappings)
         del shard
         first = None
     return merged
@@ -160,30 +154,6 @@ def shard_views(shard_paths: list[Path]) -> dict[str, torch.Tensor | ShardedWeig
             else ShardedWeight([s[name] for s in shards], _concat_dim(name, first))
         )
     return views
-
-
-def _drop_pages(t: torch.Tensor) -> None:
-    """Drop the copied tensor's pages of the shard's file mapping from resident memory (Linux
-    madvise DONTNEED; the mapping is private and unmodified, so a later read would re-read the
-    file). Without this, merging 2 shards peaks at the model plus a whole shard (~1.5x)."""
-    libc = _libc()
-    if libc is None or not t.is_contiguous():
-        return
-    page = mmap.PAGESIZE
-    start = -(-t.data_ptr() // page) * page
-    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
-    if end > start:
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
-
-
-@functools.cache
-def _libc():
-    if sys.platform != "linux":
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
 
 
 def _concat_dim(name: str, shard: dict[str, torch.Tensor]) -> int:

@@ -47,6 +47,7 @@ def main(spec_path: str, out_path: str) -> None:
             max_seq_len=64,
             tp=case["tp"],
             pp=case["pp"],
+            quantize=case.get("quantize"),
         )
         if llm is not None:  # rank 0; the other ranks ran its forwards inside load()
             results[case["name"]] = run_case(llm, spec["prompts"], spec["max_new_tokens"])

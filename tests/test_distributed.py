@@ -34,6 +34,7 @@ PROMPTS = [[1, 5, 7, 9, 11, 13, 2, 4], [3, 4, 200], [17]]  # different lengths i
 NEW_TOKENS = 6
 FORMATS = ["hf", "hf-tied", "meta-1", "meta-2", "gguf-f32", "gguf-q8_0", "gguf-q4_0", "llama2c"]
 PACKED = ["gguf-q8_0", "gguf-q4_0"]  # linear weights kept in GGUF blocks, run on int8 kernels
+QUANTIZED = ["int8", "int4"]  # --quantize
 
 
 def tiny(tie: bool = False, seed: int = 0, **fields) -> Transformer:
@@ -140,6 +141,12 @@ def matrix(tmp_path_factory):
         for fmt in FORMATS
         for mode, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2))
     ]
+    for mode in QUANTIZED:  # quantized after loading: each rank quantizes its share
+        llm = llamarun.load(paths["hf"], max_batch_size=len(PROMPTS), max_seq_len=64, quantize=mode)
+        expected[f"hf {mode} eager"] = run_case(LLM(llm.model, llm.tokenizer), PROMPTS, NEW_TOKENS)
+        cases.append(
+            {"name": f"hf {mode} tp2", "path": str(paths["hf"]), "tp": 2, "pp": 1, "quantize": mode}
+        )
     spec = directory / "spec.json"
     spec.write_text(json.dumps({"cases": cases, "prompts": PROMPTS, "max_new_tokens": NEW_TOKENS}))
     out = directory / "out.json"
@@ -170,6 +177,17 @@ def test_two_ranks_match_one_process(matrix, fmt, mode):
         assert_logprobs(two, one, atol=2e-3)
     else:  # the all-reduce adds partial sums in another order than one matrix product does
         assert_logprobs(two, one, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", QUANTIZED)
+def test_quantizing_each_share_gives_one_process_tokens(matrix, mode):
+    # Each rank holds one process's integers (int8 rows keep the whole row's scale, int4 its
+    # 32-column groups: test_split pins that exactly); the int8 activations of the kernels
+    # make the log-probabilities differ as for packed GGUF (see above).
+    expected, got = matrix
+    eager, two = expected[f"hf {mode} eager"], got[f"hf {mode} tp2"]
+    assert two["tokens"] == eager["tokens"]
+    assert_logprobs(two, eager, atol=2e-3)
 
 
 @pytest.mark.slow  # 4 processes on this machine's cores

@@ -14,7 +14,7 @@ from llamarun.config import KNOWN_MODELS, ModelArgs
 from llamarun.errors import ConfigError, MemoryPlanError
 from llamarun.loaders.files import drop_file_pages
 from llamarun.plan import weight_bytes
-from llamarun.quantize import linear_from_packed
+from llamarun.quantize import Int8Linear, linear_from_packed
 from llamarun.split import (
     Split,
     check_split,
@@ -189,3 +189,17 @@ def test_dropping_file_pages_lets_the_mapping_go_and_leaves_anonymous_memory_alo
     assert resident_mb(path) < 1
     assert float(mapped[123456]) == 123456.0  # read again from the file
     assert torch.equal(anonymous, torch.arange(1 << 21, dtype=torch.float32))
+
+
+def test_a_share_of_each_row_quantizes_to_the_whole_rows_integers_given_their_maxima():
+    torch.manual_seed(0)
+    w = torch.randn(8, 128)
+    whole = Int8Linear.from_float(w)
+    absmax = w.abs().amax(dim=1, keepdim=True)  # what tp.quantize_rowwise_int8_ all-reduces
+
+    share = Int8Linear.from_float(w[:, 64:], absmax)
+    alone = Int8Linear.from_float(w[:, 64:])
+
+    assert torch.equal(share.weight, whole.weight[:, 64:])
+    assert torch.equal(share.scales, whole.scales)
+    assert not torch.equal(alone.scales, whole.scales)  # its own half's maxima: other integers

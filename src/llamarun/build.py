@@ -343,6 +343,8 @@ def _build_rank(
     tp.shrink_(pp.keep_stage_(skeleton, split, world.stage), split, world.tp_rank)
     model = build_model(replace(ckpt, weights=weights), device, dtype, model=skeleton)
     del weights, ckpt.weights  # the file mappings go with the last views of them
+    if mode == "int8" and split.tp > 1:
+        tp.quantize_rowwise_int8_(model, world)
     if mode is not None:
         quantize_(model, mode)
     model.setup_caches(max_batch_size, seq_len, kv_dtype)

@@ -24,6 +24,7 @@ from torch import nn
 from .distributed import World, guarded
 from .loaders.files import drop_file_pages, file_mappings
 from .model import Transformer
+from .quantize import Int8Linear
 from .split import Split, shard_bounds, shard_size
 from .weights import PackedWeight, ShardedWeight
 
@@ -100,6 +101,19 @@ def shrink_(model: Transformer, split: Split, tp_rank: int) -> Transformer:
     for layer in model.layers:
         layer.attention.n_heads //= split.tp
         layer.attention.n_kv_heads //= split.tp
+    return model
+
+
+def quantize_rowwise_int8_(model: Transformer, world: World) -> Transformer:
+    """int8 for the rowwise linears with the whole rows' scales (one all-reduce of the row
+    maxima per layer), so each rank's share holds the integers one process's int8 layer holds;
+    quantize_ then takes the other linears, whose rows are whole on every rank. In place."""
+    for name, module in list(model.named_modules()):
+        if plan_style(name) == "rowwise" and type(module) is nn.Linear:
+            absmax = module.weight.detach().float().abs().amax(dim=1, keepdim=True)  # (out, 1)
+            op = dist.ReduceOp.MAX
+            guarded("agreeing on int8 scales", dist.all_reduce, absmax, op, group=world.tp_group)
+            _replace(model, name, Int8Linear.from_float(module.weight, absmax))
     return model
 
 

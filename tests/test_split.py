@@ -13,6 +13,7 @@ import torch
 from llamarun.config import KNOWN_MODELS, ModelArgs
 from llamarun.errors import ConfigError, MemoryPlanError
 from llamarun.loaders.files import drop_file_pages
+from llamarun.loaders.hf import HalfSplitRows, unpermute
 from llamarun.plan import weight_bytes
 from llamarun.quantize import Int8Linear, linear_from_packed
 from llamarun.split import (
@@ -203,3 +204,15 @@ def test_a_share_of_each_row_quantizes_to_the_whole_rows_integers_given_their_ma
     assert torch.equal(share.weight, whole.weight[:, 64:])
     assert torch.equal(share.scales, whole.scales)
     assert not torch.equal(alone.scales, whole.scales)  # its own half's maxima: other integers
+
+
+def test_hugging_face_q_rows_are_permuted_only_for_the_heads_a_rank_reads():
+    w = torch.randn(4 * 16, 64)  # 4 heads of 16 rows, in HF's half-split layout
+    lazy = HalfSplitRows(w, n_heads=4)
+    whole = unpermute(w, 4)
+
+    torch.testing.assert_close(lazy.narrow(0, 32, 32), whole[32:], atol=0, rtol=0)
+    torch.testing.assert_close(
+        lazy.narrow(0, 8, 16), whole[8:24], atol=0, rtol=0
+    )  # not whole heads
+    assert lazy.shape == w.shape and lazy.sources == [w]

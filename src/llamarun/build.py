@@ -335,7 +335,7 @@ def _build_rank(
         name=header.name or Path(header.path).name,
     )
     mode = chosen.quantize if chosen.quantize in QUANTIZE_MODES else None
-    ckpt = load_checkpoint(header, tokenizer, merge_shards=False)
+    ckpt = load_checkpoint(header, tokenizer, lazy=True)
     weights = pp.stage_weights(ckpt.weights, args, split, world.stage)
     weights = tp.shard_weights(weights, split, world.tp_rank)
     with torch.device("meta"):

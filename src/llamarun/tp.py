@@ -26,7 +26,7 @@ from .loaders.files import drop_file_pages, file_mappings
 from .model import Transformer
 from .quantize import Int8Linear
 from .split import Split, shard_bounds, shard_size
-from .weights import PackedWeight, ShardedWeight
+from .weights import LazyWeight, PackedWeight
 
 TP_PLAN = {
     "attention.wq": "colwise",
@@ -40,7 +40,7 @@ TP_PLAN = {
     "output": "vocab",
 }
 _BLOCK_PREFIX = re.compile(r"^layers\.\d+\.")
-Weight = torch.Tensor | PackedWeight | ShardedWeight
+Weight = torch.Tensor | PackedWeight | LazyWeight
 
 
 def plan_style(module_name: str) -> str | None:
@@ -67,13 +67,13 @@ def shard_weights(weights: dict[str, Weight], split: Split, tp_rank: int) -> dic
     for name, w in weights.items():
         cut = weight_slice(name, tuple(w.shape), split, tp_rank) if split.tp > 1 else None
         share = w.narrow(*cut) if cut is not None else w
-        if isinstance(share, ShardedWeight):
-            share = share.narrow(0, 0, share.shape[0])
         if isinstance(share, PackedWeight):
             out[name] = share
             continue
+        if not isinstance(share, torch.Tensor):  # a LazyWeight this rank holds whole
+            share = share.narrow(0, 0, share.shape[0])
         out[name] = share.clone()
-        for source in w.pieces if isinstance(w, ShardedWeight) else [w]:
+        for source in w.sources if hasattr(w, "sources") else [w]:
             drop_file_pages(source, mappings)
     return out
 

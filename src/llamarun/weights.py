@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -111,6 +111,23 @@ class PackedWeight:
         return PackedWeight(self.qtype, data, (out_features, length))
 
 
+class LazyWeight(Protocol):
+    """A weight a loader leaves unread because it takes work to become canonical (Meta shards to
+    concatenate, Hugging Face q/k rows to permute), from `load(..., lazy=True)`: a distributed
+    rank narrows it to its slice, and only that is read and made canonical."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def sources(self) -> list[torch.Tensor]: ...  # the (memory-mapped) tensors it reads
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor: ...
+
+
 @dataclass
 class ShardedWeight:
     """A weight stored in pieces, one per Meta `consolidated.NN.pth` shard, to be concatenated
@@ -118,6 +135,10 @@ class ShardedWeight:
 
     pieces: list[torch.Tensor]
     dim: int
+
+    @property
+    def sources(self) -> list[torch.Tensor]:
+        return self.pieces
 
     @property
     def shape(self) -> torch.Size:
@@ -163,8 +184,8 @@ class CheckpointHeader:
 @dataclass
 class Checkpoint:
     args: ModelArgs
-    # canonical names; no output.weight when tied; ShardedWeight only from meta.load(merge=False)
-    weights: dict[str, torch.Tensor | PackedWeight | ShardedWeight]
+    # canonical names; no output.weight when tied; LazyWeight only from load(..., lazy=True)
+    weights: dict[str, torch.Tensor | PackedWeight | LazyWeight]
     tokenizer: Tokenizer | None
     path: Path
     format: str  # "meta", "hf", "gguf", "llama2c"

@@ -36,14 +36,15 @@ def load_checkpoint(
     source: str | Path | CheckpointHeader,
     tokenizer_path: str | Path | None = None,
     *,
-    merge_shards: bool = True,
+    lazy: bool = False,
 ) -> Checkpoint:
     """Load any supported checkpoint (a path, or the header read from it); `tokenizer_path`
-    overrides the tokenizer found beside it. merge_shards=False leaves a Meta checkpoint's
-    shards apart (ShardedWeight), for a distributed rank that reads only its slice."""
+    overrides the tokenizer found beside it. lazy=True leaves the weights that take work to
+    become canonical (Meta shards, HF q/k) as LazyWeight, for a distributed rank that reads
+    only its slice; the other formats' weights are memory-mapped views already."""
     header = source if isinstance(source, CheckpointHeader) else read_header(source)
-    if header.format == "meta":
-        ckpt = meta.load(header, merge=merge_shards)
+    if lazy and header.format in ("meta", "hf"):
+        ckpt = FORMATS[header.format].load(header, lazy=True)
     else:
         ckpt = FORMATS[header.format].load(header)
     if tokenizer_path is not None:

@@ -44,13 +44,13 @@ def read_header(path: Path) -> CheckpointHeader:
     return CheckpointHeader(args, "meta", path, stored, tokenizer=tokenizer, state=shards)
 
 
-def load(source: Path | CheckpointHeader, *, merge: bool = True) -> Checkpoint:
+def load(source: Path | CheckpointHeader, *, lazy: bool = False) -> Checkpoint:
     """A Meta checkpoint folder (params.json + consolidated.NN.pth), all shards merged; with
-    merge=False the split matrices of several shards stay apart, memory-mapped, as ShardedWeight
+    lazy=True the split matrices of several shards stay apart, memory-mapped, as ShardedWeight
     (a distributed rank then reads only its slice of them)."""
     header = source if isinstance(source, CheckpointHeader) else read_header(Path(source))
     path, args = header.path, header.args
-    weights = merge_shards(header.state) if merge else shard_views(header.state)
+    weights = shard_views(header.state) if lazy else merge_shards(header.state)
     check_weights(args, weights, str(path), source="params.json")
     return Checkpoint(
         args=args,

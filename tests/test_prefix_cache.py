@@ -9,8 +9,10 @@ import pytest
 import torch
 from test_generate import ByteTokenizer
 
+import llamarun
 from llamarun.cli.chat import Chat
 from llamarun.config import ModelArgs
+from llamarun.errors import ConfigError
 from llamarun.llm import LLM
 from llamarun.model import Transformer
 from llamarun.plan import plan_memory
@@ -43,9 +45,8 @@ def make_llm(*, batch: int = 2, prefix_cache_bytes: int = 10**7) -> LLM:
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     threads = torch.get_num_threads()
-    torch.set_num_threads(
-        1
-    )  # a tiny model gains nothing from threads, and they stall on a busy machine
+    # a tiny model gains nothing from threads, and they stall on a busy machine
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
@@ -188,6 +189,17 @@ def test_forget_makes_the_next_prompt_cold():
     llm.engine.forget()
     llm.complete(prompt, GREEDY)
     assert llm.last_stats.cached_tokens == 0
+
+
+def test_the_default_pool_is_as_large_as_the_kv_cache():
+    llm = make_llm(prefix_cache_bytes=None)  # a tiny KV cache: far below the 256 MB cap
+    caches = [layer.attention.kv_cache for layer in llm.model.layers]
+    assert llm.engine.prefix.max_bytes == sum(block_bytes(c, 2 * 512) for c in caches)
+
+
+def test_a_split_model_refuses_a_prefix_cache(tmp_path):
+    with pytest.raises(ConfigError, match="--prefix-cache-mb cannot be combined with --tp"):
+        llamarun.load(tmp_path, tp=2, prefix_cache_mb=8)  # before anything is read
 
 
 def test_the_memory_plan_counts_the_prefix_cache(tiny_args):

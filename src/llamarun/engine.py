@@ -33,6 +33,8 @@ PREFILL_CHUNK = 512  # the most prompt tokens per forward: bounds attention memo
 DEVICE_PREFILL_CHUNK = {"cpu": 128}
 # (tokens, input_pos, rows) -> logits; rows None: cache rows 0..B-1
 Decode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# called as the model is: (tokens, input_pos, rows, *, all_logits) -> logits
+Forward = Callable[..., torch.Tensor]
 TopLogprobs = list[tuple[int, float]]  # (token id, logprob), best first
 
 
@@ -71,14 +73,19 @@ class Engine:
         stop_ids: frozenset[int],
         *,
         decode: Decode | None = None,
+        forward: Forward | None = None,
         prefix_cache_bytes: int = 0,
     ):
-        """prefix_cache_bytes: the pool of saved prompt prefixes (0: no prefix caching at all)."""
+        """forward: what runs the model (default: the model itself; a distributed run passes the
+        driver that hands each batch to the other ranks); decode: the one-token step (default:
+        forward); prefix_cache_bytes: the pool of saved prompt prefixes (0: no prefix caching at
+        all)."""
         self.model = model
         self.stop_ids = frozenset(stop_ids)
         self.device = model.norm.weight.device
         self.slots: list[Slot | None] = [None] * model.max_batch_size
-        self._decode = decode if decode is not None else model
+        self._forward = forward if forward is not None else model
+        self._decode = decode if decode is not None else self._forward
         self.prefill_chunk = prefill_chunk(self.device)
         self.turn_ends = self.stop_ids  # where chunks end; fixed, as reuse rests on the same cuts
         self.prefix = (
@@ -145,7 +152,7 @@ class Engine:
             chunk = list(ids[start:end])
             tokens = torch.tensor([chunk], device=self.device)
             input_pos = torch.arange(start, end, device=self.device)[None]
-            logits = self.model(tokens, input_pos, rows, all_logits=all_logits)[0]
+            logits = self._forward(tokens, input_pos, rows, all_logits=all_logits)[0]
             self.prefilled_tokens += len(chunk)
             if self.prefix is not None:
                 self.prefix.wrote(slot, start, chunk, whole)

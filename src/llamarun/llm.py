@@ -16,7 +16,7 @@ from functools import cached_property
 import torch
 
 from .device import as_token_ids
-from .engine import Decode, Engine, StepOutput
+from .engine import Decode, Engine, Forward, StepOutput
 from .errors import RequestError, TokenizerError
 from .model import Transformer
 from .prefix_cache import block_bytes, default_bytes
@@ -129,9 +129,10 @@ class Stats:
 class LLM:
     """A loaded model with its tokenizer, ready to generate. Build it with `llamarun.load()`, or
     wrap a model of your own with `llamarun.build.prepare()`. LLM never changes the model: it
-    decodes with `decode` (default: the model's own forward). prefix_cache_bytes bounds the
-    saved prompt prefixes a new prompt may start from (None: as large as the KV cache, up to
-    256 MB; 0: every prompt is prefilled whole)."""
+    decodes with `decode` and runs prompts with `forward` (default: the model's own forward).
+    prefix_cache_bytes bounds the saved prompt prefixes a new prompt may start from (None: as
+    large as the KV cache, up to 256 MB; 0: every prompt is prefilled whole). `on_close` runs at
+    `close()` (a distributed run releases its other ranks there)."""
 
     def __init__(
         self,
@@ -140,8 +141,10 @@ class LLM:
         *,
         chat_template: str | None = None,
         decode: Decode | None = None,
+        forward: Forward | None = None,
         info: dict | None = None,
         prefix_cache_bytes: int | None = None,
+        on_close: Callable[[], None] | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -154,8 +157,18 @@ class LLM:
             rows = model.max_batch_size * model.max_seq_len
             caches = (layer.attention.kv_cache for layer in model.layers)
             prefix_cache_bytes = default_bytes(sum(block_bytes(c, rows) for c in caches))
-        self.engine = Engine(model, stop_ids, decode=decode, prefix_cache_bytes=prefix_cache_bytes)
+        self.engine = Engine(
+            model, stop_ids, decode=decode, forward=forward, prefix_cache_bytes=prefix_cache_bytes
+        )
         self.last_stats = Stats()
+        self._on_close = on_close
+
+    def close(self) -> None:
+        """Release what this LLM holds beyond the process: in a distributed run, the other ranks
+        (their `load()` returns); nothing otherwise. The LLM cannot generate afterwards."""
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
     @property
     def max_batch_size(self) -> int:

@@ -40,13 +40,13 @@ class TextStream:
 
     def push(self, out: StepOutput) -> str:
         """The text one engine output adds. Sets `finish_reason` when the row ends: "stop" for a
-        stop id (never shown) or a stop string (cut), "length" when the budget ran out; the held
-        back text is then flushed."""
+        stop id (never shown), a stop string (cut) or a complete grammar, "length" when the
+        budget ran out; the held back text is then flushed."""
         if self.finish_reason is not None:
             return ""
         text = ""
-        if out.token_id >= 0 and out.finish_reason != "stop":
-            text = self.feed(out.token_id)
+        if out.shown_id is not None:
+            text = self.feed(out.shown_id)
             if self.stopped:
                 self.finish_reason = "stop"
                 return text
@@ -140,7 +140,7 @@ class LLM:
         self.chat_template = chat_template
         self.info = info or {}
         stop_ids = tokenizer.stop_ids if tokenizer is not None else frozenset()
-        self.engine = Engine(model, stop_ids, decode=decode)
+        self.engine = Engine(model, stop_ids, decode=decode, tokenizer=tokenizer)
         self.last_stats = Stats()
 
     @property
@@ -234,8 +234,8 @@ class LLM:
                 stream = streams[i]
                 if out is None or stream.finish_reason is not None:
                     continue
-                if out.finish_reason != "stop":
-                    new_ids[i].append(out.token_id)
+                if out.shown_id is not None:
+                    new_ids[i].append(out.shown_id)
                 piece = stream.push(out)
                 if piece and on_text:
                     on_text(i, piece)

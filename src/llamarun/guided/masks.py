@@ -1,0 +1,61 @@
+"""Token masks for a batch's constrained rows: computed into one int32 bitmask on a worker thread
+while the forward pass runs (the matchers release the GIL, and so do torch's ops), then applied
+to the logits as -inf before penalties, temperature and the top-k/top-p/min-p filters."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from . import Matcher
+
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+class MaskBatch:
+    """Bitmask rows for up to `max_rows` matchers. `start` begins computing the next masks,
+    `apply_` waits for them and masks the logits. threaded=False computes them in `start`."""
+
+    def __init__(self, vocab_size: int, max_rows: int, *, threaded: bool = True):
+        self.vocab_size = vocab_size
+        self.bits = torch.zeros(max_rows, (vocab_size + 31) // 32, dtype=torch.int32)  # (R, W)
+        self.threaded = threaded
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future[list[bool]] | list[bool] | None = None
+
+    def start(self, matchers: Sequence[Matcher]) -> None:
+        """Begin the masks of `matchers`; row k of the bitmask belongs to matchers[k]."""
+        if not self.threaded:
+            self._pending = self._fill(list(matchers))
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="llamarun-masks")
+        self._pending = self._pool.submit(self._fill, list(matchers))
+
+    def _fill(self, matchers: list[Matcher]) -> list[bool]:
+        accepting = []
+        for k, m in enumerate(matchers):
+            m.fill_mask(self.bits[k])
+            accepting.append(m.is_accepting())
+        return accepting
+
+    def apply_(
+        self, logits: torch.Tensor, rows: Sequence[int], stop_ids: Sequence[Collection[int]]
+    ) -> None:
+        """Set to -inf, in place, the logits of tokens the matchers do not allow: logits[rows[k]]
+        follows matchers[k] of the last `start`. An accepting row may also end on any of its
+        stop_ids[k] (a chat format's end-of-turn token besides the tokenizer's own stops)."""
+        pending, self._pending = self._pending, None
+        accepting = pending.result() if isinstance(pending, Future) else pending
+        assert accepting is not None and len(accepting) == len(rows), "apply_ without start"
+        n, vocab = len(rows), logits.shape[-1]
+        bits = self.bits[:n]
+        allowed = ((bits.unsqueeze(-1) >> _SHIFTS) & 1).view(n, -1)[:, :vocab].bool()  # (n, V)
+        for k, ids in enumerate(stop_ids):
+            if accepting[k] and ids:
+                allowed[k, [i for i in ids if i < vocab]] = True
+        index = torch.tensor(rows, device=logits.device)
+        masked = logits[index].masked_fill(~allowed.to(logits.device), -float("inf"))
+        logits[index] = masked

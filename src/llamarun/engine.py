@@ -275,15 +275,21 @@ class Engine:
         is_stop_id = token_id in s.stop_ids
         if is_stop_id:
             s.finish_reason = "stop"
-        elif s.matcher is not None and self._consume(s.matcher, token_id):
+        elif s.matcher is not None and self._consume(s, token_id):
             s.finish_reason = "stop"
         elif s.n_generated >= s.params.max_new_tokens or s.pos >= self.max_seq_len:
             s.finish_reason = "length"
         return StepOutput(slot, token_id, s.finish_reason, is_stop_id=is_stop_id)
 
     @staticmethod
-    def _consume(matcher: Matcher, token_id: int) -> bool:
+    def _consume(s: Slot, token_id: int) -> bool:
         """Advance a row's grammar past its token; True when nothing may follow."""
-        if not matcher.consume(token_id):  # the mask allowed only tokens the grammar takes
-            raise RuntimeError(f"constrained decoding lost its grammar: {matcher.error()}")
-        return matcher.is_stopped()
+        if not s.matcher.consume(token_id):
+            # the mask allows only tokens the grammar takes, unless the vocabulary cannot spell
+            # what the grammar needs next (a tokenizer without "{" asked for JSON)
+            raise RequestError(
+                f"the {s.params.guide.kind} cannot be followed with this model's vocabulary "
+                f"({s.matcher.error().splitlines()[0]})",
+                param=s.params.guide.kind,
+            )
+        return s.matcher.is_stopped()

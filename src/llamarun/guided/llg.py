@@ -109,7 +109,9 @@ class LLGuidanceMatcher:
 def compile_guide(guide: Guide, tokenizer: Tokenizer, vocab_size: int) -> LLGuidanceMatcher:
     """A matcher in its start state; RequestError if the grammar does not fit this tokenizer
     (a special token it names is not in the vocabulary)."""
-    matcher = llguidance.LLMatcher(lltokenizer(tokenizer, vocab_size), grammar_of(guide))
+    matcher = llguidance.LLMatcher(
+        lltokenizer(tokenizer, vocab_size), grammar_of(guide), log_level=0
+    )  # quiet: its errors come back as one sentence (engine.Engine._consume)
     if matcher.is_error():
         raise _invalid(guide, matcher.get_error())
     return LLGuidanceMatcher(matcher)

@@ -50,8 +50,8 @@ def grammar_of(guide: Guide) -> str:
 
 
 def closed(schema: object) -> object:
-    """`schema` with `additionalProperties: false` on every object that lists its properties and
-    says nothing about others (xgrammar's strict mode, vLLM's default): every output still
+    """`schema` with `additionalProperties: false` on every object that lists its properties
+    (even none: a function without arguments) and says nothing about others (xgrammar's strict mode, vLLM's default): every output still
     validates, but a small model cannot wander off into keys of its own until the budget ends.
     allOf branches stay open, as each names only part of the object's properties."""
     if not isinstance(schema, dict):
@@ -69,7 +69,7 @@ def closed(schema: object) -> object:
     if isinstance(out.get("additionalProperties"), dict):
         out["additionalProperties"] = closed(out["additionalProperties"])
     open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties")
-    if out.get("properties") and not any(k in out for k in open_keys):
+    if isinstance(out.get("properties"), dict) and not any(k in out for k in open_keys):
         out["additionalProperties"] = False
     return out
 

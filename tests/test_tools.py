@@ -233,7 +233,8 @@ def test_bad_tool_requests_name_the_parameter(tools, choice, param, words):
 
 def test_tool_request_defaults():
     request = tool_request([WEATHER, TIME])
-    assert request.choice == "auto" and request.parallel and not request.forced
+    assert request.choice == "auto" and not request.parallel and not request.forced
+    assert tool_request([WEATHER], parallel=True).parallel
     named = tool_request([WEATHER, TIME], {"type": "function", "function": {"name": "get_time"}})
     assert named.forced and [t.name for t in named.callable] == ["get_time"]
     assert tool_request(None) is None and not tool_request([WEATHER], "none").active

@@ -231,7 +231,7 @@ def _call_rules(
     """Lark rules for `calls`: one call, or with parallel calls one or more."""
     key = "parameters" if format_name == "llama3" else "arguments"
     schema = one_of([call_schema(t, key) for t in tools])
-    many = request.parallel and request.choice != "function"
+    many = request.parallel
     if format_name == "mistral":
         items = {"type": "array", "items": schema, "minItems": 1, "x-guidance": JSON_OPTIONS}
         if not many:

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import guided
 from ..errors import RequestError
 
 TOOL_CHOICES = ("auto", "none", "required")
@@ -61,7 +62,7 @@ class ToolRequest:
     tools: tuple[Tool, ...]
     choice: str = "auto"
     name: str | None = None
-    parallel: bool = True
+    parallel: bool = False  # several calls in one answer (parallel_tool_calls: true)
 
     @property
     def active(self) -> bool:
@@ -94,7 +95,9 @@ def tool_request(
                 f"tool_choice is {tool_choice!r} but no tools were given", "tool_choice"
             )
         return None
-    return ToolRequest(parsed, choice, name, True if parallel is None else bool(parallel))
+    # One call per answer unless asked for more, as llama.cpp's server: a small model offered
+    # a list keeps adding calls until its budget runs out mid-call.
+    return ToolRequest(parsed, choice, name, bool(parallel) and choice != "function")
 
 
 def _tool(i: int, raw: object) -> Tool:
@@ -119,6 +122,11 @@ def _tool(i: int, raw: object) -> Tool:
             f"arguments), got {json.dumps(parameters)[:80]}",
             f"{where}.function.parameters",
         )
+    try:  # an invalid schema is named here, not as the grammar built from it
+        guided.check(guided.make_guide(json_schema=dict(parameters)))
+    except RequestError as e:
+        param = f"{where}.function.parameters"
+        raise RequestError(f"{param}: {e}", param) from e
     description = function.get("description")
     return Tool(name, description if isinstance(description, str) else None, dict(parameters))
 

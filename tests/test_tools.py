@@ -247,7 +247,7 @@ def llm(tmp_path_factory):
     model = Transformer(args)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    model.eval().setup_caches(1, 256)
+    model.eval().setup_caches(1, 1024)  # room for the generic format's tool listing
     return LLM(model, load_tokenizer(write_hf_tokenizer(tmp_path_factory.mktemp("hf"))))
 
 
@@ -331,3 +331,23 @@ def test_a_format_without_tools_gets_the_generic_prompt_and_json_history():
         '"tool_call_id": "call_1"}}<|im_end|>' in text
     )
     assert plan.reader.format_name == "generic" and "json_schema" in plan.constraint
+
+
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [PLAIN_TEMPLATE, HERMES_TEMPLATE])
+def test_llm_chat_with_tools_returns_the_parsed_calls(llm, template):
+    question = [{"role": "user", "content": "Weather in Paris?"}]
+    params = SamplingParams(temperature=1.0, seed=0, max_new_tokens=150)
+    answer = llm.chat(
+        question, params, chat_template=template, tools=[WEATHER], tool_choice="required"
+    )
+    assert answer.content is None and answer.finish_reason == "tool_calls"
+    (call,) = answer.tool_calls
+    assert call.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
+    assert isinstance(llm.chat(question, params, chat_template=template), str)  # as before

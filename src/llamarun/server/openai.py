@@ -59,14 +59,12 @@ async def chat_completions(
     messages = [m.as_dict() for m in body.messages]
     offered = tools.tool_request(body.tools, body.tool_choice, body.parallel_tool_calls)
     constraint, source = body.constraint()
-    plan = tools.prepare_chat(
-        state.chat_format,
-        state.tokenizer,
-        messages,
-        offered,
-        _answer_schema(constraint, source) if offered and offered.active else None,
-    )
-    if plan.reader is not None:  # the tools' format decides what the answer may be
+    try:
+        answer = guided.make_guide(**constraint)
+        plan = tools.prepare_chat(state.chat_format, state.tokenizer, messages, offered, answer)
+    except RequestError as e:
+        raise body.request_error(e, source) from e
+    if plan.constraint is not None:  # the tools' format decides what the answer may be
         constraint, source = plan.constraint, None
     prompts = [plan.prompt_ids]
     max_tokens = (
@@ -90,19 +88,6 @@ async def chat_completions(
     if body.stream:
         return EventSourceResponse(sse_stream(_chat_chunks(answer, _include_usage(body))))
     return await _chat_completion(answer, logprobs is not None and plan.reader is None)
-
-
-def _answer_schema(constraint: dict, source: str | None) -> dict | None:
-    """The JSON schema a text answer must follow when tools are offered too, or None."""
-    if not constraint:
-        return None
-    if "json_schema" not in constraint:
-        raise RequestError(
-            f"{source} cannot be combined with tools; a JSON schema (response_format) can",
-            param=source,
-        )
-    guide = guided.make_guide(json_schema=constraint["json_schema"])
-    return json.loads(guide.text)
 
 
 @router.post("/completions", response_model=None)
@@ -212,7 +197,7 @@ async def _chat_chunks(answer: _Answer, include_usage: bool) -> AsyncIterator[Ba
             deltas = streams[ev.index].push(ev.text)
             if reason:
                 tail, _, calls = streams[ev.index].finish()
-                deltas, reason = deltas + tail, _finish_reason(reason, calls)
+                deltas, reason = deltas + tail, tools.finish_reason(reason, calls)
             for delta in deltas:
                 yield chunk([p.chat_tool_choice(ev.index, delta)])
         else:
@@ -242,7 +227,7 @@ async def _chat_completion(answer: _Answer, with_logprobs: bool) -> p.ChatComple
             message = p.AssistantMessage(
                 content=content, tool_calls=p.tool_calls(answer.reader.ids(calls))
             )
-            reasons[i] = _finish_reason(reasons[i], calls)
+            reasons[i] = tools.finish_reason(reasons[i], calls)
         lp = p.ChoiceLogprobs(content=lps[i]) if with_logprobs else None
         choices.append(
             p.ChatChoice(index=i, message=message, finish_reason=reasons[i], logprobs=lp)
@@ -254,11 +239,6 @@ async def _chat_completion(answer: _Answer, with_logprobs: bool) -> p.ChatComple
         choices=choices,
         usage=answer.usage(),
     )
-
-
-def _finish_reason(reason: str, calls: list) -> str:
-    """OpenAI's "tool_calls" when an answer that ended normally called tools."""
-    return "tool_calls" if calls and reason == "stop" else reason
 
 
 @dataclass

@@ -8,14 +8,17 @@ OpenAI's deltas (stream.py).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..errors import RequestError
+from ..guided import Guide
 from ..tokenizer import Tokenizer
 from ..tokenizer.chat import ChatFormat, Message
 from .formats import constraint
 from .render import encode_chat
-from .request import ChatResponse, Tool, ToolCall, ToolRequest, tool_request
+from .request import ChatResponse, Tool, ToolCall, ToolRequest, finish_reason, tool_request
 from .stream import Delta, ToolReader, ToolStream
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "ToolReader",
     "ToolRequest",
     "ToolStream",
+    "finish_reason",
     "prepare_chat",
     "tool_request",
 ]
@@ -35,7 +39,9 @@ __all__ = [
 @dataclass
 class ChatPlan:
     prompt_ids: list[int]
-    constraint: dict  # SamplingParams keywords (json_schema= or grammar=); {} leaves it free
+    # SamplingParams keywords replacing the answer's own constraint (json_schema= or grammar=;
+    # {}: none); None keeps the answer's own (no tools offered)
+    constraint: dict | None
     reader: ToolReader | None  # None: the answer is plain text
 
 
@@ -44,12 +50,18 @@ def prepare_chat(
     tokenizer: Tokenizer,
     messages: Sequence[Message],
     request: ToolRequest | None,
-    response_schema: dict | None = None,
+    answer: Guide | None = None,
 ) -> ChatPlan:
-    """response_schema: the JSON schema a text answer must follow besides the calls (OpenAI's
-    response_format with tools), or None."""
+    """answer: the constraint on a text answer (SamplingParams.guide, OpenAI's response_format):
+    with tools offered only a JSON schema can stand beside the calls."""
     prompt_ids, format_name = encode_chat(chat_format, messages, request)
     if request is None or not request.active:
-        return ChatPlan(prompt_ids, {}, None)
-    rules = constraint(format_name, request, tokenizer, response_schema)
+        return ChatPlan(prompt_ids, None, None)
+    if answer is not None and answer.kind != "json_schema":
+        raise RequestError(
+            f"a {answer.kind} constraint cannot be combined with tools; a JSON schema can",
+            param=answer.kind,
+        )
+    schema = json.loads(answer.text) if answer is not None else None
+    rules = constraint(format_name, request, tokenizer, schema)
     return ChatPlan(prompt_ids, rules, ToolReader(format_name, constrained=bool(rules)))

@@ -158,6 +158,11 @@ def _tool_choice(raw: object, names: list[str]) -> tuple[str, str | None]:
     return "function", name
 
 
+def finish_reason(reason: str, calls: Sequence[ToolCall]) -> str:
+    """OpenAI's "tool_calls" for an answer that ended by itself with calls."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
 def new_call_id(format_name: str) -> str:
     """OpenAI-style ids; Mistral's templates insist on 9 letters and digits."""
     if format_name == "mistral":

@@ -62,6 +62,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def page_url(host: str, port: int) -> str:
+    """The chat page's address; a browser on this machine reaches a server bound to every
+    address through loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -85,5 +92,6 @@ def run(args: argparse.Namespace) -> int:
         f"llamarun: serving {model_name} at http://{shown}:{port}/v1 (batch {args.max_batch_size}, context {llm.max_seq_len})",
         file=sys.stderr,
     )
+    print(f"llamarun: chat page at {page_url(host, port)}", file=sys.stderr)
     server.run(sockets=[sock])
     return 0

@@ -1,6 +1,6 @@
 """The HTTP server: `create_app` builds the one `ServerState` (state.py), installs the error
-handlers (http_errors.py) and assembles the APIs' routers around them: the OpenAI API
-(openai.py) and /health. A router module reads the state from `request.app.state`, so adding an
+handlers (http_errors.py) and assembles the routers around them: the OpenAI API (openai.py),
+/health, and the chat page at / (ui.py). A router module reads the state from `request.app.state`, so adding an
 API is one more module and one more `include_router` here."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from fastapi import APIRouter, FastAPI, Request
 
 from ..llm import LLM
 from ..tokenizer.chat import ChatFormat
-from . import openai
+from . import openai, ui
 from .http_errors import add_error_handlers
 from .state import ServerState, get_state
 
@@ -31,6 +31,7 @@ def create_app(
     add_error_handlers(app)
     app.include_router(health_router)
     app.include_router(openai.router)
+    app.include_router(ui.router)
     return app
 
 

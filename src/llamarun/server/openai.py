@@ -19,6 +19,7 @@ from .. import guided, tools
 from ..errors import RequestError
 from ..llm import LLM
 from ..tokenizer import Tokenizer
+from . import builders as b
 from . import protocol as p
 from .http_errors import APIError, error_response
 from .jobs import emitter, make_jobs, run_jobs
@@ -173,7 +174,7 @@ class _Answer:
         return run_jobs(self.state.scheduler, self.request, self.jobs, self.events, watch=watch)
 
     def usage(self) -> p.Usage:
-        return p.usage(sum(map(len, self.prompts)), sum(j.n_tokens for j in self.jobs))
+        return b.usage(sum(map(len, self.prompts)), sum(j.n_tokens for j in self.jobs))
 
 
 async def _chat_chunks(answer: _Answer, include_usage: bool) -> AsyncIterator[BaseModel]:
@@ -190,7 +191,7 @@ async def _chat_chunks(answer: _Answer, include_usage: bool) -> AsyncIterator[Ba
 
     tokenizer = answer.state.tokenizer
     streams = {j.index: answer.reader.stream() for j in answer.jobs} if answer.reader else {}
-    yield chunk(p.chat_role_choices(j.index for j in answer.jobs))
+    yield chunk(b.chat_role_choices(j.index for j in answer.jobs))
     async for ev in answer.run(watch=False):
         reason = ev.finish_reason
         if ev.index in streams:  # text and tool calls, read from the answer as it grows
@@ -199,13 +200,13 @@ async def _chat_chunks(answer: _Answer, include_usage: bool) -> AsyncIterator[Ba
                 tail, _, calls = streams[ev.index].finish()
                 deltas, reason = deltas + tail, tools.finish_reason(reason, calls)
             for delta in deltas:
-                yield chunk([p.chat_tool_choice(ev.index, delta)])
+                yield chunk([b.chat_tool_choice(ev.index, delta)])
         else:
-            lp = p.chat_logprobs(tokenizer, ev.token_id, ev.logprob, ev.top_logprobs)
+            lp = b.chat_logprobs(tokenizer, ev.token_id, ev.logprob, ev.top_logprobs)
             if ev.text or lp:
-                yield chunk([p.chat_text_choice(ev.index, ev.text, lp)])
+                yield chunk([b.chat_text_choice(ev.index, ev.text, lp)])
         if reason:
-            yield chunk([p.chat_finish_choice(ev.index, reason)])
+            yield chunk([b.chat_finish_choice(ev.index, reason)])
     if include_usage:
         yield chunk([], answer.usage())
 
@@ -216,7 +217,7 @@ async def _chat_completion(answer: _Answer, with_logprobs: bool) -> p.ChatComple
     async for ev in answer.run(watch=True):
         texts[ev.index] += ev.text
         reasons[ev.index] = ev.finish_reason or reasons[ev.index]
-        lp = p.chat_logprobs(tokenizer, ev.token_id, ev.logprob, ev.top_logprobs)
+        lp = b.chat_logprobs(tokenizer, ev.token_id, ev.logprob, ev.top_logprobs)
         if lp is not None:
             lps[ev.index] += lp.content
     choices = []
@@ -225,7 +226,7 @@ async def _chat_completion(answer: _Answer, with_logprobs: bool) -> p.ChatComple
         if answer.reader is not None:
             content, calls = answer.reader.final(texts[i])
             message = p.AssistantMessage(
-                content=content, tool_calls=p.tool_calls(answer.reader.ids(calls))
+                content=content, tool_calls=b.tool_calls(answer.reader.ids(calls))
             )
             reasons[i] = tools.finish_reason(reasons[i], calls)
         lp = p.ChoiceLogprobs(content=lps[i]) if with_logprobs else None
@@ -267,7 +268,7 @@ class _CompletionChoices:
         if body.logprobs is not None and ev.token_id is not None:
             scores.append((ev.token_id, ev.logprob, ev.top_logprobs))
         lp = (
-            p.completion_logprobs(self.tokenizer, scores, self.offsets[ev.index])
+            b.completion_logprobs(self.tokenizer, scores, self.offsets[ev.index])
             if body.logprobs is not None
             else None
         )

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -27,13 +28,14 @@ import torch
 import llamarun
 from llamarun.guided import make_guide
 from llamarun.guided.llg import compile_guide, grammar_of
-from llamarun.guided.vocab import _build
+from llamarun.guided.vocab import build_lltokenizer
 from llamarun.sampling import SamplingParams
 
 HERE = Path(__file__).resolve().parent
 MODELS = Path(os.environ.get("LLAMARUN_TEST_MODELS", HERE.parent.parent / "shared" / "models"))
 SMOLLM2 = MODELS / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Here is the inventory of the shop as JSON:"
+MODES = ("free", "json", "json, inline masks")
 
 
 def typical_schema(tag: int = 0) -> dict:
@@ -97,22 +99,24 @@ def decode_tps(llm, batch: int, params: SamplingParams, tokens: int) -> float:
     return batch * tokens / elapsed
 
 
-def run_decode(llm, rounds: int, tokens: int) -> dict:
+def run_decode(llm, rounds: int, tokens: int, batches: list[int]) -> dict:
     free = SamplingParams(temperature=0, max_new_tokens=tokens + 1)
     guided = SamplingParams(temperature=0, max_new_tokens=tokens + 1, json_schema=LONG_SCHEMA)
     engine = llm.engine
     stop_ids, engine.stop_ids = engine.stop_ids, frozenset()  # free rows run the whole budget
     results: dict[tuple[int, str], list[float]] = {}
     try:
-        for batch in (1, 8):
+        for batch in batches:
             decode_tps(llm, batch, guided, 4)  # warm up: compiles and caches the grammar
-            for _ in range(rounds):
-                for mode in ("free", "json", "json, inline masks"):
+            for r in range(rounds):
+                for mode in MODES:
                     engine.masks.threaded = mode != "json, inline masks"
                     params = free if mode == "free" else guided
-                    results.setdefault((batch, mode), []).append(
-                        decode_tps(llm, batch, params, tokens)
-                    )
+                    tps = decode_tps(llm, batch, params, tokens)
+                    results.setdefault((batch, mode), []).append(tps)
+                    load = os.getloadavg()[0]
+                    print(f"  round {r}, batch {batch}, {mode}: {tps:.1f} tok/s (load {load:.1f})",
+                          file=sys.stderr, flush=True)  # fmt: skip
     finally:
         engine.stop_ids, engine.masks.threaded = stop_ids, True
     return {key: statistics.median(v) for key, v in results.items()}
@@ -122,7 +126,7 @@ def run_compile(llm, repeats: int) -> dict:
     """Median ms to turn a new schema into a matcher, and the one-time tokenizer view build."""
     tok, vocab = llm.tokenizer, llm.model.args.vocab_size
     t0 = time.perf_counter()
-    _build(tok, vocab)  # not cached: what the first constrained request on a tokenizer pays
+    build_lltokenizer(tok, vocab)  # uncached: what a tokenizer's first constrained row pays
     view_ms = (time.perf_counter() - t0) * 1e3
     grammar_ms, compile_ms = [], []
     for i in range(repeats):
@@ -146,13 +150,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64, help="decode steps per run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--batch", type=int, action="append", help="batch sizes (default: 1, 8)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     before = os.getloadavg()
     llm = llamarun.load(SMOLLM2, device="cpu", max_batch_size=8, max_seq_len=512)
-    decode = run_decode(llm, args.rounds, args.tokens)
+    batches = args.batch or [1, 8]
+    decode = run_decode(llm, args.rounds, args.tokens, batches)
     compiled = run_compile(llm, 20)
     after = os.getloadavg()
 
@@ -161,7 +167,7 @@ def main() -> None:
     print(
         f"load average before {before[0]:.2f} {before[1]:.2f}, after {after[0]:.2f} {after[1]:.2f}"
     )
-    for batch in (1, 8):
+    for batch in batches:
         free = decode[batch, "free"]
         line = f"batch {batch}: free {free:7.1f} tok/s"
         for mode in ("json", "json, inline masks"):

@@ -21,6 +21,7 @@ from llamarun.tokenizer import load_tokenizer
 from llamarun.tokenizer.chat import ChatMLFormat, JinjaChatFormat
 from llamarun.tools import ToolReader, ToolRequest, prepare_chat, tool_request
 from llamarun.tools.formats import constraint
+from llamarun.tools.render import tool_format
 
 WEATHER = {
     "type": "function",
@@ -351,3 +352,33 @@ def test_llm_chat_with_tools_returns_the_parsed_calls(llm, template):
     assert call.name == "get_weather" and call.id.startswith("call_")
     jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
     assert isinstance(llm.chat(question, params, chat_template=template), str)  # as before
+
+
+LLAMA31_LIKE = (
+    "{{ bos_token }}{% if tools %}<|start_header_id|>system<|end_header_id|>\n\nEnvironment: "
+    "ipython\n{% for t in tools %}{{ t | tojson }}{% endfor %}<|eot_id|>{% endif %}"
+    "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}"
+    "<|eot_id|>{% endfor %}{# calls start with <|python_tag|> #}"
+)
+MISTRAL_LIKE = (
+    "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "{% for m in messages %}{% if m.tool_calls %}[TOOL_CALLS]{{ m.tool_calls | tojson }}"
+    "{% else %}[INST]{{ m.content }}[/INST]{% endif %}{% endfor %}"
+)
+SMOLLM2_LIKE = (  # mentions nothing of tools, so the probe tool never shows
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, expected",
+    [(HERMES_TEMPLATE, "hermes"), (LLAMA31_LIKE, "llama3"), (MISTRAL_LIKE, "mistral"),
+     (SMOLLM2_LIKE, "generic"), ("{{ raise_exception('no tools here') }}", "generic")],
+)  # fmt: skip
+def test_the_tool_format_follows_what_the_template_renders(template, expected):
+    tok = TextTokenizer(bos="<|begin_of_text|>", eos="<|eot_id|>")
+    assert tool_format(JinjaChatFormat(tok, template)) == expected
+    assert (
+        tool_format(ChatMLFormat(TextTokenizer(bos="<|im_start|>", eos="<|im_end|>"))) == "generic"
+    )

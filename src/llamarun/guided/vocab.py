@@ -39,11 +39,12 @@ def lltokenizer(tokenizer: Tokenizer, vocab_size: int) -> llguidance.LLTokenizer
     with _lock:  # building takes 0.1-1 s; two requests at once build it once
         per_size = _views.setdefault(tokenizer, {})
         if vocab_size not in per_size:
-            per_size[vocab_size] = _build(tokenizer, vocab_size)
+            per_size[vocab_size] = build_lltokenizer(tokenizer, vocab_size)
         return per_size[vocab_size]
 
 
-def _build(tokenizer: Tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
+def build_lltokenizer(tokenizer: Tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
+    """A new view (what `lltokenizer` caches): 0.1-1 s for a 50-130k vocabulary."""
     eos = sorted(i for i in tokenizer.stop_ids if i < vocab_size)
     if isinstance(tokenizer, HFTokenizer):
         return llguidance.LLTokenizer(tokenizer.tok.to_str(), n_vocab=vocab_size, eos_token=eos)

@@ -11,7 +11,12 @@ import torch
 
 from . import Matcher
 
-_SHIFTS = torch.arange(32, dtype=torch.int32)
+# bit i of a mask word, shifted to the sign bit, picks between the float32 bit patterns of +inf
+# and -inf: each token gets a cap, and min(logit, cap) keeps an allowed logit and makes a
+# disallowed one -inf. All vectorised integer ops: masked_fill_ is a scalar loop on CPU (0.3 ms
+# for one 49k-token row here, against 0.05 ms this way).
+_SIGN_BIT = -(2**31)
+_NEG_INF_BITS = -8388608  # 0xFF800000; xor the sign bit in and it is +inf's 0x7F800000
 
 
 class MaskBatch:
@@ -50,12 +55,14 @@ class MaskBatch:
         pending, self._pending = self._pending, None
         accepting = pending.result() if isinstance(pending, Future) else pending
         assert accepting is not None and len(accepting) == len(rows), "apply_ without start"
-        n, vocab = len(rows), logits.shape[-1]
-        bits = self.bits[:n]
-        allowed = ((bits.unsqueeze(-1) >> _SHIFTS) & 1).view(n, -1)[:, :vocab].bool()  # (n, V)
+        n, vocab, device = len(rows), logits.shape[-1], logits.device
+        bits = self.bits[:n].to(device, non_blocking=True)  # (n, W)
+        to_sign = torch.arange(31, -1, -1, dtype=torch.int32, device=device)
+        caps = ((bits.unsqueeze(-1) << to_sign) & _SIGN_BIT) ^ _NEG_INF_BITS  # (n, W, 32)
+        caps = caps.view(n, -1)[:, :vocab].view(torch.float32)  # (n, V): +inf allowed, else -inf
         for k, ids in enumerate(stop_ids):
             if accepting[k] and ids:
-                allowed[k, [i for i in ids if i < vocab]] = True
-        index = torch.tensor(rows, device=logits.device)
-        masked = logits[index].masked_fill(~allowed.to(logits.device), -float("inf"))
-        logits[index] = masked
+                caps[k, [i for i in ids if i < vocab]] = float("inf")
+        caps = caps.to(logits.dtype)
+        for k, row in enumerate(rows):
+            torch.minimum(logits[row], caps[k], out=logits[row])

@@ -94,6 +94,7 @@ FREE_OUTPUTS = [
         [],
     ),
     ("llama3", "The capital of France is Paris.", "The capital of France is Paris.", []),
+    ("llama3", '{"name": nope, "parameters": {}}', '{"name": nope, "parameters": {}}', []),
     (
         "mistral",
         f'[TOOL_CALLS][{{"name": "get_weather", "arguments": {PARIS}}}, '

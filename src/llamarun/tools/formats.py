@@ -23,7 +23,6 @@ from ..tokenizer import Tokenizer
 from .jsonscan import Malformed, Member, members, skip_ws, string_prefix
 from .request import Tool, ToolRequest
 
-FORMATS = ("hermes", "llama3", "mistral", "generic")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG, MISTRAL_CALLS = "<|python_tag|>", "[TOOL_CALLS]"
 

@@ -14,7 +14,6 @@ import json
 from dataclasses import dataclass
 
 from .formats import READERS, PartialCall, Reading
-from .jsonscan import Malformed
 from .request import ToolCall, new_call_id
 
 
@@ -38,7 +37,7 @@ class ToolReader:
         """What `text` holds (so far, unless final); None when it cannot be this format."""
         try:
             return READERS[self.format_name](text, final)
-        except Malformed:
+        except ValueError:  # Malformed, or json.loads refusing a key or a name
             return None
 
     def final(self, text: str) -> tuple[str | None, list[ToolCall]]:

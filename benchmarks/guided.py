@@ -9,8 +9,8 @@ Every decode run is the same greedy steps over the same prompts: free rows with 
 off, constrained rows held by a schema (an array with minItems 1000) that cannot finish within
 the budget, so both decode exactly --tokens steps. Modes alternate within each round, and the
 figures are medians; the machine may be shared, so the load average is printed before and after.
-"inline masks" computes each step's masks before the forward pass instead of on the worker
-thread, to show what the overlap buys.
+"worker masks" computes each step's masks on a thread while the forward pass runs, "inline
+masks" before it, to show what the overlap buys.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 MODELS = Path(os.environ.get("LLAMARUN_TEST_MODELS", HERE.parent.parent / "shared" / "models"))
 SMOLLM2 = MODELS / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Here is the inventory of the shop as JSON:"
-MODES = ("free", "json", "json, inline masks")
+MODES = ("free", "json, worker masks", "json, inline masks")
 
 
 def typical_schema(tag: int = 0) -> dict:
@@ -79,47 +79,50 @@ LONG_SCHEMA = {  # an inventory the budget cannot finish: every row decodes ever
 }
 
 
-def decode_tps(llm, batch: int, params: SamplingParams, tokens: int) -> float:
-    """Tokens/s of `tokens` decode steps of `batch` rows, prefill excluded."""
+def decode_tps(llm, batch: int, params: SamplingParams, tokens: int) -> tuple[float, float]:
+    """Tokens/s of `tokens` decode steps of `batch` rows, prefill excluded, and the CPU time
+    (all threads) per token in ms: on a shared machine the first moves with the neighbours'
+    load, the second much less."""
     engine = llm.engine
     prompt = llm.encode(PROMPT)
     for slot in range(batch):
         engine.add(slot, prompt, params)
-    start = time.perf_counter()
-    for _ in range(tokens):
+    start, cpu = time.perf_counter(), time.process_time()
+    for step in range(tokens):
         outs = engine.step()
-        assert (
-            len(outs) == batch
-            and all(o.finish_reason is None for o in outs[:-1])
-            or _ == tokens - 1
-        )
-    elapsed = time.perf_counter() - start
+        assert len(outs) == batch, f"a row ended after {step} steps"
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     for slot in range(batch):
         engine.release(slot)
-    return batch * tokens / elapsed
+    return batch * tokens / elapsed, cpu * 1e3 / (batch * tokens)
 
 
 def run_decode(llm, rounds: int, tokens: int, batches: list[int]) -> dict:
+    """(batch, mode) -> median (tokens/s, CPU ms per token)."""
     free = SamplingParams(temperature=0, max_new_tokens=tokens + 1)
     guided = SamplingParams(temperature=0, max_new_tokens=tokens + 1, json_schema=LONG_SCHEMA)
     engine = llm.engine
     stop_ids, engine.stop_ids = engine.stop_ids, frozenset()  # free rows run the whole budget
-    results: dict[tuple[int, str], list[float]] = {}
+    threaded = engine.masks.threaded
+    runs: dict[tuple[int, str], list[tuple[float, float]]] = {}
     try:
         for batch in batches:
             decode_tps(llm, batch, guided, 4)  # warm up: compiles and caches the grammar
             for r in range(rounds):
                 for mode in MODES:
-                    engine.masks.threaded = mode != "json, inline masks"
-                    params = free if mode == "free" else guided
-                    tps = decode_tps(llm, batch, params, tokens)
-                    results.setdefault((batch, mode), []).append(tps)
+                    engine.masks.threaded = mode == "json, worker masks"
+                    tps, cpu_ms = decode_tps(llm, batch, free if mode == "free" else guided, tokens)
+                    runs.setdefault((batch, mode), []).append((tps, cpu_ms))
                     load = os.getloadavg()[0]
-                    print(f"  round {r}, batch {batch}, {mode}: {tps:.1f} tok/s (load {load:.1f})",
+                    print(f"  round {r}, batch {batch}, {mode}: {tps:.1f} tok/s, "
+                          f"{cpu_ms:.2f} CPU ms/token (load {load:.1f})",
                           file=sys.stderr, flush=True)  # fmt: skip
     finally:
-        engine.stop_ids, engine.masks.threaded = stop_ids, True
-    return {key: statistics.median(v) for key, v in results.items()}
+        engine.stop_ids, engine.masks.threaded = stop_ids, threaded
+    return {
+        key: (statistics.median(t for t, _ in v), statistics.median(c for _, c in v))
+        for key, v in runs.items()
+    }
 
 
 def run_compile(llm, repeats: int) -> dict:
@@ -168,20 +171,19 @@ def main() -> None:
         f"load average before {before[0]:.2f} {before[1]:.2f}, after {after[0]:.2f} {after[1]:.2f}"
     )
     for batch in batches:
-        free = decode[batch, "free"]
-        line = f"batch {batch}: free {free:7.1f} tok/s"
-        for mode in ("json", "json, inline masks"):
-            line += (
-                f" | {mode} {decode[batch, mode]:7.1f} tok/s ({decode[batch, mode] / free:.2f}x)"
-            )
-        print(line)
+        free, free_cpu = decode[batch, "free"]
+        print(f"batch {batch}: free {free:6.1f} tok/s, {free_cpu:.2f} CPU ms/token")
+        for mode in MODES[1:]:
+            tps, cpu = decode[batch, mode]
+            print(f"         {mode}: {tps:6.1f} tok/s ({tps / free:.2f}x), {cpu:.2f} CPU ms/token "
+                  f"({cpu / free_cpu:.2f}x)")  # fmt: skip
     print(
         f"compile of a typical schema (16 properties, nested, enums, arrays): "
         f"{compiled['compile_ms']:.1f} ms median (schema to grammar {compiled['grammar_ms']:.2f} ms); "
         f"tokenizer view, once per tokenizer: {compiled['view_ms']:.0f} ms"
     )
     if args.json:
-        flat = {f"batch{b} {m}": v for (b, m), v in decode.items()}
+        flat = {f"batch{b} {m}": {"tok_s": t, "cpu_ms": c} for (b, m), (t, c) in decode.items()}
         print(json.dumps({**flat, **compiled, "load_before": before, "load_after": after}))
 
 

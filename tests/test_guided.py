@@ -20,7 +20,7 @@ from tiny_tokenizers import (
 
 from llamarun.errors import RequestError
 from llamarun.guided import LLGUIDANCE, Backend, Constraints, make_guide
-from llamarun.guided.masks import MaskBatch
+from llamarun.guided.masks import MaskBatch, overlap_helps
 from llamarun.guided.vocab import lltokenizer
 from llamarun.llm import LLM
 from llamarun.sampling import SamplingParams
@@ -170,9 +170,19 @@ def test_n_choices_of_one_guide_each_follow_it(llm):
 
 def test_threaded_and_inline_masks_pick_the_same_tokens(llm):
     params = SamplingParams(temperature=1.0, seed=3, max_new_tokens=60, json_schema=SCHEMA)
+    llm.engine.masks.threaded = True  # the default only where a core is free for the worker
     threaded = llm.complete("go", params)
     llm.engine.masks.threaded = False
     assert llm.complete("go", params) == threaded
+
+
+def test_the_mask_worker_runs_only_beside_a_gpu_or_a_free_core(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert not overlap_helps(torch.device("cpu"))  # every core is in torch's team
+    assert overlap_helps(torch.device("cuda"))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert overlap_helps(torch.device("cpu"))
 
 
 def test_the_token_budget_still_ends_a_constrained_row(llm):

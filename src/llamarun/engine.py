@@ -4,11 +4,12 @@
 server's continuous batching, perplexity. Each batch row is a slot with its own position,
 sampling parameters, seeded generator and stop ids, so a row's tokens do not depend on which
 other rows share the batch. The engine decides when a row ends on a token (a stop id, the token
-budget, the context, a complete grammar); stop *strings* are text, and llm.TextStream decides those.
+budget, the context, a complete grammar); stop *strings* are text, and llm.TextStream decides
+those.
 
 A constrained row (SamplingParams.guide) has a matcher (guided/): each step its token mask is
-computed on a worker thread while the forward pass runs and applied to the logits before any
-sampling filter, and the sampled token advances it.
+computed (on a worker thread while the forward pass runs, where a core is free for it) and
+applied to the logits before any sampling filter, and the sampled token advances it.
 
 The engine never changes the model it is given: build.py prepares it and hands over the fastest
 decode callable it has for that device (the one-call CPU step, a compiled step, or the model).
@@ -25,7 +26,7 @@ import torch
 from .cpu import argmax_ids
 from .errors import RequestError
 from .guided import Constraints, Matcher
-from .guided.masks import MaskBatch
+from .guided.masks import MaskBatch, overlap_helps
 from .model import Transformer
 from .sampling import SamplingParams, apply_penalties, sample
 from .tokenizer import Tokenizer
@@ -86,7 +87,7 @@ class Engine:
         self._decode = decode if decode is not None else model
         vocab = model.args.vocab_size
         self.constraints = Constraints(tokenizer, vocab) if tokenizer is not None else None
-        self.masks = MaskBatch(vocab, model.max_batch_size)
+        self.masks = MaskBatch(vocab, model.max_batch_size, threaded=overlap_helps(self.device))
 
     def compile(self, params: SamplingParams) -> None:
         """Compile params' constraint now (cached), so a grammar that does not fit the tokenizer

@@ -131,3 +131,22 @@ def test_read_args_on_a_llama2c_v1_header(tmp_path):
         tie_embeddings=True,
     )
     assert got.stored == "float32"
+
+
+def test_info_with_tp_and_pp_gives_each_rank_its_figures_and_its_layers(capsys):
+    rc = main(["info", "llama-2-70b", "--tp", "2", "--pp", "2", "--max-seq-len", "4096"])
+
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Memory per rank with --tp 2 --pp 2 (4 ranks)" in out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert lines["bfloat16"][1:3] == ["34.5", "GB"]  # a quarter of the 138 GB in bfloat16
+    assert (
+        "rank 3: layers 40-79, 32 of 64 heads, 4 of 8 key/value heads, vocabulary rows 16000-31999, the classifier"
+        in out
+    )
+
+
+def test_info_refuses_a_tp_the_heads_do_not_divide(capsys):
+    assert main(["info", "llama-2-70b", "--tp", "3"]) == 2
+    assert "n_heads (64) is not divisible by --tp 3" in capsys.readouterr().err

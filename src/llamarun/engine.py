@@ -33,6 +33,8 @@ from .tokenizer import Tokenizer
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds attention memory for long prompts
 Decode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tokens, input_pos) -> logits
+# called as the model is: (tokens, input_pos, rows, *, all_logits) -> logits
+Forward = Callable[..., torch.Tensor]
 TopLogprobs = list[tuple[int, float]]  # (token id, logprob), best first
 
 
@@ -77,14 +79,19 @@ class Engine:
         stop_ids: frozenset[int],
         *,
         decode: Decode | None = None,
+        forward: Forward | None = None,
         tokenizer: Tokenizer | None = None,
     ):
-        """tokenizer: what constrained rows compile their grammars against (None: no constraints)."""
+        """forward: what runs the model (default: the model itself; a distributed run passes the
+        driver that hands each batch to the other ranks); decode: the one-token step (default:
+        forward); tokenizer: what constrained rows compile their grammars against (None: no
+        constraints)."""
         self.model = model
         self.stop_ids = frozenset(stop_ids)
         self.device = model.norm.weight.device
         self.slots: list[Slot | None] = [None] * model.max_batch_size
-        self._decode = decode if decode is not None else model
+        self._forward = forward if forward is not None else model
+        self._decode = decode if decode is not None else self._forward
         vocab = model.args.vocab_size
         self.constraints = Constraints(tokenizer, vocab) if tokenizer is not None else None
         self.masks = MaskBatch(vocab, model.max_batch_size, threaded=overlap_helps(self.device))
@@ -135,7 +142,7 @@ class Engine:
             chunk = list(ids[start : start + PREFILL_CHUNK])
             tokens = torch.tensor([chunk], device=self.device)
             input_pos = torch.arange(start, start + len(chunk), device=self.device)[None]
-            yield start, self.model(tokens, input_pos, rows, all_logits=all_logits)[0]
+            yield start, self._forward(tokens, input_pos, rows, all_logits=all_logits)[0]
 
     @torch.inference_mode()
     def add(

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from .config import ModelArgs
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -77,6 +77,7 @@ def check_weights(args: ModelArgs, weights: dict, where: str, source: str = "the
 
 # GGUF block types whose linear weights are kept in their own bytes (quantize.linear_from_packed).
 PACKED_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+PACKED_BLOCK = 32  # columns per block of each packed type (ggml's QK8_0, QK4_0, QK4_1)
 
 
 @dataclass
@@ -89,6 +90,80 @@ class PackedWeight:
     qtype: str
     data: torch.Tensor
     shape: tuple[int, int]  # (out_features, in_features)
+
+    def narrow(self, dim: int, start: int, length: int) -> PackedWeight:
+        """Rows (dim 0) or whole blocks of columns (dim 1) of the weight, as a view of the same
+        bytes: a block's scale covers its 32 columns, so blocks are never cut (tensor parallelism)."""
+        out_features, in_features = self.shape
+        if dim == 0:
+            return PackedWeight(
+                self.qtype, self.data.narrow(0, start, length), (length, in_features)
+            )
+        if start % PACKED_BLOCK or length % PACKED_BLOCK:
+            raise ConfigError(
+                f"cannot take columns {start}..{start + length} of a {self.qtype} weight: its blocks "
+                f"hold {PACKED_BLOCK} columns each, and a slice must keep whole blocks"
+            )
+        block_bytes = self.data.shape[1] * PACKED_BLOCK // in_features
+        data = self.data.narrow(
+            1, start // PACKED_BLOCK * block_bytes, length // PACKED_BLOCK * block_bytes
+        )
+        return PackedWeight(self.qtype, data, (out_features, length))
+
+
+class LazyWeight(Protocol):
+    """A weight a loader leaves unread because it takes work to become canonical (Meta shards to
+    concatenate, Hugging Face q/k rows to permute), from `load(..., lazy=True)`: a distributed
+    rank narrows it to its slice, and only that is read and made canonical."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def sources(self) -> list[torch.Tensor]: ...  # the (memory-mapped) tensors it reads
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor: ...
+
+
+@dataclass
+class ShardedWeight:
+    """A weight stored in pieces, one per Meta `consolidated.NN.pth` shard, to be concatenated
+    along `dim`; the pieces stay memory-mapped, and `narrow` reads only what a slice needs."""
+
+    pieces: list[torch.Tensor]
+    dim: int
+
+    @property
+    def sources(self) -> list[torch.Tensor]:
+        return self.pieces
+
+    @property
+    def shape(self) -> torch.Size:
+        shape = list(self.pieces[0].shape)
+        shape[self.dim] = sum(p.shape[self.dim] for p in self.pieces)
+        return torch.Size(shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pieces[0].dtype
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        """The slice start..start+length along `dim`: along the pieces' own split it is made of
+        the pieces it overlaps (a piece itself, uncopied, when it matches one exactly), across
+        it of each piece's slice."""
+        if dim != self.dim:
+            return torch.cat([p.narrow(dim, start, length) for p in self.pieces], self.dim)
+        parts, offset = [], 0
+        for p in self.pieces:
+            size = p.shape[dim]
+            lo, hi = max(start, offset), min(start + length, offset + size)
+            if lo < hi:
+                parts.append(p.narrow(dim, lo - offset, hi - lo))
+            offset += size
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 @dataclass
@@ -109,7 +184,8 @@ class CheckpointHeader:
 @dataclass
 class Checkpoint:
     args: ModelArgs
-    weights: dict[str, torch.Tensor | PackedWeight]  # canonical names; no output.weight when tied
+    # canonical names; no output.weight when tied; LazyWeight only from load(..., lazy=True)
+    weights: dict[str, torch.Tensor | PackedWeight | LazyWeight]
     tokenizer: Tokenizer | None
     path: Path
     format: str  # "meta", "hf", "gguf", "llama2c"

@@ -128,7 +128,7 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
-    output_weight = getattr(model.output, "weight", None)
+    output_weight = getattr(getattr(model, "output", None), "weight", None)  # a stage may lack it
     if output_weight is embedding:
         total += embedding.numel() * embedding.element_size()
     return total

@@ -18,7 +18,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from ..errors import LlamarunError
-from . import protocol as p
+from . import builders as b
 
 log = logging.getLogger("llamarun.server")
 
@@ -29,7 +29,7 @@ class APIError(Exception):
     ):
         super().__init__(message)
         self.status, self.param, self.code = status, param, code
-        self.body = p.error_body(message, "invalid_request_error", param, code)
+        self.body = b.error_body(message, "invalid_request_error", param, code)
 
 
 @dataclass
@@ -68,7 +68,7 @@ def validation_failure(e: RequestValidationError) -> Failure:
 
 def openai_error(f: Failure) -> dict:
     kind = "server_error" if f.status >= 500 else "invalid_request_error"
-    return p.error_body(f.message, kind, f.param, f.code)
+    return b.error_body(f.message, kind, f.param, f.code)
 
 
 def error_response(e: Exception) -> tuple[int, dict]:

@@ -103,13 +103,13 @@ class ServerThread:
 
 @contextmanager
 def tiny_server(
-    *, api_key: str | None = API_KEY, max_batch_size: int = 4
+    *, api_key: str | None = API_KEY, max_batch_size: int = 4, max_seq_len: int = 128
 ) -> Iterator[ServerThread]:
     """A running tiny server (its app on `.app`), torch on one thread while it runs: a tiny
     model gains nothing from threads, and they stall on a busy machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    llm = build_llm(max_batch_size)
+    llm = build_llm(max_batch_size, max_seq_len)
     app = create_app(
         llm, model_name=MODEL, api_key=api_key, chat_format=LineChatFormat(llm.tokenizer)
     )

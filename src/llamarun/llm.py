@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 from typing import overload
 
@@ -422,9 +422,7 @@ class LLM:
         fmt = self._chat_format(chat_template)
         request = tool_request(tools, tool_choice, parallel_tool_calls)
         plan = prepare_chat(fmt, self._need_tokenizer(), messages, request, params.guide)
-        if plan.constraint is not None:
-            no_guide = dict(json_schema=None, regex=None, grammar=None, choice=None)
-            params = replace(params, **{**no_guide, **plan.constraint})
+        params = plan.sampling(params)
         (out,) = self.complete_batch(
             [plan.prompt_ids], params, stop_ids=frozenset(fmt.stop_ids), lstrip=True
         )

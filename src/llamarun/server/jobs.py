@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from .. import tools
 from ..errors import RequestError
 from ..llm import LLM, TextStream
 from ..sampling import SamplingParams
+from ..tokenizer.chat import Message
 from . import protocol as p
 from .scheduler import Event, Job, Scheduler
 from .state import ServerState
@@ -69,15 +71,34 @@ def token_budget(
     return wanted
 
 
+def chat_plan(
+    state: ServerState,
+    messages: list[Message],
+    offered: tools.ToolRequest | None,
+    answer: SamplingParams | None = None,
+) -> tools.ChatPlan:
+    """The prompt of a dialog offering `offered`'s tools (tools.prepare_chat), with the reader
+    of the calls in the answer; answer: SamplingParams whose constraint (a JSON schema) the
+    text answer keeps beside the tools."""
+    if state.no_chat is not None:
+        raise RequestError(state.no_chat, param="messages")
+    guide = answer.guide if answer is not None else None
+    return tools.prepare_chat(state.chat_format, state.tokenizer, messages, offered, guide)
+
+
 @dataclass(eq=False)
 class Generation:
     """One prompt and one answer on the engine thread: what the Responses, Anthropic and ollama
-    routes run (OpenAI's choices, echo and logprobs stay with openai.py's make_jobs)."""
+    routes run (OpenAI's choices, echo and logprobs stay with openai.py's make_jobs). reader:
+    how the answer's text splits into content and tool calls (None: all text)."""
 
     scheduler: Scheduler
     request: Request
     job: Job
     events: asyncio.Queue[Event]
+    reader: tools.ToolReader | None = None
+    # the final content and calls, set as `deltas` ends
+    streamed: tuple[str | None, list[tools.ToolCall]] = field(default_factory=lambda: ("", []))
 
     @classmethod
     def start(
@@ -88,14 +109,46 @@ class Generation:
         params: SamplingParams,
         *,
         chat: bool,
+        reader: tools.ToolReader | None = None,
     ) -> Generation:
         """chat: the prompt is a rendered dialog, so the answer ends at the format's end of turn
-        and its leading space is dropped, as the chat completions route does."""
+        and its leading space is dropped, as the chat completions route does. A constraint in
+        params is compiled here, so one that cannot work is a RequestError before any token."""
+        state.llm.engine.compile(params)
         events: asyncio.Queue[Event] = asyncio.Queue()
         stop_ids = frozenset(state.chat_format.stop_ids) if chat else frozenset()
         stream = TextStream(state.tokenizer, params.stop, lstrip=chat)
         job = Job(0, prompt_ids, params, stream, stop_ids, emitter(events))
-        return cls(state.scheduler, request, job, events)
+        return cls(state.scheduler, request, job, events, reader)
+
+    def answer(self, text: str, reason: str) -> tuple[str | None, list[tools.ToolCall], str]:
+        """A finished answer's content (None: only calls), calls (with ids) and finish reason,
+        "tool_calls" when it ended by itself with calls."""
+        if self.reader is None:
+            return text, [], reason
+        content, calls = self.reader.final(text)
+        return content, self.reader.ids(calls), tools.finish_reason(reason, calls)
+
+    async def deltas(self) -> AsyncIterator[tuple[list[tools.Delta], str | None]]:
+        """The streamed answer as (deltas, finish reason) per event: text pieces, and each call's
+        id and name once, then fragments of its arguments; the finish reason with the last,
+        when `streamed` holds the final content and calls (their ids those streamed)."""
+        stream = self.reader.stream() if self.reader is not None else None
+        text = ""
+        async for ev in self.run(watch=False):
+            reason = ev.finish_reason
+            if stream is None:
+                text += ev.text
+                deltas = [tools.Delta(content=ev.text)] if ev.text else []
+                if reason:
+                    self.streamed = (text, [])
+            else:
+                deltas = stream.push(ev.text)
+                if reason:
+                    tail, content, calls = stream.finish()
+                    deltas, reason = deltas + tail, tools.finish_reason(reason, calls)
+                    self.streamed = (content, calls)
+            yield deltas, reason
 
     def run(self, *, watch: bool) -> AsyncIterator[Event]:
         return run_jobs(self.scheduler, self.request, [self.job], self.events, watch=watch)

@@ -6,7 +6,12 @@ ollama does, {"error": "..."}, in a stream as a last line of that shape.
 
 Counts: prompt_eval_count is the whole prompt (the prefix cache only changes how much of it was
 computed, which prompt_eval_duration shows); eval_count the new tokens. repeat_penalty applies to
-the whole text so far: repeat_last_n is not honoured."""
+the whole text so far: repeat_last_n is not honoured.
+
+/api/chat's `tools` go through the chat completions route's tool calling (llamarun.tools), with
+tool_choice auto as ollama has no other: the answer's calls are message.tool_calls (arguments as
+objects), streamed whole in one line before the last; earlier calls and `tool` messages (with
+tool_name) are the conversation's. `format` is "json" (any JSON object) or a JSON schema."""
 
 from __future__ import annotations
 
@@ -23,14 +28,16 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import tools
 from ..errors import RequestError
 from ..sampling import SamplingParams
 from .http_errors import APIError, Failure, error_route, failure_of
-from .jobs import Generation, token_budget
+from .jobs import Generation, chat_plan, token_budget
 from .state import ServerState, get_state, require_key
 
 log = logging.getLogger("llamarun.server")
-Part = Callable[[str, bool], dict]  # (text, final) -> the API's own fields of one answer object
+# (text, calls, final) -> the API's own fields of one answer object
+Part = Callable[[str, list[tools.ToolCall], bool], dict]
 VERSION = "0.9.0"  # the ollama API this follows: apps gate features on the version they see
 NDJSON = "application/x-ndjson"
 # ollama's sampling defaults (its docs' Modelfile parameters), where a request's options are silent
@@ -79,6 +86,34 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None
+
+    def as_dict(self, i: int) -> dict:
+        """The message as the chat format takes it: calls with ids and arguments as JSON text."""
+        m: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_name:
+            m["name"] = self.tool_name
+        calls = []
+        for k, call in enumerate(self.tool_calls or ()):
+            function = call.get("function")
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise RequestError(
+                    f"messages[{i}].tool_calls[{k}] needs a function with a name",
+                    param=f"messages.{i}.tool_calls",
+                )
+            arguments = function.get("arguments", {})
+            text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+            calls.append(
+                {
+                    "id": call.get("id") or f"call_{i}_{k}",
+                    "type": "function",
+                    "function": {"name": function["name"], "arguments": text},
+                }
+            )
+        if calls:
+            m["tool_calls"] = calls
+        return m
 
 
 class GenerateBase(BaseModel):
@@ -88,6 +123,18 @@ class GenerateBase(BaseModel):
     options: Options | None = None
     format: str | dict[str, Any] | None = None
     keep_alive: float | str | None = None
+
+    def constraint(self) -> dict:
+        """SamplingParams keywords for `format`: "json" any JSON object, a dict its schema."""
+        if self.format in (None, ""):
+            return {}
+        if self.format == "json":
+            return {"json_schema": True}
+        if isinstance(self.format, dict):
+            return {"json_schema": self.format}
+        raise RequestError(
+            f'format must be "json" or a JSON schema, got {self.format!r}', param="format"
+        )
 
 
 class ChatRequest(GenerateBase):
@@ -157,17 +204,23 @@ async def show(body: ShowRequest, request: Request) -> dict:
 async def chat(body: ChatRequest, request: Request) -> dict | StreamingResponse:
     state = get_state(request)
     check_model(state, body.model)
-    check_unsupported(body, tools=body.tools, images=any(m.images for m in body.messages))
+    check_unsupported(body, images=any(m.images for m in body.messages))
     if state.no_chat is not None:
         raise RequestError(state.no_chat, param="messages")
     if not body.messages:  # ollama loads the model and answers at once
         return loaded(state, {"message": {"role": "assistant", "content": ""}})
-    dialog = [{"role": m.role, "content": m.content} for m in body.messages]
-    prompt_ids = list(state.chat_format.encode_dialog(dialog, add_generation_prompt=True))
-    gen = start(state, request, body, prompt_ids, chat=True)
+    dialog = [m.as_dict(i) for i, m in enumerate(body.messages)]
+    offered = tools.tool_request(body.tools)
+    plan = chat_plan(state, dialog, offered, sampling_params(body, 1))
+    gen = start(state, request, body, plan.prompt_ids, chat=True, plan=plan)
 
-    def part(text: str, final: bool) -> dict:
-        return {"message": {"role": "assistant", "content": text}}
+    def part(text: str, calls: list[tools.ToolCall], final: bool) -> dict:
+        message = {"role": "assistant", "content": text}
+        if calls:
+            message["tool_calls"] = [
+                {"function": {"name": c.name, "arguments": arguments(c)}} for c in calls
+            ]
+        return {"message": message}
 
     return await answer(gen, body.stream, state, part)
 
@@ -191,7 +244,7 @@ async def generate(body: GenerateRequest, request: Request) -> dict | StreamingR
         ids = list(body.context) + (ids[1:] if ids[:1] == [tokenizer.bos_id] else ids)
     gen = start(state, request, body, ids, chat=templated)
 
-    def part(text: str, final: bool) -> dict:
+    def part(text: str, calls: list[tools.ToolCall], final: bool) -> dict:
         out = {"response": text}
         if final:  # what a later request continues from: the prompt and what was said
             out["context"] = ids + tokenizer.encode(gen.job.stream.text, bos=False)
@@ -210,35 +263,56 @@ def check_model(state: ServerState, name: str | None) -> None:
         raise APIError(404, f"model '{name}' not found: this server serves '{state.model_name}'")
 
 
-def check_unsupported(body: GenerateBase, *, tools=None, images: bool = False) -> None:
+def check_unsupported(body: GenerateBase, *, images: bool = False) -> None:
     if images:
         raise RequestError("images are not supported: this server runs text models", param="images")
-    if tools:
-        raise RequestError("tools are not available on this server's ollama API yet", param="tools")
-    if body.format not in (None, ""):
-        raise RequestError(
-            "format is not available on this server's ollama API yet", param="format"
-        )
 
 
-def sampling_params(options: Options | None, budget: int) -> SamplingParams:
-    """ollama's options over its defaults; num_predict -1 (or -2, or absent): the context left."""
+def arguments(call: tools.ToolCall) -> dict:
+    """A call's arguments as the object ollama sends ({} for a call cut by num_predict)."""
+    try:
+        parsed = json.loads(call.arguments)
+    except json.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def sampling_params(body: GenerateBase, budget: int) -> SamplingParams:
+    """ollama's options over its defaults, and `format`; num_predict -1 (or -2, or absent): the
+    context left."""
+    options = body.options
     given = options.model_dump(exclude_none=True) if options is not None else {}
     for name in (options.model_extra or {}) if options is not None else {}:
         log.info("ignored ollama option: %s", name)
     fields = {field: given[name] for name, field in OPTIONS.items() if name in given}
-    fields = {**DEFAULTS, **fields}
+    fields = {**DEFAULTS, **fields, **body.constraint()}
     predict = given.get("num_predict")
     wanted = budget if predict is None or predict < 0 else min(predict, budget)
-    return SamplingParams(**fields, max_new_tokens=wanted, stop=tuple(given.get("stop", ())))
+    try:
+        return SamplingParams(**fields, max_new_tokens=wanted, stop=tuple(given.get("stop", ())))
+    except RequestError as e:
+        if "json_schema" not in fields:
+            raise
+        raise RequestError(f"format: {e}", param="format") from e
 
 
 def start(
-    state: ServerState, request: Request, body: GenerateBase, ids: list[int], *, chat: bool
+    state: ServerState,
+    request: Request,
+    body: GenerateBase,
+    ids: list[int],
+    *,
+    chat: bool,
+    plan: tools.ChatPlan | None = None,
 ) -> Generation:
+    """plan: a chat's prompt with tools, whose format may constrain the answer and whose reader
+    finds the calls in it."""
     budget = token_budget(state.llm, ids, None)
-    params = sampling_params(body.options, budget)
-    return Generation.start(state, request, ids, params, chat=chat)
+    params = sampling_params(body, budget)
+    if plan is None:
+        return Generation.start(state, request, ids, params, chat=chat)
+    params = plan.sampling(params)
+    return Generation.start(state, request, ids, params, chat=chat, reader=plan.reader)
 
 
 def stamp() -> str:
@@ -267,21 +341,22 @@ async def answer(
         first = first or time.perf_counter_ns()
         text += ev.text
         reason = ev.finish_reason or reason
+    content, calls, reason = gen.answer(text, reason)
     return {
         "model": state.model_name,
         "created_at": stamp(),
-        **final(gen, part, text, reason, t0, first),
+        **final(gen, part(content or "", calls, True), reason, t0, first),
     }
 
 
-def final(gen: Generation, part: Part, text: str, reason: str, t0: int, first: int | None) -> dict:
-    """The last object: what is left of the text, why it ended, the counts and durations (ns)."""
+def final(gen: Generation, fields: dict, reason: str, t0: int, first: int | None) -> dict:
+    """The last object: the part's fields, why it ended, the counts and durations (ns)."""
     now = time.perf_counter_ns()
     first = first or now
     return {
-        **part(text, True),
+        **fields,
         "done": True,
-        "done_reason": reason,
+        "done_reason": "stop" if reason == "tool_calls" else reason,
         "total_duration": now - t0,
         "load_duration": 0,
         "prompt_eval_count": gen.prompt_tokens,
@@ -299,15 +374,19 @@ async def lines(gen: Generation, state: ServerState, part: Part, t0: int) -> Asy
 
     reason, first = "length", None
     try:
-        async for ev in gen.run(watch=False):
+        async for deltas, finished in gen.deltas():
             first = first or time.perf_counter_ns()
-            if ev.text:
-                yield line({**part(ev.text, False), "done": False})
-            reason = ev.finish_reason or reason
+            text = "".join(d.content for d in deltas if d.content)
+            if text:
+                yield line({**part(text, [], False), "done": False})
+            reason = finished or reason
     except Exception as e:  # the status line has gone: the last line carries the error
         yield (json.dumps(ollama_error(failure_of(e))) + "\n").encode()
         return
-    yield line(final(gen, part, "", reason, t0, first))
+    _, calls = gen.streamed
+    if calls:  # whole, as ollama streams them
+        yield line({**part("", calls, False), "done": False})
+    yield line(final(gen, part("", [], True), reason, t0, first))
 
 
 def model_entry(state: ServerState) -> dict:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import RequestError
 from ..guided import Guide
+from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from ..tokenizer.chat import ChatFormat, Message
 from .formats import constraint
@@ -43,6 +44,14 @@ class ChatPlan:
     # {}: none); None keeps the answer's own (no tools offered)
     constraint: dict | None
     reader: ToolReader | None  # None: the answer is plain text
+
+    def sampling(self, params: SamplingParams) -> SamplingParams:
+        """params with the constraint the tools' format puts on the answer in place of the
+        answer's own (params unchanged when no tools are offered)."""
+        if self.constraint is None:
+            return params
+        no_guide = dict(json_schema=None, regex=None, grammar=None, choice=None)
+        return replace(params, **{**no_guide, **self.constraint})
 
 
 def prepare_chat(

@@ -1,12 +1,14 @@
 """`llamarun serve` with the real SmolLM2-135M-Instruct (Q4_1), driven by the official `openai`,
 `anthropic` and `ollama` clients: answers, streaming equals non-streaming at temperature 0, usage
 equal to the tokenizer's count, the prefix cache (cached_tokens, warm equals cold, eviction under
-a small pool) and each API's error for a prompt past the context. One server for the module:
+a small pool), a tool call through each API (greedy; SmolLM2's template has no tools, so the
+generic tool format) and each API's error for a prompt past the context. One server for the module:
 one cache row and a 6 MB pool (8 pages of 16 positions, 0.74 MB each for SmolLM2): one system
 turn fits, two do not, so eviction happens."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -144,6 +146,35 @@ def test_the_prefix_cache_is_exact_reuses_the_system_turn_and_evicts(oai, count)
     ask(MUSIC, "Who was Bach?")
     seeded_cold, _ = ask(SYSTEM, "Where is Oslo?", temperature=1.0, seed=11)
     assert seeded_cold.choices[0].message.content == seeded_warm.choices[0].message.content
+
+
+def test_each_api_calls_a_tool(oai, claude, llama):
+    city = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    about = "Get the current weather in a city"
+    ask = user("Use the get_weather tool for Paris.")
+    tool = {"type": "function", "name": "get_weather", "description": about, "parameters": city}
+    out = oai.responses.create(
+        model=NAME, input=ask, tools=[tool], tool_choice="required", temperature=0
+    )
+    (call,) = out.output
+    assert call.type == "function_call" and json.loads(call.arguments) == {"city": "Paris"}
+    tool = {"name": "get_weather", "description": about, "input_schema": city}
+    message = claude.messages.create(
+        model=NAME,
+        max_tokens=32,
+        messages=ask,
+        tools=[tool],
+        tool_choice={"type": "any"},
+        extra_body={"temperature": 0},
+    )
+    assert message.stop_reason == "tool_use" and message.content[0].input == {"city": "Paris"}
+    tool = {
+        "type": "function",
+        "function": {"name": "get_weather", "description": about, "parameters": city},
+    }
+    answer = llama.chat(model=NAME, messages=ask, tools=[tool], options={"temperature": 0})
+    (call,) = answer.message.tool_calls  # ollama has no tool_choice: the model chose to call
+    assert call.function.name == "get_weather" and call.function.arguments == {"city": "Paris"}
 
 
 def test_a_prompt_past_the_context_is_each_apis_own_400(oai, claude, llama):

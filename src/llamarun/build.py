@@ -22,8 +22,9 @@ from .llm import LLM
 from .loaders import load_checkpoint, read_header
 from .model import Transformer
 from .offload import place_
+from .packed import PackedEmbedding, PackedLinear
 from .plan import QUANTIZE_MODES, plan_load
-from .quantize import linear_from_packed, quantize_
+from .quantize import quantize_
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .weights import Checkpoint, PackedWeight
@@ -66,6 +67,12 @@ def load(
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise ConfigError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
     header = read_header(path)  # config only: the plan runs before any weight is read
+    if header.packed and quantize in QUANTIZE_MODES:
+        raise ConfigError(
+            f"{header.path} is already quantized ({header.packed} blocks), and its weights run as "
+            f"stored: --quantize {quantize} applies to float checkpoints. Drop --quantize (or "
+            "use auto), or quantize the float model instead."
+        )
     seq_len = max_seq_len or min(header.args.max_seq_len, 4096)
     run = plan_load(
         header.args,
@@ -76,7 +83,7 @@ def load(
         seq_len=seq_len,
         offload=offload,
         offload_layers=offload_layers,
-        packed=header.packed,
+        stored=header.tensors if header.packed else None,
         name=header.name or Path(path).name,
         kv_dtype=kv_dtype,
     )
@@ -102,7 +109,11 @@ def load(
         "kv_cache_dtype": str(kv_dtype).removeprefix("torch."),
     }
     llm = prepare(
-        model, ckpt.tokenizer, chat_template=ckpt.chat_template, compile=compile, info=info
+        model,
+        ckpt.tokenizer,
+        chat_template=ckpt.chat_template,
+        compile=compile,
+        info=info,
     )
     if compile:  # compile now (the first compiled decode steps), timed apart from load and decoding
         t1 = time.perf_counter()
@@ -150,18 +161,22 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> T
     packed = {k: w for k, w in weights.items() if isinstance(w, PackedWeight)}
     for k in packed:
         del weights[k]
-    if (
-        ckpt.args.tie_embeddings
-        and "output.weight" not in weights
-        and "output.weight" not in packed
-    ):
+    tied = ckpt.args.tie_embeddings and "output.weight" not in weights | packed
+    if tied and "tok_embeddings.weight" in weights:
         weights["output.weight"] = weights["tok_embeddings.weight"]
     with torch.device("meta"):
         model = Transformer(ckpt.args)
-    for name in packed:  # quantized linears from the file replace their nn.Linear before loading
+    # matrices kept in the file's blocks replace their nn.Linear / nn.Embedding before loading
+    for name, weight in packed.items():
         module_name = name.removesuffix(".weight")
         parent, child = module_name.rsplit(".", 1) if "." in module_name else ("", module_name)
-        setattr(model.get_submodule(parent), child, linear_from_packed(packed[name], dtype))
+        if module_name == "tok_embeddings":
+            layer = PackedEmbedding.from_packed(weight, dtype)
+            if tied:  # the classifier reads the same bytes
+                model.output = layer.tied_linear()
+        else:
+            layer = PackedLinear.from_packed(weight)
+        setattr(model.get_submodule(parent), child, layer)
     weights = {k: _cast(v, device, dtype) for k, v in weights.items()}
     try:
         result = model.load_state_dict(weights, strict=False, assign=True)
@@ -176,7 +191,7 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> T
     ]
     if leftover:
         raise CheckpointError(f"Missing weight(s) in {ckpt.path}: {', '.join(leftover[:5])}")
-    if ckpt.args.tie_embeddings and "output.weight" not in packed:
+    if tied and "tok_embeddings.weight" not in packed:
         model.output.weight = model.tok_embeddings.weight
     return model.to(device).eval()
 

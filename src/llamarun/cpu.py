@@ -20,10 +20,13 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
+from .blocks import TYPE_IDS
 from .model import Transformer, TransformerBlock
+from .packed import PackedEmbedding, PackedLinear
 from .quantize import Int4Linear, Int8Linear
 
 log = logging.getLogger(__name__)
+
 
 KERNEL_MAX_ROWS = 8  # float32 products with more rows (prefill) go to MKL's GEMM
 
@@ -77,6 +80,9 @@ def _linear_entry(lin: nn.Module | None) -> tuple[int, list[torch.Tensor]] | Non
         kind, tensors = kinds["INT8"], [lin.weight, lin.scales, _EMPTY]
     elif isinstance(lin, Int4Linear):
         kind, tensors = kinds["Q4"], [lin.qs, lin.d, lin.m]
+    elif isinstance(lin, PackedLinear):
+        spec = torch.tensor([TYPE_IDS[lin.qtype], lin.in_features])
+        kind, tensors = kinds["GGUF"], [lin.data, spec, _EMPTY]
     elif isinstance(lin, nn.Linear) and lin.bias is None and lin.weight.dtype == torch.float32:
         kind, tensors = kinds["F32"], [lin.weight.detach(), _EMPTY, _EMPTY]
     else:
@@ -113,7 +119,8 @@ def _decoder(model: Transformer) -> object | None:
     norms = [n.weight.detach() for b in model.layers for n in (b.attention_norm, b.ffn_norm)]
     norms.append(model.norm.weight.detach())
     caches = [t for b in model.layers for t in (b.attention.kv_cache.k, b.attention.kv_cache.v)]
-    tensors = [*norms, model.rope_cos, model.rope_sin, model.tok_embeddings.weight]
+    embedding, embed_type = _embedding(model)
+    tensors = [*norms, model.rope_cos, model.rope_sin] + ([embedding] if embed_type < 0 else [])
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
         return None
     if caches[0].dtype not in (torch.float32, torch.float16) or not all(
@@ -129,7 +136,8 @@ def _decoder(model: Transformer) -> object | None:
             caches,
             model.rope_cos,
             model.rope_sin,
-            model.tok_embeddings.weight.detach(),
+            embedding,
+            embed_type,
             args.n_heads,
             args.n_kv_heads,
             args.norm_eps,
@@ -137,6 +145,14 @@ def _decoder(model: Transformer) -> object | None:
     except RuntimeError as e:  # shapes the step does not know: the eager forward still runs them
         log.warning("llamarun: one-call CPU decode step unavailable (%s); using the eager step", e)
         return None
+
+
+def _embedding(model: Transformer) -> tuple[torch.Tensor, int]:
+    """The token embedding table for the Decoder: float32 (type -1) or GGUF block rows (type id)."""
+    table = model.tok_embeddings
+    if isinstance(table, PackedEmbedding):
+        return table.data, TYPE_IDS[table.qtype]
+    return table.weight.detach(), -1
 
 
 def _built_over(model: Transformer) -> tuple[list, tuple[int, ...]]:
@@ -156,7 +172,7 @@ def _built_over(model: Transformer) -> tuple[list, tuple[int, ...]]:
 def _places(model: Transformer) -> tuple[int, ...]:
     return (
         model.norm.weight.data_ptr(),
-        model.tok_embeddings.weight.data_ptr(),
+        _embedding(model)[0].data_ptr(),
         model.rope_cos.data_ptr(),
     )
 

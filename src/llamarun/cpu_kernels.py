@@ -7,6 +7,7 @@ int8 x int8 (or 4-bit x int8) dot products run with VNNI `vpdpbusd` (AVX2 `vpmad
 VNNI), one pass over each weight row shared by every batch row. On CPUs with AMX (Intel Sapphire
 Rapids and later) per-channel int8 products of two or more rows (batches, prefill) run on AMX
 tiles instead (activations quantized per row), which makes a batch nearly as cheap as one row.
+GGUF block weights (packed.py) have their own kernels, matmul_gguf.cpp.
 Threads: torch's intra-op pool.
 
 Also here: `Decoder`, the whole one-token decode step in C++ (used through cpu.py; at batch 1
@@ -149,3 +150,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("llamarun_cpu::f32_linear")
     def _(x, w):
         return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    @torch.library.register_fake("llamarun_cpu::gguf_linear")
+    def _(x, w, qtype, in_features):
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    @torch.library.register_fake("llamarun_cpu::gguf_rows")
+    def _(w, qtype, width, ids):
+        return ids.new_empty((*ids.shape, width), dtype=torch.float32)

@@ -75,20 +75,38 @@ def check_weights(args: ModelArgs, weights: dict, where: str, source: str = "the
             )
 
 
-# GGUF block types whose linear weights are kept in their own bytes (quantize.linear_from_packed).
-PACKED_TYPES = ("Q8_0", "Q4_0", "Q4_1")
-
-
 @dataclass
 class PackedWeight:
-    """A linear weight kept in a file's quantized block format (GGUF Q8_0 / Q4_0 / Q4_1).
+    """A matrix kept in a file's quantized block format (a GGUF type of blocks.BLOCK_TYPES), for
+    packed.py's layers.
 
-    data: uint8 tensor (out_features, bytes_per_row) holding the raw blocks of each row.
+    data: uint8 tensor (rows, bytes_per_row) holding the raw blocks of each row.
     """
 
     qtype: str
     data: torch.Tensor
-    shape: tuple[int, int]  # (out_features, in_features)
+    shape: tuple[int, int]  # (out_features, in_features), or (num_embeddings, embedding_dim)
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """How a checkpoint stores one tensor (from its header): type name, shape, bytes in the file,
+    and whether it stays in those bytes in memory (a PackedWeight) or becomes a float tensor."""
+
+    type: str  # "F32", "Q4_K", ...
+    shape: tuple[int, ...]
+    n_bytes: int
+    packed: bool = False
+
+
+def packed_label(tensors: dict[str, StoredTensor]) -> str | None:
+    """The block types a checkpoint's packed matrices are in, most bytes first ("Q5_0+Q8_0"),
+    or None when nothing stays packed."""
+    by_type: dict[str, int] = {}
+    for t in tensors.values():
+        if t.packed:
+            by_type[t.type] = by_type.get(t.type, 0) + t.n_bytes
+    return "+".join(sorted(by_type, key=lambda k: -by_type[k])) or None
 
 
 @dataclass
@@ -100,9 +118,10 @@ class CheckpointHeader:
     format: str  # "meta", "hf", "gguf", "llama2c"
     path: Path  # the folder (Meta, Hugging Face) or the file (GGUF, llama2.c)
     stored: str  # how most weight bytes are stored: "float32", "bfloat16", "int8", a GGUF type...
-    packed: str | None = None  # GGUF block type the linear weights stay in (Q8_0/Q4_0/Q4_1)
+    packed: str | None = None  # the GGUF block types matrices stay packed in (packed_label)
     tokenizer: str | None = None  # a description, e.g. "SentencePiece (tokenizer.model)"
     name: str | None = None  # the model's own name where the file records one
+    tensors: dict[str, StoredTensor] | None = None  # canonical name -> storage (GGUF files)
     state: Any = field(default=None, repr=False)  # what the format's load() reuses (a reader)
 
 

@@ -16,8 +16,9 @@ from .. import catalogue
 from ..config import KNOWN_MODELS, ModelArgs
 from ..errors import CheckpointError
 from ..loaders import read_header
+from ..loaders.gguf import DEQUANTIZED_TYPES
 from ..plan import GPU_RESERVE, QUANTIZE_MODES, Option, dtype_name, fmt_gb, option
-from ..weights import CheckpointHeader
+from ..weights import CheckpointHeader, StoredTensor, packed_label
 from . import resolve_model
 
 TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -56,10 +57,13 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"Memory at {seq_len} tokens of context x {args.batch} row(s) (working memory: CPU; a GPU adds {fmt_gb(GPU_RESERVE)}):"
     )
-    rows = memory_rows(
-        model_args, args.batch, seq_len, gpu=False, packed=header.packed if header else None
-    )
+    stored = header.tensors if header is not None and header.packed else None
+    rows = memory_rows(model_args, args.batch, seq_len, gpu=False, stored=stored)
     print(render_table(rows))
+    if header is not None and header.tensors:
+        print()
+        print("Stored tensors:")
+        print(storage_table(header.tensors))
     return 0
 
 
@@ -115,7 +119,7 @@ def summary(args: ModelArgs, header: CheckpointHeader | None) -> list[tuple[str,
     ]
     if header is not None:
         stored = header.stored + (
-            f"; linear weights stay packed in {header.packed}" if header.packed else ""
+            f"; matrices stay packed in their {header.packed} blocks" if header.packed else ""
         )
         lines += [
             ("stored as", stored),
@@ -128,14 +132,48 @@ def summary(args: ModelArgs, header: CheckpointHeader | None) -> list[tuple[str,
 
 
 def memory_rows(
-    args: ModelArgs, batch: int, seq_len: int, *, gpu: bool, packed: str | None = None
+    args: ModelArgs,
+    batch: int,
+    seq_len: int,
+    *,
+    gpu: bool,
+    stored: dict[str, StoredTensor] | None = None,
 ) -> list[Option]:
-    """One option per dtype and per quantization (int8/int4 computing in bfloat16)."""
+    """One option per dtype and per quantization (int8/int4 computing in bfloat16), and for a file
+    whose matrices stay packed (`stored`, its tensor table) the way it loads: as stored, computing
+    in float32 on a CPU and bfloat16 on a GPU."""
     rows = [option(args, dtype, None, batch, seq_len, gpu=gpu) for dtype in TABLE_DTYPES]
     rows += [option(args, QUANTIZED_DTYPE, q, batch, seq_len, gpu=gpu) for q in QUANTIZE_MODES]
-    if packed:
-        rows.append(option(args, QUANTIZED_DTYPE, packed, batch, seq_len, gpu=gpu))
+    if stored:
+        dtype = QUANTIZED_DTYPE if gpu else torch.float32
+        rows.append(
+            option(args, dtype, packed_label(stored), batch, seq_len, gpu=gpu, stored=stored)
+        )
     return rows
+
+
+def storage_table(tensors: dict[str, StoredTensor]) -> str:
+    """Per stored type: how many tensors, their bytes in the file, and how they are held."""
+    by_type: dict[str, list[int]] = {}
+    for t in tensors.values():
+        count = by_type.setdefault(t.type, [0, 0, 0])
+        count[0] += 1
+        count[1] += t.n_bytes
+        count[2] += t.packed
+    lines = []
+    for name, (n, size, packed) in sorted(by_type.items(), key=lambda kv: -kv[1][1]):
+        held = "kept as stored" if packed == n else "float"
+        if name in DEQUANTIZED_TYPES:
+            held = "dequantized to float32 at load (no kernel yet)"
+        lines.append([name, f"{n}", fmt_gb(size), held])
+    header = ["type", "tensors", "bytes", "in memory"]
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(4)]
+    return "\n".join(
+        "  ".join(
+            c.rjust(w) if i in (1, 2) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+        ).rstrip()
+        for r in [header, *lines]
+    )
 
 
 def row_label(o: Option) -> str:

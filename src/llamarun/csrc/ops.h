@@ -16,6 +16,9 @@ at::Tensor amx_int8_linear(const at::Tensor& x, const at::Tensor& w, const at::T
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m);
 // matmul_f32.cpp
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w);
+// matmul_gguf.cpp
+at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t K);
+at::Tensor gguf_rows(const at::Tensor& w, int64_t type, int64_t K, const at::Tensor& ids);
 // argmax.cpp
 at::Tensor argmax_rows(const at::Tensor& logits);
 // decoder.cpp: adds the Decoder class (the one-call decode step) to lib

@@ -24,7 +24,7 @@ from .model import Transformer
 from .offload import place_
 from .packed import PackedEmbedding, PackedLinear
 from .plan import QUANTIZE_MODES, plan_load
-from .quantize import quantize_
+from .quantize import Int8Linear, quantize_
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .weights import Checkpoint, PackedWeight
@@ -43,6 +43,7 @@ def load(
     offload: bool = False,
     offload_layers: int | None = None,
     kv_cache_dtype: str | torch.dtype | None = None,
+    amx: bool = False,
 ) -> LLM:
     """Load a checkpoint (Meta folder, Hugging Face folder, GGUF or llama2.c file) ready to generate.
 
@@ -55,6 +56,9 @@ def load(
     offload_layers forces that many of the last blocks onto the CPU.
     kv_cache_dtype: the KV cache's dtype (default: the model's); float16 halves what attention
     reads per token, which dominates long contexts and large batches (as llama.cpp's f16 cache).
+    amx: on CPUs with AMX tiles (Intel Sapphire Rapids and later), run int8 products of two or
+    more rows on them: faster batches, but a row's result then depends on the rows beside it,
+    so with temperature 0 a request may answer differently in a batch than alone.
     """
     t0 = time.perf_counter()
     device = pick_device(device)
@@ -114,6 +118,7 @@ def load(
         chat_template=ckpt.chat_template,
         compile=compile,
         info=info,
+        amx=amx,
     )
     if compile:  # compile now (the first compiled decode steps), timed apart from load and decoding
         t1 = time.perf_counter()
@@ -123,21 +128,24 @@ def load(
     return llm
 
 
-def prepare_(model: Transformer, *, compile: bool = False) -> Decode:
+def prepare_(model: Transformer, *, compile: bool = False, amx: bool = False) -> Decode:
     """Ready a built model (caches set up) for decoding, in place, and return its fastest decode
     step. On CPU the float32 linears move onto the C++ kernels (CpuLinear shares their weights,
     so a tied classifier stays tied). The step: with `compile`, torch.compile of the static-cache
     forward ("reduce-overhead" on CUDA replays it as a CUDA graph); on CPU otherwise the whole
     step in one C++ call (CpuStep: ~3x the eager speed at batch 1, and faster than a compiled
-    step, which attends the whole static cache); elsewhere the model itself."""
+    step, which attends the whole static cache); elsewhere the model itself. `amx`: see load()."""
     device = model.norm.weight.device
     if device.type == "cpu":
         cpu.use_cpu_kernels_(model)
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            module.amx = amx
     if compile:
         mode = "reduce-overhead" if device.type == "cuda" else None
         return torch.compile(model, mode=mode, dynamic=False)
     if device.type == "cpu":
-        return cpu.CpuStep.build(model) or model
+        return cpu.CpuStep.build(model, amx=amx) or model
     return model
 
 
@@ -148,10 +156,11 @@ def prepare(
     chat_template: str | None = None,
     compile: bool = False,
     info: dict | None = None,
+    amx: bool = False,
 ) -> LLM:
     """An LLM over a Transformer you built yourself (setup_caches done): `prepare_` readies the
     model, in place, and the LLM decodes with the step it returns."""
-    decode = prepare_(model, compile=compile)
+    decode = prepare_(model, compile=compile, amx=amx)
     return LLM(model, tokenizer, chat_template=chat_template, decode=decode, info=info)
 
 

@@ -28,12 +28,12 @@ from .quantize import Int4Linear, Int8Linear
 log = logging.getLogger(__name__)
 
 
-KERNEL_MAX_ROWS = 8  # float32 products with more rows (prefill) go to MKL's GEMM
-
-
 class CpuLinear(nn.Linear):
-    """nn.Linear (same weight, same state dict) whose float32 matrix-vector products on CPU run
-    on the C++ kernel: MKL reaches a fraction of memory bandwidth at batch 1 (issue 5)."""
+    """nn.Linear (same weight, same state dict) whose float32 products on CPU run on the C++
+    kernel: MKL reaches a fraction of memory bandwidth at batch 1 (issue 5), and its sums for a
+    row depend on how many rows it multiplies. A prompt's tokens (x of shape (B, T > 1, C)) still
+    go to MKL's GEMM, faster there; one token per row, however many rows, never does, so a
+    decode step's row is the same alone and in a batch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = cpu_kernels.ops() if x.device.type == "cpu" else None
@@ -42,7 +42,7 @@ class CpuLinear(nn.Linear):
             and self.bias is None
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32
-            and x.numel() <= KERNEL_MAX_ROWS * self.in_features
+            and not (x.dim() == 3 and x.shape[1] > 1)
         ):
             return ops.f32_linear(x, self.weight)
         return super().forward(x)
@@ -100,8 +100,9 @@ def _block_linears(block: TransformerBlock) -> list[nn.Module | None]:
     return [*qkv, attn.wo, *gate_up, ffn.w2]
 
 
-def _decoder(model: Transformer) -> object | None:
-    """The extension's Decoder over `model`'s weights and caches, or None when it cannot run it."""
+def _decoder(model: Transformer, amx: bool = False) -> object | None:
+    """The extension's Decoder over `model`'s weights and caches, or None when it cannot run it.
+    amx: per-channel int8 products of 2+ rows on AMX tiles (faster; not batch-invariant)."""
     ops = cpu_kernels.ops()
     if ops is None or not model.max_seq_len or model.norm.weight.device.type != "cpu":
         return None
@@ -129,7 +130,7 @@ def _decoder(model: Transformer) -> object | None:
         return None  # the step keeps contiguous caches in float32 or float16
     args = model.args
     try:
-        return torch.classes.llamarun_cpu.Decoder(
+        decoder = torch.classes.llamarun_cpu.Decoder(
             norms,
             weights,
             kinds,
@@ -145,6 +146,8 @@ def _decoder(model: Transformer) -> object | None:
     except RuntimeError as e:  # shapes the step does not know: the eager forward still runs them
         log.warning("llamarun: one-call CPU decode step unavailable (%s); using the eager step", e)
         return None
+    decoder.set_amx(amx)
+    return decoder
 
 
 def _embedding(model: Transformer) -> tuple[torch.Tensor, int]:
@@ -184,9 +187,10 @@ class CpuStep:
     caches, quantize_, .to()), a new one is built over what the model now holds, or the eager
     forward runs when the step cannot take it any more."""
 
-    def __init__(self, model: Transformer, decoder: object):
+    def __init__(self, model: Transformer, decoder: object, amx: bool = False):
         self.model = model
         self.decoder = decoder
+        self.amx = amx
         self.watched, self.places = _built_over(model)
 
     def _model_changed(self) -> bool:
@@ -198,16 +202,16 @@ class CpuStep:
         )
 
     @classmethod
-    def build(cls, model: Transformer) -> CpuStep | None:
+    def build(cls, model: Transformer, amx: bool = False) -> CpuStep | None:
         """A CpuStep for `model`, or None when the model or the machine cannot use one."""
-        decoder = _decoder(model)
-        return cls(model, decoder) if decoder is not None else None
+        decoder = _decoder(model, amx)
+        return cls(model, decoder, amx) if decoder is not None else None
 
     def __call__(
         self, tokens: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         if self._model_changed():
-            self.decoder = _decoder(self.model)
+            self.decoder = _decoder(self.model, self.amx)
             self.watched, self.places = _built_over(self.model)
         if self.decoder is None or tokens.shape[1] != 1:
             return self.model(tokens, input_pos, rows)

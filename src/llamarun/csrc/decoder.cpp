@@ -167,6 +167,7 @@ struct Decoder : torch::CustomClassHolder {
   std::vector<int8_t> xq, xq4;  // activations in the plain and the paired (4-bit) layout
   std::vector<float> dx, xs, xcb, xc;
   X16 x16;  // activations for the GGUF linears
+  bool amx = false;  // per-channel int8 products of 2+ rows on AMX tiles (opt-in: not batch-invariant)
 
   // embed_type: -1 for a float32 embed_t, else the GGUF type of its uint8 block rows
   Decoder(std::vector<at::Tensor> norm_w, std::vector<at::Tensor> weights, std::vector<int64_t> kinds,
@@ -255,7 +256,7 @@ struct Decoder : torch::CustomClassHolder {
       if (!exact) Kp = g[i].K;
     }
     const auto on_amx = [&](const Lin& l) { return l.kind == LIN_INT8 && l.G == 1; };
-    if (B >= AMX_MIN_ROWS && amx_usable() && std::any_of(g, g + n, on_amx)) {
+    if (amx && B >= AMX_MIN_ROWS && amx_usable() && std::any_of(g, g + n, on_amx)) {
       std::vector<Lin> rest(g, g + n);  // per-channel int8 linears on AMX tiles, the others below
       std::vector<AmxJob> jobs;
       int64_t off = 0;
@@ -409,7 +410,8 @@ void register_decoder(torch::Library& lib) {
   lib.class_<Decoder>("Decoder")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>,
                        at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t, double>())
-      .def("step", &Decoder::step);
+      .def("step", &Decoder::step)
+      .def("set_amx", [](const c10::intrusive_ptr<Decoder>& self, bool on) { self->amx = on; });
 }
 
 }  // namespace llamarun

@@ -34,7 +34,7 @@ std::string isa() {
 }  // namespace
 
 TORCH_LIBRARY(llamarun_cpu, lib) {
-  lib.def("int8_linear(Tensor x, Tensor w, Tensor sw) -> Tensor");
+  lib.def("int8_linear(Tensor x, Tensor w, Tensor sw, bool amx=False) -> Tensor");
   lib.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
   lib.def("amx_int8_linear(Tensor x, Tensor w, Tensor sw) -> Tensor");
   lib.def("f32_linear(Tensor x, Tensor w) -> Tensor");

@@ -10,7 +10,8 @@ class Library;
 namespace llamarun {
 
 // matmul_int8.cpp
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw);
+// amx: products of 2+ rows on AMX tiles where there are some (faster; not batch-invariant)
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw, bool amx);
 at::Tensor amx_int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw);
 // matmul_q4.cpp
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m);

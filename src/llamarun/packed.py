@@ -3,9 +3,10 @@
 build.py puts them in place of nn.Linear / nn.Embedding (as quantize.py's layers replace
 nn.Linear), so the model file knows nothing of formats. Each holds its matrix as the file's raw
 block rows, a uint8 view of the memory-mapped file: no copy, and only the pages read are
-resident. On x86 CPUs the C++ kernels compute on those bytes (csrc/matmul_gguf.cpp: 16-bit
-activations, one reduction order for every batch size); elsewhere, and as the tests' reference,
-the torch path dequantizes TILE_BYTES of rows at a time (blocks.py) and multiplies those. An
+resident. On x86 CPUs the C++ kernels compute on those bytes for one token per row, however
+many rows (csrc/matmul_gguf.cpp: 16-bit activations, one reduction order for every batch size);
+a prompt's tokens, and everything where the kernels are not built, multiply float32 tiles of
+TILE_BYTES of rows dequantized at a time (by the kernels, or blocks.py's torch reference). An
 embedding dequantizes only the rows it looks up; a classifier tied to it reads the same bytes.
 """
 
@@ -68,12 +69,21 @@ class PackedLinear(nn.Module):
 
     def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
         """float32 (rows, in_features) of the weight's `rows` (all by default)."""
-        return dequantize_rows(self.data[rows], self.qtype, self.in_features)
+        ops = _kernels(self.data, self.data)
+        if ops is None:
+            return dequantize_rows(self.data[rows], self.qtype, self.in_features)
+        ids = torch.arange(self.out_features)[rows]
+        return ops.gguf_rows(self.data, TYPE_IDS[self.qtype], self.in_features, ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = _kernels(x, self.data)
-        if ops is not None:
+        prompt = x.dim() == 3 and x.shape[1] > 1
+        if ops is not None and not prompt:
             return ops.gguf_linear(x, self.data, TYPE_IDS[self.qtype], self.in_features)
+        # A prompt's tokens (and every product where the kernels are not built): float32 on
+        # dequantized tiles of rows, through torch's GEMM; on CPU 1.8x the 16-bit kernel's speed
+        # there (2048 x 768, 64-256 rows), and the float32 reference itself. One token per row,
+        # however many rows, always takes the kernel (batch invariance).
         step = max(1, TILE_BYTES // (4 * self.in_features))  # rows dequantized per product
         parts = [
             F.linear(x, self.dequantize(slice(i, i + step)).to(x.dtype))

@@ -71,7 +71,7 @@ inline __m256i dot32(const W32& w, const int16_t* x) {
 }
 
 // The one arithmetic of an output (weight row o, activation row j): acc (8 lanes) += float(v_g) *
-// (s_b * dx_jg) for each group g of 32 in K order, then hsum(acc) + the minimums' term.
+// (scale_g * dx_jg) for each group g of 32 in K order, then hsum(acc) + the minimums' term.
 template <class T>
 inline float finish(__m256 acc, const float* m, const X16& x, int64_t j) {
   float r = hsum(acc);
@@ -102,12 +102,12 @@ void rows_fused(const uint8_t* w, int64_t row_bytes, const X16& x, float* out, i
     __m256 acc[NB];
     for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nblk; ++b) {
-      float s;
-      T::unpack(row + b * T::BYTES, &s, m.data() + b * mins_per_block<T>(), [&](int g, const W32& wv) {
+      float scale[G];
+      T::unpack(row + b * T::BYTES, scale, m.data() + b * mins_per_block<T>(), [&](int g, const W32& wv) {
         const int64_t gi = b * G + g;
         for (int j = 0; j < NB; ++j)
-          acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(wv, X + (gi * XT + j) * QK)), _mm256_set1_ps(s * D[gi * XT + j]),
-                                   acc[j]);
+          acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(wv, X + (gi * XT + j) * QK)),
+                                   _mm256_set1_ps(scale[g] * D[gi * XT + j]), acc[j]);
       });
     }
     for (int j = 0; j < NB; ++j) out[j * ld + o] = finish<T>(acc[j], m.data(), x, j);
@@ -118,22 +118,20 @@ void rows_fused(const uint8_t* w, int64_t row_bytes, const X16& x, float* out, i
 // every vpmaddwd using them (R and NB times over), and the tile product ran load-bound at 1/2 speed.
 inline void in_register(__m256i& v) { __asm__("" : "+x"(v)); }
 
-// R weight rows unpacked into a thread's buffers (int16 W, scales, minimums), for rows_tiled;
-// S holds the products of their scales with one activation tile's: s_r,block(gi) * dx_j,gi at
-// S[(gi * R + r) * XT + j], one multiply per 8.
+// R weight rows unpacked into a thread's buffers (int16 W, a scale per group, minimums), for
+// rows_tiled; S holds the products of their scales with one activation tile's: scale_r,gi *
+// dx_j,gi at S[(gi * R + r) * XT + j], one multiply per 4.
 struct Tile {
   std::vector<int16_t> W;
   std::vector<float> s, m, S;
 };
 
-template <class T, int R>
+template <int R>
 inline void tile_scales(Tile& t, const X16& x, int64_t j0) {
-  constexpr int G = T::QK / QK;
-  const int64_t nblk = x.K / T::QK;
   const float* D = x.dx_at(j0, 0);
   for (int64_t gi = 0; gi < x.ng; ++gi) {
     const __m128 d4 = _mm_loadu_ps(D + gi * XT);
-    for (int r = 0; r < R; ++r) _mm_storeu_ps(t.S.data() + (gi * R + r) * XT, _mm_mul_ps(_mm_set1_ps(t.s[r * nblk + gi / G]), d4));
+    for (int r = 0; r < R; ++r) _mm_storeu_ps(t.S.data() + (gi * R + r) * XT, _mm_mul_ps(_mm_set1_ps(t.s[r * x.ng + gi]), d4));
   }
 }
 
@@ -186,11 +184,11 @@ inline void tile_product(const Tile& t, const X16& x, int64_t j0, float* out, in
 template <class T, int R>
 void tile_rows(Tile& t, const uint8_t* w, int64_t row_bytes, const X16& x, float* out, int64_t ld, int64_t o) {
   const int64_t K = x.K, nblk = K / T::QK, nmin = std::max<int64_t>(1, nblk * mins_per_block<T>());
-  t.W.resize(R * K), t.s.resize(R * nblk), t.m.resize(R * nmin), t.S.resize(R * XT * x.ng);
+  t.W.resize(R * K), t.s.resize(R * x.ng), t.m.resize(R * nmin), t.S.resize(R * XT * x.ng);
   for (int r = 0; r < R; ++r) {
     const uint8_t* row = w + (o + r) * row_bytes;
     for (int64_t b = 0; b < nblk; ++b)
-      T::unpack(row + b * T::BYTES, &t.s[r * nblk + b], t.m.data() + r * nmin + b * mins_per_block<T>(),
+      T::unpack(row + b * T::BYTES, &t.s[r * x.ng + b * (T::QK / QK)], t.m.data() + r * nmin + b * mins_per_block<T>(),
                 [&](int g, const W32& wv) {
                   int16_t* dst = t.W.data() + r * K + T::QK * b + QK * g;
                   _mm256_storeu_si256((__m256i*)dst, wv.lo);
@@ -198,7 +196,7 @@ void tile_rows(Tile& t, const uint8_t* w, int64_t row_bytes, const X16& x, float
                 });
   }
   for (int64_t j0 = 0; j0 < x.B; j0 += XT) {  // per tile of activation rows, pairs of them
-    tile_scales<T, R>(t, x, j0);
+    tile_scales<R>(t, x, j0);
     const int64_t n = std::min<int64_t>(XT, x.B - j0);
     int64_t j = 0;
     for (; j + 2 <= n; j += 2) tile_product<T, R, 2>(t, x, j0 + j, out, ld, o);
@@ -238,18 +236,18 @@ void gguf_dequantize_rows(int64_t type, const uint8_t* w, int64_t row_bytes, int
                           float* dst) {
   const bool known = with_block_type(type, [&](auto t) {
     using T = decltype(t);
-    float m[16] = {0}, s = 0.f;
+    float m[16] = {0}, scale[8] = {0};
     alignas(32) int16_t W[T::QK];
     for (int64_t i = 0; i < n; ++i) {
       const uint8_t* row = w + (ids ? ids[i] : i) * row_bytes;
       for (int64_t b = 0; b < K / T::QK; ++b) {
-        T::unpack(row + b * T::BYTES, &s, m, [&](int g, const W32& wv) {
+        T::unpack(row + b * T::BYTES, scale, m, [&](int g, const W32& wv) {
           _mm256_store_si256((__m256i*)(W + QK * g), wv.lo);
           _mm256_store_si256((__m256i*)(W + QK * g + 16), wv.hi);
         });
         float* r = dst + i * K + b * T::QK;
         for (int k = 0; k < T::QK; ++k) {
-          r[k] = s * (float)W[k];
+          r[k] = scale[k / QK] * (float)W[k];
           if constexpr (T::MG > 0) r[k] += m[k / T::MG];
         }
       }

@@ -204,7 +204,7 @@ def test_interrupted_download_leaves_nothing(monkeypatch, server, cache_home):
         dst.write(read(100))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(catalogue, "_copy", interrupted_copy)
+    monkeypatch.setattr(catalogue.download, "_copy", interrupted_copy)
     name = add_entry(monkeypatch, model_file(URLSource(f"{server}/model.gguf")))
 
     with pytest.raises(KeyboardInterrupt):

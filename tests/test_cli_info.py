@@ -166,3 +166,37 @@ def test_info_on_a_mixed_gguf_file_lists_each_type_with_its_tensors_and_bytes(tm
     assert rows["Q8_0"][:3] == ["1", "17", "kB"]
     assert rows["F32"][0] == "5"
     assert "matrices stay packed in their Q4_K+Q6_K+Q8_0 blocks" in out
+
+
+def test_info_with_tp_refuses_a_split_inside_k_quant_blocks(tmp_path, capsys):
+    args = ModelArgs(
+        dim=256, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=512, vocab_size=64, max_seq_len=64
+    )
+    state = {
+        n: p.detach() for n, p in Transformer(args).state_dict().items() if n != "output.weight"
+    }
+    types = {n: "Q4_K" for n, w in state.items() if w.dim() == 2}
+    blocks = {n: random_blocks("Q4_K", *state[n].shape) for n in types}
+    path = write_gguf(state, args, tmp_path / "m.gguf", blocks=blocks, block_types=types)
+
+    assert main(["info", str(path), "--tp", "2"]) == 2
+    assert "inside their 256-column blocks" in capsys.readouterr().err
+
+
+def test_info_with_tp_and_pp_gives_each_rank_its_figures_and_its_layers(capsys):
+    rc = main(["info", "llama-2-70b", "--tp", "2", "--pp", "2", "--max-seq-len", "4096"])
+
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Memory per rank with --tp 2 --pp 2 (4 ranks)" in out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert lines["bfloat16"][1:3] == ["34.5", "GB"]  # a quarter of the 138 GB in bfloat16
+    assert (
+        "rank 3: layers 40-79, 32 of 64 heads, 4 of 8 key/value heads, vocabulary rows 16000-31999, the classifier"
+        in out
+    )
+
+
+def test_info_refuses_a_tp_the_heads_do_not_divide(capsys):
+    assert main(["info", "llama-2-70b", "--tp", "3"]) == 2
+    assert "n_heads (64) is not divisible by --tp 3" in capsys.readouterr().err

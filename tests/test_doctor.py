@@ -207,3 +207,16 @@ def test_doctor_sees_the_gpu(capsys):
 
     out = capsys.readouterr().out
     assert f"GPU 0          {torch.cuda.get_device_name(0)}, compute capability" in out
+
+
+def test_gpus_without_peer_access_get_a_note_about_tensor_parallelism():
+    second = replace(RTX_3060, index=1)
+    machine = replace(GPU_BOX, gpus=(RTX_3060, second), peer_access=((0, 1, False),))
+
+    assert "peer access    GPUs 0<->1 no" in doctor.report(machine)
+    notes = [f.text for f in diagnose(machine) if f.level == "note"]
+    assert any(
+        "GPUs 0 and 1 cannot read each other's memory directly" in n and "--pp" in n for n in notes
+    )
+    linked = replace(machine, peer_access=((0, 1, True),))
+    assert "0<->1 yes" in doctor.report(linked) and diagnose(linked) == []

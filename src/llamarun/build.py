@@ -10,6 +10,7 @@ step) -> LLM. This is the only module that changes a model after building it.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,18 +18,19 @@ import torch
 from . import cpu
 from .device import pick_device, pick_dtype
 from .engine import Decode
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, LlamarunError
 from .llm import LLM
 from .loaders import load_checkpoint, read_header
 from .model import Transformer
 from .offload import place_
 from .packed import PackedEmbedding, PackedLinear
-from .plan import QUANTIZE_MODES, plan_load
+from .plan import QUANTIZE_MODES, free_memory, plan_load
 from .quantize import Int8Linear, quantize_
 from .sampling import SamplingParams
+from .split import Split, check_split, plan_rank
 from .tokenizer import Tokenizer
 from .transcode import transcode_
-from .weights import Checkpoint, PackedWeight
+from .weights import Checkpoint, PackedWeight, packed_block
 
 
 def load(
@@ -45,7 +47,9 @@ def load(
     offload_layers: int | None = None,
     kv_cache_dtype: str | torch.dtype | None = None,
     amx: bool = False,
-) -> LLM:
+    tp: int = 1,
+    pp: int = 1,
+) -> LLM | None:
     """Load a checkpoint (Meta folder, Hugging Face folder, GGUF or llama2.c file) ready to generate.
 
     A memory plan runs first, from the config alone: if the model does not fit the device, this
@@ -60,7 +64,27 @@ def load(
     amx: on CPUs with AMX tiles (Intel Sapphire Rapids and later), run int8 products of two or
     more rows on them: faster batches, but a row's result then depends on the rows beside it,
     so with temperature 0 a request may answer differently in a batch than alone.
+    tp, pp: split the model over tp x pp processes of a torchrun job (tensor parallelism inside
+    each of pp pipeline stages). Rank 0 gets the LLM; on the other ranks load() runs rank 0's
+    forwards until rank 0 closes its LLM (llm.close(), or rank 0's exit), then returns None.
     """
+    if tp != 1 or pp != 1:
+        if offload or offload_layers is not None or compile:
+            raise ConfigError(
+                f"{'--compile' if compile else '--offload'} cannot be combined with --tp/--pp yet"
+            )
+        return load_parallel(
+            path,
+            tp,
+            pp,
+            tokenizer=tokenizer,
+            device=device,
+            dtype=dtype,
+            quantize=quantize,
+            max_seq_len=max_seq_len,
+            max_batch_size=max_batch_size,
+            kv_cache_dtype=kv_cache_dtype,
+        )
     t0 = time.perf_counter()
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
@@ -165,17 +189,32 @@ def prepare(
     return LLM(model, tokenizer, chat_template=chat_template, decode=decode, info=info)
 
 
-def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """Materialise the checkpoint's weights into a Transformer on `device` (no copy when possible)."""
+def build_model(
+    ckpt: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    model: Transformer | None = None,
+) -> Transformer:
+    """Materialise the checkpoint's weights into a Transformer on `device` (no copy when possible).
+    model: a skeleton on the meta device to fill (default: Transformer(ckpt.args)); a distributed
+    rank's holds only its share (tp.shrink_, pp.keep_stage_), and so do its weights."""
     weights = dict(ckpt.weights)
     packed = {k: w for k, w in weights.items() if isinstance(w, PackedWeight)}
     for k in packed:
         del weights[k]
-    tied = ckpt.args.tie_embeddings and "output.weight" not in weights | packed
+    if model is None:
+        with torch.device("meta"):
+            model = Transformer(ckpt.args)
+    # a pipeline stage may hold only one of the two tied modules (pp.keep_stage_)
+    tied = (
+        ckpt.args.tie_embeddings
+        and hasattr(model, "tok_embeddings")
+        and hasattr(model, "output")
+        and "output.weight" not in weights | packed
+    )
     if tied and "tok_embeddings.weight" in weights:
         weights["output.weight"] = weights["tok_embeddings.weight"]
-    with torch.device("meta"):
-        model = Transformer(ckpt.args)
     # matrices kept in the file's blocks replace their nn.Linear / nn.Embedding before loading
     for name, weight in packed.items():
         module_name = name.removesuffix(".weight")
@@ -245,3 +284,133 @@ def build_placed(
             quantize_(module, quantize)
 
     return place_(model, device, dtype, n_offload=n_offload, quantize=ready)
+
+
+def load_parallel(
+    path: str | Path,
+    tp: int,
+    pp: int,
+    *,
+    tokenizer: str | Path | None,
+    device: str | torch.device | None,
+    dtype: str | torch.dtype | None,
+    quantize: str | None,
+    max_seq_len: int | None,
+    max_batch_size: int,
+    kv_cache_dtype: str | torch.dtype | None,
+) -> LLM | None:
+    """`load` for a model split over the ranks of a torchrun job (see load's tp/pp). The split is
+    checked against the header before the job is joined or any weight is read; each rank then
+    reads only its share. Errors are raised on rank 0; the other ranks leave them to rank 0
+    (distributed.follower_exit) and end with SystemExit."""
+    from . import distributed  # only a --tp/--pp run imports it, or torch.distributed's groups
+
+    try:
+        split = Split(tp, pp)
+        device = pick_device(device)
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        header = read_header(path)
+        check_split(header.args, split, block=packed_block(header.tensors))
+        world = distributed.init_world(split, device)
+    except LlamarunError:
+        if distributed.launch_rank() != 0:  # every rank fails the same way; rank 0 says so
+            raise SystemExit(2) from None
+        raise
+    try:
+        run, llm = _build_rank(
+            world,
+            header,
+            split,
+            tokenizer,
+            dtype,
+            quantize,
+            max_seq_len,
+            max_batch_size,
+            kv_cache_dtype,
+        )
+    except BaseException as e:
+        world.broken = e
+        if world.is_driver:
+            raise
+        distributed.follower_exit(world, e)
+    if world.is_driver:
+        return llm
+    distributed.follow(world, run)
+    return None
+
+
+def _build_rank(
+    world, header, split, tokenizer, dtype, quantize, max_seq_len, max_batch_size, kv_cache_dtype
+):
+    """This rank's share of the model, ready to run: (its forward, the LLM on rank 0 else None)."""
+    from . import distributed, pp, tp
+
+    t0 = time.perf_counter()
+    device, args = world.device, header.args
+    dtype = pick_dtype(dtype, device)
+    kv_dtype = (
+        pick_dtype(kv_cache_dtype, device, flag="--kv-cache-dtype") if kv_cache_dtype else dtype
+    )
+    seq_len = max_seq_len or min(args.max_seq_len, 4096)
+    chosen = plan_rank(
+        args,
+        split,
+        world.rank,
+        device=device,
+        dtype=dtype,
+        quantize=quantize,
+        batch=max_batch_size,
+        seq_len=seq_len,
+        free=free_memory(device),
+        sharing=world.launch.local_world_size if device.type == "cpu" else 1,
+        stored=header.tensors if header.packed else None,
+        kv_dtype=kv_dtype,
+        name=header.name or Path(header.path).name,
+    )
+    mode = chosen.quantize if chosen.quantize in QUANTIZE_MODES else None
+    ckpt = load_checkpoint(header, tokenizer, lazy=True)
+    weights = pp.stage_weights(ckpt.weights, args, split, world.stage)
+    weights = tp.shard_weights(weights, split, world.tp_rank)
+    with torch.device("meta"):
+        skeleton = Transformer(args)
+    tp.shrink_(pp.keep_stage_(skeleton, split, world.stage), split, world.tp_rank)
+    model = build_model(replace(ckpt, weights=weights), device, dtype, model=skeleton)
+    del weights, ckpt.weights  # the file mappings go with the last views of them
+    if device.type != "cpu":
+        transcode_(model, dtype)  # GGUF blocks into the layouts the GPU's kernels take
+    if mode == "int8" and split.tp > 1:
+        tp.quantize_rowwise_int8_(model, world)
+    if mode is not None:
+        quantize_(model, mode)
+    model.setup_caches(max_batch_size, seq_len, kv_dtype)
+    tp.parallelize_(model, world)
+    if device.type == "cpu":
+        cpu.use_cpu_kernels_(model)  # the one-call CpuStep runs a whole model: not a share
+    run = pp.Stage(model, world) if split.pp > 1 else model
+    world.barrier()  # every rank holds its share before rank 0 sends the first batch
+    if not world.is_driver:
+        return run, None
+    driver = distributed.Driver(world, run)
+    world.driver = driver
+    info = {
+        "quantize": mode,
+        "offload_layers": 0,
+        "format": ckpt.format,
+        "path": str(ckpt.path),
+        "load_s": time.perf_counter() - t0,
+        "dtype": str(dtype).removeprefix("torch."),
+        "kv_cache_dtype": str(kv_dtype).removeprefix("torch."),
+        "tp": split.tp,
+        "pp": split.pp,
+    }
+    llm = LLM(
+        model,
+        ckpt.tokenizer,
+        chat_template=ckpt.chat_template,
+        decode=driver,
+        forward=driver,
+        info=info,
+        on_close=driver.close,
+    )
+    return run, llm

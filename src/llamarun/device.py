@@ -134,6 +134,8 @@ class Machine:
     cpu_logical: int
     ram_total: int
     ram_available: int
+    # (i, j, whether GPU i reads GPU j's memory directly: NVLink or PCIe peer-to-peer), i < j
+    peer_access: tuple[tuple[int, int, bool], ...] = ()
 
 
 def probe_machine(
@@ -176,6 +178,11 @@ def probe_machine(
         cpu_logical=os.cpu_count() or 1,
         ram_total=memory.total,
         ram_available=memory.available,
+        peer_access=tuple(
+            (i, j, torch.cuda.can_device_access_peer(i, j))
+            for i in range(len(gpus))
+            for j in range(i + 1, len(gpus))
+        ),
     )
 
 

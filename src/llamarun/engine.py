@@ -25,6 +25,8 @@ from .sampling import SamplingParams, apply_penalties, sample
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds attention memory for long prompts
 Decode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tokens, input_pos) -> logits
+# called as the model is: (tokens, input_pos, rows, *, all_logits) -> logits
+Forward = Callable[..., torch.Tensor]
 TopLogprobs = list[tuple[int, float]]  # (token id, logprob), best first
 
 
@@ -57,13 +59,22 @@ class Engine:
     """Owns the model's cache rows. Not thread-safe: one thread drives it."""
 
     def __init__(
-        self, model: Transformer, stop_ids: frozenset[int], *, decode: Decode | None = None
+        self,
+        model: Transformer,
+        stop_ids: frozenset[int],
+        *,
+        decode: Decode | None = None,
+        forward: Forward | None = None,
     ):
+        """forward: what runs the model (default: the model itself; a distributed run passes the
+        driver that hands each batch to the other ranks); decode: the one-token step (default:
+        forward)."""
         self.model = model
         self.stop_ids = frozenset(stop_ids)
         self.device = model.norm.weight.device
         self.slots: list[Slot | None] = [None] * model.max_batch_size
-        self._decode = decode if decode is not None else model
+        self._forward = forward if forward is not None else model
+        self._decode = decode if decode is not None else self._forward
 
     @property
     def max_seq_len(self) -> int:
@@ -97,7 +108,7 @@ class Engine:
             chunk = list(ids[start : start + PREFILL_CHUNK])
             tokens = torch.tensor([chunk], device=self.device)
             input_pos = torch.arange(start, start + len(chunk), device=self.device)[None]
-            yield start, self.model(tokens, input_pos, rows, all_logits=all_logits)[0]
+            yield start, self._forward(tokens, input_pos, rows, all_logits=all_logits)[0]
 
     @torch.inference_mode()
     def add(

@@ -31,3 +31,7 @@ class DownloadError(LlamarunError):
 
 class MemoryPlanError(LlamarunError):
     """The model does not fit the chosen device; the message lists the options that would fit."""
+
+
+class DistributedError(LlamarunError):
+    """A rank of a distributed run (--tp/--pp) failed or could not be reached; every rank exits."""

@@ -16,7 +16,7 @@ from functools import cached_property
 import torch
 
 from .device import as_token_ids
-from .engine import Decode, Engine, StepOutput
+from .engine import Decode, Engine, Forward, StepOutput
 from .errors import RequestError, TokenizerError
 from .model import Transformer
 from .sampling import SamplingParams
@@ -124,7 +124,8 @@ class Stats:
 class LLM:
     """A loaded model with its tokenizer, ready to generate. Build it with `llamarun.load()`, or
     wrap a model of your own with `llamarun.build.prepare()`. LLM never changes the model: it
-    decodes with `decode` (default: the model's own forward)."""
+    decodes with `decode` and runs prompts with `forward` (default: the model's own forward).
+    `on_close` runs at `close()` (a distributed run releases its other ranks there)."""
 
     def __init__(
         self,
@@ -133,15 +134,25 @@ class LLM:
         *,
         chat_template: str | None = None,
         decode: Decode | None = None,
+        forward: Forward | None = None,
         info: dict | None = None,
+        on_close: Callable[[], None] | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.info = info or {}
         stop_ids = tokenizer.stop_ids if tokenizer is not None else frozenset()
-        self.engine = Engine(model, stop_ids, decode=decode)
+        self.engine = Engine(model, stop_ids, decode=decode, forward=forward)
         self.last_stats = Stats()
+        self._on_close = on_close
+
+    def close(self) -> None:
+        """Release what this LLM holds beyond the process: in a distributed run, the other ranks
+        (their `load()` returns); nothing otherwise. The LLM cannot generate afterwards."""
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
     @property
     def max_batch_size(self) -> int:

@@ -153,8 +153,9 @@ class Transformer(nn.Module):
         dtype = dtype or self.norm.weight.dtype
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(
-                max_batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, dtype, device
+            attention = layer.attention  # its own head count: a tensor-parallel rank holds a share
+            attention.kv_cache = KVCache(
+                max_batch_size, max_seq_len, attention.n_kv_heads, attention.head_dim, dtype, device
             )
         cos, sin = rope_tables(self.args, max_seq_len)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
@@ -171,6 +172,16 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """tokens (B, T) written at cache positions input_pos (B, T) of cache rows `rows` (B,)
         (default: rows 0..B-1). Returns logits (B, V) for the last position, or (B, T, V)."""
+        h = self.tok_embeddings(tokens)  # (B, T, C)
+        h = self.forward_layers(h, input_pos, rows)
+        return self.forward_head(h, all_logits=all_logits)
+
+    # forward's parts, callable apart so a pipeline stage runs only its own (pp.py)
+
+    def forward_layers(
+        self, h: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The blocks in self.layers over hidden states h (B, T, C) at positions input_pos (B, T)."""
         assert self.max_seq_len, "call setup_caches() before forward()"
         cos = self.rope_cos[input_pos].unsqueeze(2)  # (B, T, 1, D/2)
         sin = self.rope_sin[input_pos].unsqueeze(2)
@@ -180,9 +191,12 @@ class Transformer(nn.Module):
         # shapes), and so does a GPU, where reading L would cost a host sync every step.
         length = int(input_pos.max()) + 1 if cut_short(input_pos) else self.max_seq_len
         mask = (self.slot_ids[:length] <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, L)
-        h = self.tok_embeddings(tokens)  # (B, T, C)
         for layer in self.layers:
             h = layer(h, cos, sin, mask, input_pos, rows)
+        return h
+
+    def forward_head(self, h: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
+        """Logits (B, V) of the last position of h (B, T, C), or (B, T, V) with all_logits."""
         if not all_logits:
             h = h[:, -1]
         return self.output(self.norm(h)).float()

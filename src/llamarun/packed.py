@@ -65,7 +65,9 @@ class PackedLinear(nn.Module):
     @classmethod
     def from_packed(cls, packed: PackedWeight) -> PackedLinear:
         out_features, in_features = packed.shape
-        return cls(packed.qtype, in_features, out_features, packed.data)
+        # a tensor-parallel share of columns is a strided view of the rows: the kernels read
+        # contiguous rows, so that share is copied out (whole matrices stay the file's bytes)
+        return cls(packed.qtype, in_features, out_features, packed.data.contiguous())
 
     def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
         """float32 (rows, in_features) of the weight's `rows` (all by default)."""

@@ -97,26 +97,31 @@ def stored_bytes(
     stored: dict[str, StoredTensor], n_layers: int, dtype: torch.dtype, *, gpu: bool = False
 ) -> tuple[list[int], int]:
     """(bytes of each block, bytes outside the blocks) of a checkpoint's tensors as the loaded
-    model holds them: packed matrices in their own bytes on a CPU, and on a GPU the layout they
-    are transcoded to (the embedding stays in its blocks there, and a classifier tied to it is a
-    transcoded copy); the others (float tensors, and types without a kernel, dequantized at
-    load) in `dtype`."""
+    model holds them (tensor_bytes)."""
     per_layer, outer = [0] * n_layers, 0
     for name, t in stored.items():
-        embedding = name == "tok_embeddings.weight"
-        if t.packed and gpu and not embedding:
-            size = transcoded_bytes(t.type, t.shape, dtype)
-        elif t.packed:
-            size = packed_bytes(t.type, t.shape)
-            if gpu and embedding and "output.weight" not in stored:
-                size += transcoded_bytes(t.type, t.shape, dtype)
-        else:
-            size = math.prod(t.shape) * dtype_bytes(dtype)
+        size = tensor_bytes(name, t, dtype, gpu=gpu, tied="output.weight" not in stored)
         if name.startswith("layers."):
             per_layer[int(name.split(".")[1])] += size
         else:
             outer += size
     return per_layer, outer
+
+
+def tensor_bytes(
+    name: str, t: StoredTensor, dtype: torch.dtype, *, gpu: bool = False, tied: bool = False
+) -> int:
+    """Bytes the loaded model holds for one stored tensor: a packed matrix in its own bytes on a
+    CPU, and on a GPU in the layout it is transcoded to (the embedding stays in its blocks there,
+    and a classifier `tied` to it is a transcoded copy); the others (float tensors, and types
+    without a kernel, dequantized at load) in `dtype`."""
+    embedding = name == "tok_embeddings.weight"
+    if t.packed and gpu and not embedding:
+        return transcoded_bytes(t.type, t.shape, dtype)
+    if t.packed:
+        size = packed_bytes(t.type, t.shape)
+        return size + (transcoded_bytes(t.type, t.shape, dtype) if gpu and tied else 0)
+    return math.prod(t.shape) * dtype_bytes(dtype)
 
 
 def kv_cache_bytes(

@@ -76,11 +76,15 @@ class Int8Linear(nn.Module):
         )
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor) -> Int8Linear:
-        """Symmetric per-output-channel quantization of a float (out, in) weight."""
+    def from_float(cls, weight: torch.Tensor, absmax: torch.Tensor | None = None) -> Int8Linear:
+        """Symmetric per-output-channel quantization of a float (out, in) weight. absmax (out, 1):
+        each row's largest |w| when the rows are longer than `weight` (a tensor-parallel rank
+        holding a share of each row), so the share gets the whole row's scale."""
         out_features, in_features = weight.shape
         w = F.pad(weight.detach().float(), (0, _padded(in_features) - in_features))
-        scales = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)  # (out, 1)
+        if absmax is None:
+            absmax = w.abs().amax(dim=1, keepdim=True)
+        scales = (absmax.float() / 127).clamp(min=1e-12)  # (out, 1)
         layer = cls(in_features, out_features, device="meta")
         layer.weight = torch.round(w / scales).clamp(-127, 127).to(torch.int8)
         layer.scales = scales

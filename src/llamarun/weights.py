@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from .blocks import BLOCK_SIZES
 from .config import ModelArgs
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -87,6 +88,24 @@ class PackedWeight:
     data: torch.Tensor
     shape: tuple[int, int]  # (out_features, in_features), or (num_embeddings, embedding_dim)
 
+    def narrow(self, dim: int, start: int, length: int) -> PackedWeight:
+        """Rows (dim 0) or whole blocks of columns (dim 1) of the weight, as a view of the same
+        bytes: a block's scales cover all its columns (32, or 256 for the K-quants and IQ4_XS),
+        so blocks are never cut (tensor parallelism)."""
+        out_features, in_features = self.shape
+        if dim == 0:
+            return PackedWeight(
+                self.qtype, self.data.narrow(0, start, length), (length, in_features)
+            )
+        size, block_bytes = BLOCK_SIZES[self.qtype]
+        if start % size or length % size:
+            raise ConfigError(
+                f"cannot take columns {start}..{start + length} of a {self.qtype} weight: its blocks "
+                f"hold {size} columns each, and a slice must keep whole blocks"
+            )
+        data = self.data.narrow(1, start // size * block_bytes, length // size * block_bytes)
+        return PackedWeight(self.qtype, data, (out_features, length))
+
 
 @dataclass(frozen=True)
 class StoredTensor:
@@ -109,6 +128,68 @@ def packed_label(tensors: dict[str, StoredTensor]) -> str | None:
     return "+".join(sorted(by_type, key=lambda k: -by_type[k])) or None
 
 
+def packed_block(tensors: dict[str, StoredTensor] | None) -> int | None:
+    """The widest block (in columns) of a checkpoint's packed matrices, which a tensor-parallel
+    slice of their inputs must not cut; None when nothing stays packed."""
+    sizes = [BLOCK_SIZES[t.type][0] for t in (tensors or {}).values() if t.packed]
+    return max(sizes, default=None)
+
+
+class LazyWeight(Protocol):
+    """A weight a loader leaves unread because it takes work to become canonical (Meta shards to
+    concatenate, Hugging Face q/k rows to permute), from `load(..., lazy=True)`: a distributed
+    rank narrows it to its slice, and only that is read and made canonical."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def sources(self) -> list[torch.Tensor]: ...  # the (memory-mapped) tensors it reads
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor: ...
+
+
+@dataclass
+class ShardedWeight:
+    """A weight stored in pieces, one per Meta `consolidated.NN.pth` shard, to be concatenated
+    along `dim`; the pieces stay memory-mapped, and `narrow` reads only what a slice needs."""
+
+    pieces: list[torch.Tensor]
+    dim: int
+
+    @property
+    def sources(self) -> list[torch.Tensor]:
+        return self.pieces
+
+    @property
+    def shape(self) -> torch.Size:
+        shape = list(self.pieces[0].shape)
+        shape[self.dim] = sum(p.shape[self.dim] for p in self.pieces)
+        return torch.Size(shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pieces[0].dtype
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        """The slice start..start+length along `dim`: along the pieces' own split it is made of
+        the pieces it overlaps (a piece itself, uncopied, when it matches one exactly), across
+        it of each piece's slice."""
+        if dim != self.dim:
+            return torch.cat([p.narrow(dim, start, length) for p in self.pieces], self.dim)
+        parts, offset = [], 0
+        for p in self.pieces:
+            size = p.shape[dim]
+            lo, hi = max(start, offset), min(start + length, offset + size)
+            if lo < hi:
+                parts.append(p.narrow(dim, lo - offset, hi - lo))
+            offset += size
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 @dataclass
 class CheckpointHeader:
     """What a checkpoint is, read from its config or header alone (no weights): what the memory
@@ -128,7 +209,8 @@ class CheckpointHeader:
 @dataclass
 class Checkpoint:
     args: ModelArgs
-    weights: dict[str, torch.Tensor | PackedWeight]  # canonical names; no output.weight when tied
+    # canonical names; no output.weight when tied; LazyWeight only from load(..., lazy=True)
+    weights: dict[str, torch.Tensor | PackedWeight | LazyWeight]
     tokenizer: Tokenizer | None
     path: Path
     format: str  # "meta", "hf", "gguf", "llama2c"

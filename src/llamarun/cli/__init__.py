@@ -78,6 +78,20 @@ def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = Tr
         "--max-seq-len", type=int, default=None, help="context length to allocate the KV cache for"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tensor parallelism over N processes of a torchrun job (docs/distributed.md)",
+    )
+    parser.add_argument(
+        "--pp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="pipeline parallelism: N stages of contiguous layers (world size = tp x pp)",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, *, temperature: float = 0.8) -> None:
@@ -140,7 +154,7 @@ def load_from_args(
 ):
     import llamarun
 
-    return llamarun.load(
+    llm = llamarun.load(
         resolve_model(args.model),
         tokenizer=args.tokenizer,
         device=args.device,
@@ -152,7 +166,21 @@ def load_from_args(
         offload=args.offload,
         offload_layers=args.offload_layers,
         kv_cache_dtype=args.kv_cache_dtype,
+        tp=args.tp,
+        pp=args.pp,
     )
+    if llm is None:  # a rank other than 0 has run rank 0's forwards: the output is rank 0's
+        raise SystemExit(0)
+    return llm
+
+
+def is_follower(args: argparse.Namespace) -> bool:
+    """A rank other than 0 of a --tp/--pp job: it runs rank 0's forwards and prints nothing."""
+    if getattr(args, "tp", 1) * getattr(args, "pp", 1) == 1:
+        return False
+    from ..distributed import launch_rank
+
+    return launch_rank() != 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     except LlamarunError as e:
         if args.debug:
             raise
-        print(f"llamarun: error: {e}", file=sys.stderr)
+        if not is_follower(args):  # every rank of a --tp/--pp job meets the same error
+            print(f"llamarun: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

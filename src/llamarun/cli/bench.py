@@ -128,7 +128,8 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
-    if _table(model.output) is embedding:
+    output = model._modules.get("output")  # a pipeline stage may lack it
+    if output is not None and _table(output) is embedding:
         total += embedding.numel() * embedding.element_size()
     return total
 

@@ -2,7 +2,8 @@
 and for MODEL a table of what fits here per dtype and quantization.
 
 Facts come from `device.probe_machine()`; everything below is pure functions of those facts, so
-tests give a faked `Machine` to each diagnosis. Never initialises torch.distributed.
+tests give a faked `Machine` to each diagnosis. Never initialises torch.distributed (NCCL and
+gloo are reported from what this torch was built with, GPU peer access from CUDA's own query).
 """
 
 from __future__ import annotations
@@ -103,6 +104,9 @@ def report(m: Machine) -> str:
         )
     else:
         lines.append(("distributed", "torch.distributed is not built into this torch"))
+    if m.peer_access:
+        pairs = ", ".join(f"{i}<->{j} {'yes' if ok else 'no'}" for i, j, ok in m.peer_access)
+        lines.append(("peer access", f"GPUs {pairs}"))
     mps = (
         "available"
         if m.mps_available
@@ -215,6 +219,19 @@ def diagnose(m: Machine) -> list[Finding]:
                 (
                     "NCCL is not available in this torch: fine for one device (llamarun never touches torch.distributed "
                     "then); it is needed only for tensor parallelism across several NVIDIA GPUs (--tp), which needs a Linux CUDA build of torch"
+                ),
+            )
+        )
+    blocked = [(i, j) for i, j, ok in m.peer_access if not ok]
+    if blocked:
+        pairs = ", ".join(f"{i} and {j}" for i, j in blocked)
+        out.append(
+            Finding(
+                "note",
+                (
+                    f"GPUs {pairs} cannot read each other's memory directly (no NVLink or PCIe peer-to-peer): "
+                    "NCCL copies through host memory, which --tp pays in every layer; keep --tp to GPUs "
+                    "with peer access and split across the others with --pp"
                 ),
             )
         )

@@ -18,7 +18,8 @@ from ..errors import CheckpointError
 from ..loaders import read_header
 from ..loaders.gguf import DEQUANTIZED_TYPES
 from ..plan import GPU_RESERVE, QUANTIZE_MODES, Option, dtype_name, fmt_gb, option
-from ..weights import CheckpointHeader, StoredTensor, packed_label
+from ..split import Split, check_split, rank_option, shard_bounds, stage_layers
+from ..weights import CheckpointHeader, StoredTensor, packed_block, packed_label
 from . import resolve_model
 
 TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -34,6 +35,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint path, catalogue name, or a known shape such as llama-2-7b",
     )
     add_memory_args(parser)
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="per-rank memory with --tp N (N ranks per stage)",
+    )
+    parser.add_argument(
+        "--pp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="per-rank memory with --pp N (N pipeline stages)",
+    )
 
 
 def add_memory_args(parser: argparse.ArgumentParser) -> None:
@@ -54,10 +69,22 @@ def run(args: argparse.Namespace) -> int:
     for label, value in summary(model_args, header):
         print(f"{label:<14}{value}")
     print()
+    stored = header.tensors if header is not None and header.packed else None
+    split = Split(args.tp, args.pp)
+    if split.is_parallel:
+        check_split(model_args, split, block=packed_block(stored))
+        print(
+            f"Memory per rank with {split.flags()} ({split.world_size} ranks) at {seq_len} tokens of context x {args.batch} row(s); "
+            f"each figure is the largest rank's (working memory: CPU; a GPU adds {fmt_gb(GPU_RESERVE)}):"
+        )
+        rows, largest = rank_rows(model_args, split, args.batch, seq_len, stored=stored)
+        print(render_table(rows, {"largest": [f"rank {r}" for r in largest]}))
+        print()
+        print("\n".join(describe_ranks(model_args, split)))
+        return 0
     print(
         f"Memory at {seq_len} tokens of context x {args.batch} row(s) (working memory: CPU; a GPU adds {fmt_gb(GPU_RESERVE)}):"
     )
-    stored = header.tensors if header is not None and header.packed else None
     rows = memory_rows(model_args, args.batch, seq_len, gpu=False, stored=stored)
     print(render_table(rows))
     if header is not None and header.tensors:
@@ -65,6 +92,53 @@ def run(args: argparse.Namespace) -> int:
         print("Stored tensors:")
         print(storage_table(header.tensors))
     return 0
+
+
+def rank_rows(
+    args: ModelArgs,
+    split: Split,
+    batch: int,
+    seq_len: int,
+    *,
+    stored: dict[str, StoredTensor] | None = None,
+) -> tuple[list[Option], list[int]]:
+    """memory_rows' options, each as the largest rank's figures, and which rank that is."""
+    rows, largest = [], []
+    label = packed_label(stored) if stored else None
+    for o in memory_rows(args, batch, seq_len, gpu=False, stored=stored):
+        table = stored if label is not None and o.quantize == label else None
+        ranks = [
+            rank_option(
+                args, split, r, o.dtype, o.quantize, batch, seq_len, gpu=False, stored=table
+            )
+            for r in range(split.world_size)
+        ]
+        worst = max(range(split.world_size), key=lambda r: ranks[r].total)
+        rows.append(ranks[worst])
+        largest.append(worst)
+    return rows, largest
+
+
+def describe_ranks(args: ModelArgs, split: Split) -> list[str]:
+    """What each rank holds: its stage's layers and its share of heads and vocabulary."""
+    lines = []
+    for rank in range(split.world_size):
+        stage, tp_rank = split.stage_of(rank), split.tp_rank_of(rank)
+        layers = stage_layers(args.n_layers, split.pp, stage)
+        parts = [f"rank {rank}: layers {layers.start}-{layers.stop - 1}"]
+        if split.tp > 1:
+            start, n = shard_bounds(args.vocab_size, split.tp, tp_rank)
+            parts.append(
+                f"{args.n_heads // split.tp} of {args.n_heads} heads, "
+                f"{args.n_kv_heads // split.tp} of {args.n_kv_heads} key/value heads, "
+                f"vocabulary rows {start}-{start + n - 1}"
+            )
+        if stage == 0:
+            parts.append("the embedding")
+        if stage == split.pp - 1:
+            parts.append("the classifier")
+        lines.append(", ".join(parts))
+    return lines
 
 
 def describe_target(name: str | None, *, pull: bool) -> tuple[ModelArgs, CheckpointHeader | None]:

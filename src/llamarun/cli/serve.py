@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..tokenizer.chat import get_chat_format
-from . import DEFAULT_MODEL, add_model_args, load_from_args
+from . import DEFAULT_MODEL, add_model_args, is_follower, load_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +62,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def page_url(host: str, port: int) -> str:
+    """The chat page's address; a browser on this machine reaches a server bound to every
+    address through loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -69,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_batch_size < 1:
         raise ConfigError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
-    sock = bind(args.host, args.port)
+    # bound before loading, so a taken port fails at once; with --tp/--pp only rank 0 serves
+    sock = None if is_follower(args) else bind(args.host, args.port)
     llm = load_from_args(args, max_batch_size=args.max_batch_size)
     model_name = args.model_name or Path(args.model or DEFAULT_MODEL).stem
     chat_format = None
@@ -79,11 +87,16 @@ def run(args: argparse.Namespace) -> int:
     server = uvicorn.Server(
         uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=None)
     )
+    scheduler = app.state.scheduler
+    scheduler.on_fatal = lambda: setattr(server, "should_exit", True)  # uvicorn polls it
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(
         f"llamarun: serving {model_name} at http://{shown}:{port}/v1 (batch {args.max_batch_size}, context {llm.max_seq_len})",
         file=sys.stderr,
     )
+    print(f"llamarun: chat page at {page_url(host, port)}", file=sys.stderr)
     server.run(sockets=[sock])
+    if scheduler.fatal is not None:  # a rank of a distributed model was lost
+        raise scheduler.fatal
     return 0

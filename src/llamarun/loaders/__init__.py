@@ -33,12 +33,20 @@ def read_header(path: str | Path) -> CheckpointHeader:
 
 
 def load_checkpoint(
-    source: str | Path | CheckpointHeader, tokenizer_path: str | Path | None = None
+    source: str | Path | CheckpointHeader,
+    tokenizer_path: str | Path | None = None,
+    *,
+    lazy: bool = False,
 ) -> Checkpoint:
     """Load any supported checkpoint (a path, or the header read from it); `tokenizer_path`
-    overrides the tokenizer found beside it."""
+    overrides the tokenizer found beside it. lazy=True leaves the weights that take work to
+    become canonical (Meta shards, HF q/k) as LazyWeight, for a distributed rank that reads
+    only its slice; the other formats' weights are memory-mapped views already."""
     header = source if isinstance(source, CheckpointHeader) else read_header(source)
-    ckpt = FORMATS[header.format].load(header)
+    if lazy and header.format in ("meta", "hf"):
+        ckpt = FORMATS[header.format].load(header, lazy=True)
+    else:
+        ckpt = FORMATS[header.format].load(header)
     if tokenizer_path is not None:
         ckpt.tokenizer = load_tokenizer(tokenizer_path)
     if ckpt.tokenizer is not None and ckpt.tokenizer.vocab_size > ckpt.args.vocab_size:

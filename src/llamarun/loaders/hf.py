@@ -10,6 +10,7 @@ is plausible for a few tokens and then diverges.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,11 +66,12 @@ def read_header(path: Path) -> CheckpointHeader:
     )
 
 
-def load(source: Path | CheckpointHeader) -> Checkpoint:
-    """A Hugging Face Llama/Mistral folder as canonical weights."""
+def load(source: Path | CheckpointHeader, *, lazy: bool = False) -> Checkpoint:
+    """A Hugging Face Llama/Mistral folder as canonical weights; with lazy=True wq and wk stay
+    in HF's layout as HalfSplitRows, permuted only for the heads a distributed rank reads."""
     header = source if isinstance(source, CheckpointHeader) else read_header(Path(source))
     path, args = header.path, header.args
-    weights = to_canonical(read_weights(path), args, path)
+    weights = to_canonical(read_weights(path), args, path, lazy=lazy)
     check_weights(args, weights, str(path), source="config.json")
     return Checkpoint(
         args=args,
@@ -268,9 +270,9 @@ def canonical_name(hf_name: str) -> str | None:
 
 
 def to_canonical(
-    raw: dict[str, torch.Tensor], args: ModelArgs, path: Path
-) -> dict[str, torch.Tensor]:
-    """Rename to Meta names and permute wq/wk back to interleaved RoPE pairs."""
+    raw: dict[str, torch.Tensor], args: ModelArgs, path: Path, *, lazy: bool = False
+) -> dict[str, torch.Tensor | HalfSplitRows]:
+    """Rename to Meta names and permute wq/wk back to interleaved RoPE pairs (lazy: on read)."""
     if any(name.endswith(".bias") for name in raw):
         biased = next(name for name in raw if name.endswith(".bias"))
         raise CheckpointError(
@@ -302,7 +304,7 @@ def to_canonical(
             and tuple(t.shape) == expected[name]
         ):
             n_heads = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
-            t = unpermute(t, n_heads)
+            t = HalfSplitRows(t, n_heads) if lazy else unpermute(t, n_heads)
         weights[name] = t
     return weights
 
@@ -312,6 +314,34 @@ def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     out_features, in_features = w.shape
     half = out_features // n_heads // 2
     return w.view(n_heads, 2, half, in_features).transpose(1, 2).reshape(out_features, in_features)
+
+
+@dataclass
+class HalfSplitRows:
+    """wq or wk as Hugging Face stores it (each head's rows half-split for rotate_half), made
+    Meta's interleaved rows only for the heads a slice asks for: the permutation is per head, so
+    a rank holding whole heads permutes (and copies) only its own (a LazyWeight)."""
+
+    weight: torch.Tensor
+    n_heads: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def sources(self) -> list[torch.Tensor]:
+        return [self.weight]
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        head_dim = self.weight.shape[0] // self.n_heads
+        if dim == 0 and start % head_dim == 0 and length % head_dim == 0:
+            return unpermute(self.weight.narrow(0, start, length), length // head_dim)
+        return unpermute(self.weight, self.n_heads).narrow(dim, start, length)
 
 
 def _hf_name(canonical: str) -> str:

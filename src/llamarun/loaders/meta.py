@@ -10,11 +10,7 @@ stays memory-mapped.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import mmap
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -23,8 +19,8 @@ from ..config import ModelArgs, RopeScaling, ffn_hidden_dim
 from ..errors import CheckpointError, ConfigError
 from ..sniff import describe_tokenizer_files
 from ..tokenizer import Tokenizer, find_tokenizer
-from ..weights import Checkpoint, CheckpointHeader, check_weights
-from .files import read_json, read_state_dict
+from ..weights import Checkpoint, CheckpointHeader, ShardedWeight, check_weights
+from .files import drop_file_pages, file_mappings, read_json, read_state_dict
 
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 CONCAT_DIM_1 = (".attention.wo.weight", ".feed_forward.w2.weight")
@@ -48,11 +44,13 @@ def read_header(path: Path) -> CheckpointHeader:
     return CheckpointHeader(args, "meta", path, stored, tokenizer=tokenizer, state=shards)
 
 
-def load(source: Path | CheckpointHeader) -> Checkpoint:
-    """A Meta checkpoint folder (params.json + consolidated.NN.pth), all shards merged."""
+def load(source: Path | CheckpointHeader, *, lazy: bool = False) -> Checkpoint:
+    """A Meta checkpoint folder (params.json + consolidated.NN.pth), all shards merged; with
+    lazy=True the split matrices of several shards stay apart, memory-mapped, as ShardedWeight
+    (a distributed rank then reads only its slice of them)."""
     header = source if isinstance(source, CheckpointHeader) else read_header(Path(source))
     path, args = header.path, header.args
-    weights = merge_shards(header.state)
+    weights = shard_views(header.state) if lazy else merge_shards(header.state)
     check_weights(args, weights, str(path), source="params.json")
     return Checkpoint(
         args=args,
@@ -107,8 +105,7 @@ def merge_shards(shard_paths: list[Path]) -> dict[str, torch.Tensor]:
             merged[name] = torch.empty(shape, dtype=t.dtype)
     for i, shard_path in enumerate(shard_paths):
         shard = first if i == 0 else read_shard(shard_path)
-        with open(shard_path, "rb") as f:
-            mapped = f.read(4) == b"PK\x03\x04"  # zip .pth files are memory-mapped by read_shard
+        mappings = file_mappings()  # zip .pth files are memory-mapped by read_shard
         if set(shard) != set(merged):
             odd = sorted(set(shard) ^ set(merged))
             raise CheckpointError(
@@ -125,35 +122,38 @@ def merge_shards(shard_paths: list[Path]) -> dict[str, torch.Tensor]:
                     f"{name} in {shard_path} has shape {tuple(t.shape)}, which does not match the other shards; the shards come from different checkpoints"
                 )
             out.narrow(dim, i * size, size).copy_(t)
-            if mapped:
-                _drop_pages(t)
+            drop_file_pages(t, mappings)
         del shard
         first = None
     return merged
 
 
-def _drop_pages(t: torch.Tensor) -> None:
-    """Drop the copied tensor's pages of the shard's file mapping from resident memory (Linux
-    madvise DONTNEED; the mapping is private and unmodified, so a later read would re-read the
-    file). Without this, merging 2 shards peaks at the model plus a whole shard (~1.5x)."""
-    libc = _libc()
-    if libc is None or not t.is_contiguous():
-        return
-    page = mmap.PAGESIZE
-    start = -(-t.data_ptr() // page) * page
-    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
-    if end > start:
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
-
-
-@functools.cache
-def _libc():
-    if sys.platform != "linux":
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
+def shard_views(shard_paths: list[Path]) -> dict[str, torch.Tensor | ShardedWeight]:
+    """Canonical weights over all shards without merging: each split matrix as its memory-mapped
+    pieces (nothing is read), the replicated norms from shard 0; checked as merge_shards does."""
+    shards = [read_shard(p) for p in shard_paths]
+    if len(shards) == 1:
+        return shards[0]
+    first = shards[0]
+    views: dict[str, torch.Tensor | ShardedWeight] = {}
+    for shard_path, shard in zip(shard_paths, shards):
+        if set(shard) != set(first):
+            odd = sorted(set(shard) ^ set(first))
+            raise CheckpointError(
+                f"{shard_path} does not hold the same tensors as {shard_paths[0].name} (differs in {', '.join(odd[:5])}); the shards come from different checkpoints or one is damaged"
+            )
+        for name, t in shard.items():
+            if t.shape != first[name].shape:
+                raise CheckpointError(
+                    f"{name} in {shard_path} has shape {tuple(t.shape)}, which does not match the other shards; the shards come from different checkpoints"
+                )
+    for name, t in first.items():
+        views[name] = (
+            t
+            if t.dim() == 1
+            else ShardedWeight([s[name] for s in shards], _concat_dim(name, first))
+        )
+    return views
 
 
 def _concat_dim(name: str, shard: dict[str, torch.Tensor]) -> int:

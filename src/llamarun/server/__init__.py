@@ -1,5 +1,6 @@
-"""OpenAI-compatible HTTP server: wire types (protocol.py), continuous batching on one engine
-thread (scheduler.py) and the FastAPI routes (app.py). Start it with `llamarun serve`."""
+"""OpenAI-compatible HTTP server: wire types and response builders (protocol.py), continuous
+batching on one engine thread (scheduler.py), a request's jobs on it (jobs.py), the OpenAI routes
+(openai.py), and create_app assembling them (app.py). Start it with `llamarun serve`."""
 
 from .app import create_app
 

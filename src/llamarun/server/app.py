@@ -1,423 +1,53 @@
-"""OpenAI-compatible routes on FastAPI: /v1/models, /v1/completions, /v1/chat/completions and
-/health. Each request becomes one `Job` per choice for the engine thread (server/engine.py) and
-reads their events from one asyncio queue, answering with JSON or server-sent events."""
+"""The HTTP server: `create_app` builds the one `ServerState` (state.py), installs the error
+handlers (http_errors.py) and assembles the routers around them: the OpenAI API (openai.py),
+/health, and the chat page at / (ui.py). A router module reads the state from `request.app.state`, so adding an
+API is one more module and one more `include_router` here."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
-import secrets
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.sse import EventSourceResponse, format_sse_event
-from pydantic import BaseModel
-from starlette.exceptions import HTTPException
+from fastapi import APIRouter, FastAPI, Request
 
-from ..errors import LlamarunError, RequestError, TokenizerError
-from ..llm import LLM, TextStream
-from . import protocol as p
-from .scheduler import Event, Job, Scheduler
+from ..llm import LLM
+from ..tokenizer.chat import ChatFormat
+from . import openai, ui
+from .http_errors import add_error_handlers
+from .state import ServerState, get_state
 
-log = logging.getLogger("llamarun.server")
-DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
-
-
-class APIError(Exception):
-    def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
-    ):
-        super().__init__(message)
-        self.status, self.body = status, p.error_body(message, "invalid_request_error", param, code)
-
-
-def error_response(e: Exception) -> tuple[int, dict]:
-    if isinstance(e, APIError):
-        return e.status, e.body
-    if isinstance(e, LlamarunError):
-        return 400, p.error_body(str(e), param=getattr(e, "param", None), code=400)
-    log.error("request failed", exc_info=e)
-    return 500, p.error_body(f"internal error: {type(e).__name__}: {e}", "server_error", code=500)
+health_router = APIRouter()
 
 
 def create_app(
-    llm: LLM, *, model_name: str, api_key: str | None = None, chat_format=None
+    llm: LLM, *, model_name: str, api_key: str | None = None, chat_format: ChatFormat | None = None
 ) -> FastAPI:
     """chat_format: renders chat messages (default: the model's own, `llm.chat_format`)."""
-    tokenizer = llm.tokenizer
-    if tokenizer is None:
-        raise TokenizerError("the server needs a tokenizer: pass --tokenizer PATH")
-    no_chat = None  # why /v1/chat/completions is refused, for a base model
-    if chat_format is None:
-        try:
-            chat_format = llm.chat_format
-        except TokenizerError:
-            no_chat = (
-                "this model has no chat template or chat tokens, so it only continues text: use "
-                "/v1/completions, or restart the server with --chat-template NAME|FILE"
-            )
-    scheduler = Scheduler(llm)
-    created = int(time.time())
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        scheduler.start()
-        yield
-        await asyncio.to_thread(scheduler.stop)  # uvicorn has already let in-flight requests finish
-
-    async def check_key(request: Request) -> None:
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if api_key is not None and not secrets.compare_digest(given.encode(), api_key.encode()):
-            raise APIError(
-                401,
-                "missing or incorrect API key: send the server's --api-key as the header 'Authorization: Bearer KEY'",
-                code="invalid_api_key",
-            )
-
+    state = ServerState.create(llm, model_name=model_name, api_key=api_key, chat_format=chat_format)
     app = FastAPI(title="llamarun", lifespan=lifespan)
-    app.state.scheduler = scheduler
-    v1 = [Depends(check_key)]
-
-    @app.exception_handler(Exception)
-    async def on_error(request: Request, e: Exception):
-        status, body = error_response(e)
-        return JSONResponse(body, status_code=status)
-
-    for kind in (APIError, LlamarunError):
-        app.add_exception_handler(kind, on_error)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_invalid(request: Request, e: RequestValidationError):
-        err = e.errors()[0]
-        if err.get("type") == "json_invalid":
-            return JSONResponse(
-                p.error_body("the request body is not valid JSON", code=400), status_code=400
-            )
-        param = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or None
-        got = (
-            f", got {err['input']!r}"
-            if not isinstance(err.get("input"), dict | list | type(None))
-            else ""
-        )
-        return JSONResponse(
-            p.error_body(f"{param or 'body'}: {err['msg']}{got}", param=param, code=400),
-            status_code=400,
-        )
-
-    @app.exception_handler(HTTPException)
-    async def on_http_error(request: Request, e: HTTPException):
-        return JSONResponse(
-            p.error_body(str(e.detail), code=e.status_code), status_code=e.status_code
-        )
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {
-            "status": "ok",
-            "running": len(scheduler.running),
-            "waiting": len(scheduler.waiting) + scheduler.inbox.qsize(),
-        }
-
-    @app.get("/v1/models", dependencies=v1)
-    async def models() -> p.ModelList:
-        return p.ModelList(data=[p.ModelCard(id=model_name, created=created)])
-
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise APIError(
-                404,
-                f"the model '{name}' does not exist: this server serves '{model_name}'",
-                "model",
-                "model_not_found",
-            )
-
-    def make_jobs(
-        prompts: list[list[int]],
-        body: p.SamplingRequest,
-        max_tokens: int | None,
-        emit: Callable,
-        *,
-        stop_ids: frozenset[int] = frozenset(),
-        lstrip: bool = False,
-        **job_args,
-    ) -> list[Job]:
-        """One job per prompt and choice; max_tokens None: all the context the prompt leaves."""
-        body.log_ignored()
-        jobs = []
-        for prompt_ids in prompts:
-            llm.engine.check_prompt(prompt_ids)
-            budget = llm.max_seq_len - len(prompt_ids)
-            wanted = budget if max_tokens is None else max_tokens
-            if wanted > budget:
-                raise RequestError(
-                    f"this model's context is {llm.max_seq_len} tokens, but the prompt has {len(prompt_ids)} tokens and max_tokens "
-                    f"is {wanted} ({len(prompt_ids) + wanted} in total): shorten the prompt or set max_tokens to at most {budget}",
-                    param="max_tokens",
-                )
-            for choice in range(body.n):
-                params = body.to_sampling_params(wanted, choice)
-                stream = TextStream(tokenizer, params.stop, lstrip=lstrip)
-                jobs.append(
-                    Job(
-                        len(jobs),
-                        prompt_ids,
-                        params,
-                        stream,
-                        stop_ids,
-                        emit,
-                        **job_args,
-                    )
-                )
-        return jobs
-
-    def emitter(events: asyncio.Queue) -> Callable[[Event], None]:
-        loop = asyncio.get_running_loop()
-
-        def emit(event: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop has closed: nobody is listening any more
-                pass
-
-        return emit
-
-    async def run_jobs(
-        request: Request, jobs: list[Job], events: asyncio.Queue, *, watch: bool
-    ) -> AsyncIterator[Event]:
-        """Events of `jobs` until all finish. Cancels them when the client leaves: a streaming
-        response is cancelled by Starlette; otherwise (watch=True) poll for the disconnect."""
-        scheduler.submit(jobs)
-        remaining = len(jobs)
-        try:
-            while remaining:
-                try:
-                    event = await (asyncio.wait_for(events.get(), 0.5) if watch else events.get())
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
-                if event.error is not None:
-                    raise event.error
-                remaining -= event.finish_reason is not None
-                yield event
-        finally:
-            if remaining:
-                scheduler.cancel(jobs)
-
-    def usage(prompts: list[list[int]], jobs: list[Job]) -> p.Usage:
-        prompt_tokens, completion_tokens = sum(map(len, prompts)), sum(j.n_tokens for j in jobs)
-        return p.Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        )
-
-    def token_text(token_id: int) -> str:
-        return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
-
-    def chat_logprobs(event: Event) -> p.ChoiceLogprobs | None:
-        if event.token_id is None or event.logprob is None:
-            return None
-        top = [
-            p.TopLogprob(token=token_text(t), logprob=lp, bytes=list(tokenizer.token_bytes(t)))
-            for t, lp in event.top_logprobs
-        ]
-        entry = p.TokenLogprob(
-            token=token_text(event.token_id),
-            logprob=event.logprob,
-            bytes=list(tokenizer.token_bytes(event.token_id)),
-            top_logprobs=top,
-        )
-        return p.ChoiceLogprobs(content=[entry])
-
-    async def sse_stream(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in chunks:
-                yield format_sse_event(data_str=chunk.model_dump_json())
-        except Exception as e:  # the 200 status is already sent: report the error in the stream
-            yield format_sse_event(data_str=json.dumps(error_response(e)[1]))
-        yield format_sse_event(data_str="[DONE]")
-
-    @app.post("/v1/chat/completions", dependencies=v1)
-    async def chat_completions(body: p.ChatCompletionRequest, request: Request):
-        check_model(body.model)
-        if no_chat is not None:
-            raise RequestError(no_chat, param="messages")
-        prompts = [
-            list(
-                chat_format.encode_dialog(
-                    [m.as_dict() for m in body.messages], add_generation_prompt=True
-                )
-            )
-        ]
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        max_tokens = (
-            body.max_completion_tokens
-            if body.max_completion_tokens is not None
-            else body.max_tokens
-        )
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        jobs = make_jobs(
-            prompts,
-            body,
-            max_tokens,
-            emitter(events),
-            stop_ids=frozenset(chat_format.stop_ids),
-            logprobs=logprobs,
-            lstrip=True,
-        )
-        rid, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-
-        def chunk(
-            choices: list[p.ChatChunkChoice], usage: p.Usage | None = None
-        ) -> p.ChatCompletionChunk:
-            return p.ChatCompletionChunk(
-                id=rid, created=now, model=model_name, choices=choices, usage=usage
-            )
-
-        async def chunks() -> AsyncIterator[BaseModel]:
-            yield chunk(
-                [
-                    p.ChatChunkChoice(
-                        index=j.index, delta=p.ChatDelta(role="assistant", content="")
-                    )
-                    for j in jobs
-                ]
-            )
-            async for ev in run_jobs(request, jobs, events, watch=False):
-                lp = chat_logprobs(ev)
-                if ev.text or lp:
-                    yield chunk(
-                        [
-                            p.ChatChunkChoice(
-                                index=ev.index, delta=p.ChatDelta(content=ev.text), logprobs=lp
-                            )
-                        ]
-                    )
-                if ev.finish_reason:
-                    yield chunk(
-                        [
-                            p.ChatChunkChoice(
-                                index=ev.index, delta=p.ChatDelta(), finish_reason=ev.finish_reason
-                            )
-                        ]
-                    )
-            if body.stream_options and body.stream_options.include_usage:
-                yield chunk([], usage(prompts, jobs))
-
-        if body.stream:
-            return EventSourceResponse(sse_stream(chunks()))
-        texts, reasons, lps = [""] * len(jobs), [""] * len(jobs), [[] for _ in jobs]
-        async for ev in run_jobs(request, jobs, events, watch=True):
-            texts[ev.index] += ev.text
-            reasons[ev.index] = ev.finish_reason or reasons[ev.index]
-            if (lp := chat_logprobs(ev)) is not None:
-                lps[ev.index] += lp.content
-        choices = [
-            p.ChatChoice(
-                index=i,
-                message=p.AssistantMessage(content=texts[i]),
-                finish_reason=reasons[i],
-                logprobs=None if logprobs is None else p.ChoiceLogprobs(content=lps[i]),
-            )
-            for i in range(len(jobs))
-        ]
-        return p.ChatCompletion(
-            id=rid, created=now, model=model_name, choices=choices, usage=usage(prompts, jobs)
-        )
-
-    def encode_prompts(prompt: str | list) -> tuple[list[list[int]], list[str]]:
-        """Token ids of each prompt, and its text for echo."""
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if not prompt:
-            raise RequestError(
-                "prompt is an empty list: give a string, a list of strings or token ids",
-                param="prompt",
-            )
-        if isinstance(prompt[0], int):
-            prompt = [prompt]
-        ids = [llm.encode(x) if isinstance(x, str) else list(x) for x in prompt]
-        return ids, [x if isinstance(x, str) else tokenizer.decode(x) for x in prompt]
-
-    def legacy_logprobs(
-        scores: list[tuple[int, float | None, list[tuple[int, float]]]], offset: int
-    ) -> p.CompletionLogprobs:
-        """OpenAI's completions logprobs for (token id, logprob, alternatives) starting at text `offset`."""
-        out = p.CompletionLogprobs()
-        for token_id, lp, alts in scores:
-            text = token_text(token_id)
-            out.tokens.append(text)
-            out.token_logprobs.append(lp)
-            out.top_logprobs.append({token_text(t): a for t, a in alts} if lp is not None else None)
-            out.text_offset.append(offset)
-            offset += len(text)
-        return out
-
-    @app.post("/v1/completions", dependencies=v1)
-    async def completions(body: p.CompletionRequest, request: Request):
-        check_model(body.model)
-        prompts, prompt_texts = encode_prompts(body.prompt)
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        max_tokens = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
-        scored = body.echo and body.logprobs is not None
-        jobs = make_jobs(
-            prompts, body, max_tokens, emitter(events), logprobs=body.logprobs, score_prompt=scored
-        )
-        rid, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
-        offsets = [0] * len(jobs)  # characters of text sent so far, per choice
-        echoed = [not body.echo] * len(jobs)
-
-        def choice_of(ev: Event) -> p.CompletionChoice:
-            text, scores = ev.text, []
-            if not echoed[ev.index]:  # a job's first event comes from its prefill
-                echoed[ev.index] = True
-                text = prompt_texts[ev.index // body.n] + text
-                if ev.prompt_logprobs is not None:
-                    scores = [
-                        (t, lp, alts)
-                        for t, (lp, alts) in zip(jobs[ev.index].prompt_ids, ev.prompt_logprobs)
-                    ]
-            if body.logprobs is not None and ev.token_id is not None:
-                scores.append((ev.token_id, ev.logprob, ev.top_logprobs))
-            lp = legacy_logprobs(scores, offsets[ev.index]) if body.logprobs is not None else None
-            offsets[ev.index] += len(text)
-            return p.CompletionChoice(
-                index=ev.index, text=text, logprobs=lp, finish_reason=ev.finish_reason
-            )
-
-        async def chunks() -> AsyncIterator[BaseModel]:
-            async for ev in run_jobs(request, jobs, events, watch=False):
-                yield p.Completion(id=rid, created=now, model=model_name, choices=[choice_of(ev)])
-            if body.stream_options and body.stream_options.include_usage:
-                yield p.Completion(
-                    id=rid, created=now, model=model_name, choices=[], usage=usage(prompts, jobs)
-                )
-
-        if body.stream:
-            return EventSourceResponse(sse_stream(chunks()))
-        merged = [
-            p.CompletionChoice(
-                index=i,
-                text="",
-                logprobs=p.CompletionLogprobs() if body.logprobs is not None else None,
-            )
-            for i in range(len(jobs))
-        ]
-        async for ev in run_jobs(request, jobs, events, watch=True):
-            part, whole = choice_of(ev), merged[ev.index]
-            whole.text += part.text
-            whole.finish_reason = part.finish_reason or whole.finish_reason
-            if part.logprobs is not None:
-                for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                    getattr(whole.logprobs, name).extend(getattr(part.logprobs, name))
-        return p.Completion(
-            id=rid, created=now, model=model_name, choices=merged, usage=usage(prompts, jobs)
-        )
-
+    app.state.server = state
+    app.state.scheduler = state.scheduler  # where tests and tools reach the engine thread
+    add_error_handlers(app)
+    app.include_router(health_router)
+    app.include_router(openai.router)
+    app.include_router(ui.router)
     return app
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    scheduler = app.state.server.scheduler
+    scheduler.start()
+    yield
+    await asyncio.to_thread(scheduler.stop)  # uvicorn has already let in-flight requests finish
+
+
+@health_router.get("/health")
+async def health(request: Request) -> dict:
+    scheduler = get_state(request).scheduler
+    return {
+        "status": "ok",
+        "running": len(scheduler.running),
+        "waiting": len(scheduler.waiting) + scheduler.inbox.qsize(),
+    }

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..engine import StepOutput, TopLogprobs
+from ..errors import DistributedError
 from ..llm import LLM, TextStream
 from ..sampling import SamplingParams
 
@@ -52,6 +53,10 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         self.running: dict[int, Job] = {}  # slot -> job
         self.stopping = False
+        # A lost rank of a distributed model: every later step would fail, so the loop ends,
+        # the requests fail with it, and on_fatal (serve: stop uvicorn) ends the server.
+        self.fatal: DistributedError | None = None
+        self.on_fatal: Callable[[], None] | None = None
         self.thread = threading.Thread(target=self._loop, name="llamarun-engine", daemon=True)
 
     def start(self) -> None:
@@ -60,6 +65,8 @@ class Scheduler:
     def submit(self, jobs: list[Job]) -> None:
         for job in jobs:
             self.inbox.put(job)
+        if self.fatal is not None:  # the engine thread has ended: nobody else would answer
+            self._fail_inbox(self.fatal)
 
     def cancel(self, jobs: list[Job]) -> None:
         """Free the jobs' slots at the next step (the client has gone)."""
@@ -74,7 +81,7 @@ class Scheduler:
         self.thread.join()
 
     def _loop(self) -> None:
-        while True:
+        while self.fatal is None:
             idle = not self.running and not self.waiting
             if idle and self.stopping and self.inbox.empty():
                 return
@@ -84,10 +91,32 @@ class Scheduler:
                 self._admit()
                 if self.running:
                     self._step()
+            except DistributedError as e:
+                self._end(e)
             except Exception as e:  # a bug, not a bad request: fail what is in flight, keep serving
                 log.exception("engine loop failed")
                 for slot in list(self.running):
                     self._fail(slot, e)
+
+    def _end(self, error: DistributedError) -> None:
+        self.fatal = error
+        for slot in list(self.running):
+            self._fail(slot, error)
+        for job in self.waiting:
+            job.emit(Event(job.index, error=error))
+        self.waiting.clear()
+        self._fail_inbox(error)
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    def _fail_inbox(self, error: Exception) -> None:
+        try:
+            while True:
+                job = self.inbox.get_nowait()
+                if job is not None:
+                    job.emit(Event(job.index, error=error))
+        except queue.Empty:
+            pass
 
     def _take_inbox(self, block: bool) -> None:
         try:
@@ -120,6 +149,8 @@ class Scheduler:
                     logprobs=job.logprobs,
                     stop_ids=job.stop_ids,
                 )
+            except DistributedError:
+                raise
             except Exception as e:  # fails this request only
                 self._fail(slot, e)
                 continue
@@ -128,6 +159,8 @@ class Scheduler:
     def _step(self) -> None:
         try:
             outs = self.engine.step()
+        except DistributedError:
+            raise
         except Exception as e:  # cannot tell whose row broke the step: fail the rows in it
             log.exception("decode step failed")
             for slot in list(self.running):

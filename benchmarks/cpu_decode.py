@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -246,7 +247,7 @@ def main() -> None:
     loads = f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
     text = (
         f"## {machine()}, {opts.threads} threads, {started}\n\n"
-        f"`python benchmarks/cpu_decode.py {' '.join(sys.argv[1:])}`: medians of {opts.rounds} "
+        f"`python benchmarks/cpu_decode.py {shlex.join(sys.argv[1:])}`: medians of {opts.rounds} "
         f"alternating rounds; load average {loads} (a shared machine: read the ratios). Decode "
         f"tok/s: llama-bench tg{GEN} from an empty context, llamarun 128 steps after a {PROMPT}-"
         f"token prompt; prefill: pp{PROMPT} and a {PROMPT}-token prompt. RSS: peak of the process "

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,7 @@ def main() -> None:
     opts = p.parse_args()
     lines = [
         f"Perplexity on benchmarks/text.txt, ctx {opts.ctx} (`python benchmarks/perplexity.py "
-        f"{' '.join(sys.argv[1:])}`):\n",
+        f"{shlex.join(sys.argv[1:])}`):\n",
         "| file | float32, dequantized | llamarun (blocks) | vs float32 | llama-perplexity | vs float32 |",
         "|---|---:|---:|---:|---:|---:|",
     ]

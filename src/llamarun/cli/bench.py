@@ -121,7 +121,7 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
         for name, t in model.named_buffers()
         if "kv_cache" in name or name.startswith(("rope_", "slot_ids"))
     }
-    embedding = model.tok_embeddings.weight
+    embedding = _table(model.tok_embeddings)
     seen: set[int] = set()
     total = 0
     for t in [*model.parameters(), *model.buffers()]:
@@ -129,10 +129,16 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
-    output_weight = getattr(getattr(model, "output", None), "weight", None)  # a stage may lack it
-    if output_weight is embedding:
+    output = model._modules.get("output")  # a pipeline stage may lack it
+    if output is not None and _table(output) is embedding:
         total += embedding.numel() * embedding.element_size()
     return total
+
+
+def _table(module: torch.nn.Module) -> torch.Tensor | None:
+    """The matrix of an embedding or linear: its weight, or the GGUF block bytes of a packed one."""
+    weight = getattr(module, "weight", None)
+    return weight if weight is not None else getattr(module, "data", None)
 
 
 def memory_bandwidth_gbs(device: torch.device, repeats: int = 5) -> float:

@@ -4,7 +4,8 @@ header (what the file is, no weights) -> memory plan (does it fit; refuses befor
 weight) -> checkpoint (canonical weights, memory-mapped) -> model (on the meta device, weights
 assigned) -> placement (device, dtype, quantization, offloaded blocks, KV cache) -> the one step
 that readies a model for decoding (`prepare_`: CPU kernels, the one-call CPU step or a compiled
-step) -> LLM. This is the only module that changes a model after building it.
+step) -> LLM. This is the only module that changes a model after building it, and so also the
+one that builds a speculative draft (`speculator`: another checkpoint, or a quantized copy).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from . import cpu
 from .device import pick_device, pick_dtype
+from .draft import draft_speculator
 from .engine import Decode
 from .errors import CheckpointError, ConfigError, LlamarunError
 from .llm import LLM
@@ -26,6 +28,7 @@ from .offload import place_
 from .plan import QUANTIZE_MODES, free_memory, plan_load
 from .quantize import linear_from_packed, quantize_
 from .sampling import SamplingParams
+from .speculate import check_speculation
 from .split import Split, check_split, plan_rank
 from .tokenizer import Tokenizer
 from .weights import PACKED_BLOCK, Checkpoint, PackedWeight
@@ -46,6 +49,9 @@ def load(
     kv_cache_dtype: str | torch.dtype | None = None,
     tp: int = 1,
     pp: int = 1,
+    speculate: str | None = None,
+    draft: str | Path | None = None,
+    speculate_k: int | None = None,
 ) -> LLM | None:
     """Load a checkpoint (Meta folder, Hugging Face folder, GGUF or llama2.c file) ready to generate.
 
@@ -61,7 +67,19 @@ def load(
     tp, pp: split the model over tp x pp processes of a torchrun job (tensor parallelism inside
     each of pp pipeline stages). Rank 0 gets the LLM; on the other ranks load() runs rank 0's
     forwards until rank 0 closes its LLM (llm.close(), or rank 0's exit), then returns None.
+    speculate="lookup": speculative decoding by prompt lookup; draft: by a draft model (a
+    checkpoint path with the same vocabulary), or "int4"/"int8" by a quantized copy of this model
+    (self-speculation); speculate_k: draft tokens checked per forward (default: adapted to the
+    acceptance rate). Output is the same as without; a prompt running alone goes faster.
     """
+    check_speculation(
+        speculate,
+        draft,
+        speculate_k,
+        compile=compile,
+        split=tp * pp > 1,
+        offload=offload or offload_layers is not None,
+    )
     if tp != 1 or pp != 1:
         if offload or offload_layers is not None or compile:
             raise ConfigError(
@@ -126,7 +144,14 @@ def load(
         "kv_cache_dtype": str(kv_dtype).removeprefix("torch."),
     }
     llm = prepare(
-        model, ckpt.tokenizer, chat_template=ckpt.chat_template, compile=compile, info=info
+        model,
+        ckpt.tokenizer,
+        chat_template=ckpt.chat_template,
+        compile=compile,
+        info=info,
+        speculate=speculate,
+        draft=draft,
+        speculate_k=speculate_k,
     )
     if compile:  # compile now (the first compiled decode steps), timed apart from load and decoding
         t1 = time.perf_counter()
@@ -161,11 +186,21 @@ def prepare(
     chat_template: str | None = None,
     compile: bool = False,
     info: dict | None = None,
+    speculate: str | None = None,
+    draft: str | Path | None = None,
+    speculate_k: int | None = None,
 ) -> LLM:
     """An LLM over a Transformer you built yourself (setup_caches done): `prepare_` readies the
-    model, in place, and the LLM decodes with the step it returns."""
+    model, in place, and the LLM decodes with the step it returns. speculate, draft and
+    speculate_k: speculative decoding, as for `load`."""
+    check_speculation(speculate, draft, speculate_k, compile=compile)
     decode = prepare_(model, compile=compile)
-    return LLM(model, tokenizer, chat_template=chat_template, decode=decode, info=info)
+    spec = draft_speculator(model, speculate=speculate, draft=draft, k=speculate_k)
+    if spec is not None and info is not None:
+        info["speculate"] = spec.describe()
+    return LLM(
+        model, tokenizer, chat_template=chat_template, decode=decode, info=info, speculator=spec
+    )
 
 
 def build_model(

@@ -8,6 +8,8 @@ budget, the context); stop *strings* are text, and llm.TextStream decides those.
 
 The engine never changes the model it is given: build.py prepares it and hands over the fastest
 decode callable it has for that device (the one-call CPU step, a compiled step, or the model).
+With a Speculator (speculate.py), a row decoding alone checks a draft of several tokens in one
+forward (`_speculate`); with more rows running, every row decodes plainly.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import torch
 from .cpu import argmax_ids
 from .errors import RequestError
 from .model import Transformer
-from .sampling import SamplingParams, apply_penalties, sample
+from .sampling import SamplingParams, sample
+from .speculate import Draft, Speculator, choose, penalized
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds attention memory for long prompts
-Decode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tokens, input_pos) -> logits
+# (tokens, input_pos, rows) -> logits; rows None: cache rows 0..B-1
+Decode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 # called as the model is: (tokens, input_pos, rows, *, all_logits) -> logits
 Forward = Callable[..., torch.Tensor]
 TopLogprobs = list[tuple[int, float]]  # (token id, logprob), best first
@@ -65,16 +69,18 @@ class Engine:
         *,
         decode: Decode | None = None,
         forward: Forward | None = None,
+        speculator: Speculator | None = None,
     ):
         """forward: what runs the model (default: the model itself; a distributed run passes the
         driver that hands each batch to the other ranks); decode: the one-token step (default:
-        forward)."""
+        forward); speculator: drafts and keeps tokens for a row decoding alone."""
         self.model = model
         self.stop_ids = frozenset(stop_ids)
         self.device = model.norm.weight.device
         self.slots: list[Slot | None] = [None] * model.max_batch_size
         self._forward = forward if forward is not None else model
         self._decode = decode if decode is not None else self._forward
+        self.speculator = speculator
 
     @property
     def max_seq_len(self) -> int:
@@ -185,6 +191,13 @@ class Engine:
         running = [i for i, s in enumerate(self.slots) if s is not None and s.finish_reason is None]
         if not running:
             return []
+        if self.speculator is not None:
+            if len(running) == 1:
+                outs = self._speculate(running[0])
+                if outs is not None:
+                    return outs
+            else:
+                self.speculator.stats.batched_steps += 1
         hi = running[-1] + 1  # rows 0..hi-1 are a view of the cache; idle rows decode a dummy token
         # Idle rows decode token 0 at position 0: a later prefill of the row overwrites it first,
         # and the attended length (the batch's furthest position) does not grow.
@@ -196,9 +209,70 @@ class Engine:
             self.slots[i].pos += 1
         return self._pick_many(running, logits)
 
-    def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """Logits (B, V) for one new token per cache row 0..B-1: tokens and input_pos (B, 1)."""
-        return self._decode(tokens, input_pos)
+    def decode(
+        self, tokens: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (B, V) for one new token per cache row `rows` (B,) (default: rows 0..B-1):
+        tokens and input_pos (B, 1). A row may appear several times at consecutive positions:
+        every entry's keys and values are written before any is attended, so each position sees
+        the ones before it (speculative checks)."""
+        return self._decode(tokens, input_pos, rows)
+
+    def _speculate(self, slot: int) -> list[StepOutput] | None:
+        """One step of a row running alone with a speculator: draft, check in one forward, keep
+        the draft up to the model's first disagreement and the model's token there. None: no
+        draft this step (decode plainly)."""
+        s = self.slots[slot]
+        # a round emits at most k + 1 tokens and writes positions pos..pos + k
+        room = min(s.params.max_new_tokens - s.n_generated, self.max_seq_len - s.pos) - 1
+        draft = self.speculator.plan(slot, s, room)
+        if draft is None:
+            return None
+        n = len(s.tokens)
+        logits = self._verify(slot, [s.tokens[-1], *draft.tokens])  # (k + 1, V)
+        outs, kept = self._keep(slot, draft, logits)
+        self.speculator.record(slot, s, draft, kept, len(outs), n + kept)
+        return outs
+
+    def _verify(self, slot: int, tokens: list[int]) -> torch.Tensor:
+        """The model's logits (T, V) at each of `tokens`, written at positions pos.. of the row.
+        On CPU through the decode step, one entry per position, as plain decoding runs each: with
+        batch-invariant kernels a position's logits are bitwise those plain decoding computes.
+        Elsewhere one multi-token forward (a GPU's sums already vary with the batch)."""
+        s = self.slots[slot]
+        ids = torch.tensor(tokens, device=self.device)
+        pos = torch.arange(s.pos, s.pos + len(tokens), device=self.device)
+        if self.device.type == "cpu":
+            rows = torch.full((len(tokens),), slot, device=self.device)
+            return self._decode(ids[:, None], pos[:, None], rows)
+        rows = torch.tensor([slot], device=self.device)
+        return self._forward(ids[None], pos[None], rows, all_logits=True)[0]
+
+    def _keep(self, slot: int, draft: Draft, logits: torch.Tensor) -> tuple[list[StepOutput], int]:
+        """Emit the checked tokens of a round in order, until the first the model rejects (its
+        replacement emitted instead) or the row ends; returns them and how many draft tokens were
+        kept. Penalties see the tokens kept before each position, as plain decoding would."""
+        s = self.slots[slot]
+        fast = s.params.is_greedy and not s.params.has_penalties and s.logprobs is None
+        best = argmax_ids(logits) if fast else None  # one host sync for the whole round
+        outs: list[StepOutput] = []
+        kept = 0
+        for i in range(len(draft.tokens) + 1):
+            proposed = draft.tokens[i] if i < len(draft.tokens) else None
+            s.pos += 1
+            if fast:
+                token = best[i]
+                out = self._advance(slot, token)
+            else:
+                row = penalized(logits[i], s.params, s.tokens, s.prompt_len)
+                q = draft.probs[i] if draft.probs is not None and proposed is not None else None
+                token = choose(row, s.params, s.generator, proposed, q)
+                out = self._emit(slot, token, row)
+            outs.append(out)
+            kept += token == proposed
+            if token != proposed or out.finish_reason is not None:
+                break
+        return outs, kept
 
     def release(self, slot: int) -> Slot | None:
         state, self.slots[slot] = self.slots[slot], None
@@ -215,15 +289,18 @@ class Engine:
 
     def _pick(self, slot: int, logits: torch.Tensor) -> StepOutput:
         s = self.slots[slot]
-        if s.params.has_penalties:
-            seen = torch.tensor(s.tokens, device=logits.device)
-            logits = apply_penalties(logits, s.params, seen, seen[s.prompt_len :])
+        logits = penalized(logits, s.params, s.tokens, s.prompt_len)
         token = sample(logits[None], s.params, s.generator)
+        return self._emit(slot, int(token), logits)
+
+    def _emit(self, slot: int, token: int, logits: torch.Tensor) -> StepOutput:
+        """Advance the row by `token`, with its log-probability under `logits` when asked."""
+        s = self.slots[slot]
         if s.logprobs is None:
-            return self._advance(slot, int(token))
+            return self._advance(slot, token)
         logp = torch.log_softmax(logits.float(), dim=-1)
         top = torch.topk(logp, s.logprobs) if s.logprobs else None
-        out = self._advance(slot, int(token))
+        out = self._advance(slot, token)
         out.logprob = float(logp[out.token_id])
         if top is not None:
             out.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))

@@ -20,6 +20,7 @@ from .engine import Decode, Engine, Forward, StepOutput
 from .errors import RequestError, TokenizerError
 from .model import Transformer
 from .sampling import SamplingParams
+from .speculate import Speculator
 from .tokenizer import Tokenizer
 from .tokenizer.chat import ChatFormat, Message, get_chat_format
 from .tokenizer.stream import StreamDecoder
@@ -125,7 +126,8 @@ class LLM:
     """A loaded model with its tokenizer, ready to generate. Build it with `llamarun.load()`, or
     wrap a model of your own with `llamarun.build.prepare()`. LLM never changes the model: it
     decodes with `decode` and runs prompts with `forward` (default: the model's own forward).
-    `on_close` runs at `close()` (a distributed run releases its other ranks there)."""
+    `on_close` runs at `close()` (a distributed run releases its other ranks there).
+    `speculator`: speculative decoding for a prompt running alone (speculate.py)."""
 
     def __init__(
         self,
@@ -137,13 +139,14 @@ class LLM:
         forward: Forward | None = None,
         info: dict | None = None,
         on_close: Callable[[], None] | None = None,
+        speculator: Speculator | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.info = info or {}
         stop_ids = tokenizer.stop_ids if tokenizer is not None else frozenset()
-        self.engine = Engine(model, stop_ids, decode=decode, forward=forward)
+        self.engine = Engine(model, stop_ids, decode=decode, forward=forward, speculator=speculator)
         self.last_stats = Stats()
         self._on_close = on_close
 
@@ -175,7 +178,8 @@ class LLM:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] = DEFAULT_PARAMS,
     ) -> Iterator[list[int | None]]:
-        """Yield one new token id per prompt per step (None once that prompt has finished)."""
+        """Yield one new token id per prompt per step (None once that prompt has finished, or
+        while a speculative step gives another prompt several)."""
         for outs in self._run(prompts, params):
             yield [o.token_id if o is not None else None for o in outs]
 
@@ -217,15 +221,19 @@ class LLM:
                 outs = engine.step()
                 if not outs:
                     break
-                row = [None] * len(prompts)
-                for o in outs:
-                    row[o.slot] = o
                 stats.new_tokens += len(outs)
                 stats.decode_s = time.perf_counter() - t0
-                yield row
+                yield from _rows(outs, len(prompts))
         finally:
             for i in range(len(prompts)):
                 engine.release(i)
+
+    @property
+    def speculation(self) -> dict | None:
+        """Speculative decoding's figures so far (method, rounds, acceptance_rate,
+        tokens_per_forward, ...), or None without it."""
+        spec = self.engine.speculator
+        return None if spec is None else {"method": spec.describe(), **spec.stats.as_dict()}
 
     def complete_batch(
         self,
@@ -361,3 +369,16 @@ class LLM:
     ) -> str:
         """The assistant's answer to `messages` (a list of {"role", "content"} dicts)."""
         return "".join(self.chat_stream(messages, params, chat_template=chat_template))
+
+
+def _rows(outs: list[StepOutput], n: int) -> Iterator[list[StepOutput | None]]:
+    """One engine step's outputs as rows of one token per prompt: a speculative step gives a
+    prompt several tokens, one row each, in order."""
+    rows: list[list[StepOutput | None]] = []
+    seen = [0] * n
+    for o in outs:
+        if seen[o.slot] == len(rows):
+            rows.append([None] * n)
+        rows[seen[o.slot]][o.slot] = o
+        seen[o.slot] += 1
+    yield from rows

@@ -76,13 +76,13 @@ def _draft_model(model: Transformer, path: str | Path):
             f"model's has {ours.vocab_size}: a draft must use the same tokenizer (a smaller "
             "model of the same family), or use --speculate lookup or --draft int4"
         )
-    if theirs.n_params > ours.n_params:
+    if theirs.n_params() > ours.n_params():
         log.warning(
             "llamarun: the draft model %s (%s parameters) is larger than the model (%s): "
             "drafting will cost more than it saves; pick a smaller draft",
             path,
-            f"{theirs.n_params:,}",
-            f"{ours.n_params:,}",
+            f"{theirs.n_params():,}",
+            f"{ours.n_params():,}",
         )
     draft_llm = load(
         path,

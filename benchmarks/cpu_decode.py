@@ -1,17 +1,16 @@
-"""CPU decode/prefill benchmark: llamarun vs llama.cpp (llama-cpp-python) vs transformers.
+"""CPU decode/prefill benchmark: llamarun against llama.cpp's own native binaries, side by side.
 
-Builds random models with tinyllamas shapes (untied classifier), writes them as GGUF f32/q8_0/q4_0
-(gguf package, Llama 2 vocabulary from ../shared/models) and as a Hugging Face folder, then runs
-the engines alternately, one subprocess per run, over --rounds rounds and prints medians and
-ratios. Also: SmolLM2-135M-Instruct Q4_1 (same file in both engines), batch 16 vs 1 (110M int8)
-and perplexity int8/int4 vs float32 (stories260K, SmolLM2) on benchmarks/text.txt.
+The peer is llama.cpp's `llama-bench` (prefill pp256, decode tg128 from an empty context) and
+`llama-completion` (load time, peak RSS), built by ../shared/tools/build_llamacpp.sh DIR (never
+in CI): `python benchmarks/cpu_decode.py --llamacpp DIR/bin`. llamarun runs `llamarun bench`
+(prefill 256 tokens, then 128 greedy decode steps after them: positions 256..383, a slightly
+longer attention than llama.cpp's tg128) under `/usr/bin/time` for its peak RSS.
 
-llama.cpp runs from a separate environment (it compiles on install, which takes a while):
-    python -m venv /tmp/bench-venv && /tmp/bench-venv/bin/pip install llama-cpp-python
-    python benchmarks/cpu_decode.py --llama-python /tmp/bench-venv/bin/python
-On an AMX CPU under a hypervisor its native build can die on SIGILL in ggml's AMX kernels; build
-it without them (CMAKE_ARGS as in RESULTS.md: GGML_NATIVE=OFF and the AVX-512 flags on).
-The machine may be shared: every figure is a median of alternating runs; compare ratios.
+Files: random models of tinyllamas shapes (untied classifier, Llama 2 vocabulary) written as GGUF
+f32, Q8_0, Q4_0 with gguf-py, and Q4_K_M made from the f32 file with `llama-quantize`; the shared
+SmolLM2-135M-Instruct Q4_1 and Q4_K_M files. Every figure is a median over --rounds rounds that
+alternate the engines, one process per run; the machine is shared, so the load average is
+printed and the ratios are what to read. --write-results puts the tables in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -19,10 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -32,41 +31,38 @@ SHAPES = {
     "15M": dict(dim=288, n_layers=6, n_heads=6, hidden_dim=768),
     "110M": dict(dim=768, n_layers=12, n_heads=12, hidden_dim=2048),
 }
+SMOLLM2 = MODELS / "smollm2-135m-instruct"
 VOCAB = 32000
+PROMPT, GEN = 256, 128
 
 sys.path.insert(0, str(HERE.parent / "tests"))  # the test suite's checkpoint writers
 import tiny  # noqa: E402
 
-SMOLLM2 = MODELS / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-STORIES260K = MODELS / "stories260K" / "stories260K.bin"
 
-# ---------------------------------------------------------------- model files
-
-
-def write_models(shape: str, out: Path) -> dict[str, Path]:
-    """GGUF f32/q8_0/q4_0 and an HF folder of one random model; reused when present."""
+def write_models(shape: str, out: Path, llamacpp: Path) -> dict[str, Path]:
+    """GGUF f32/Q8_0/Q4_0 files of one random model, and Q4_K_M from llama-quantize; reused."""
     import torch
 
     from llamarun.config import ModelArgs
     from llamarun.model import Transformer
 
-    paths = {q: out / f"{shape}-{q}.gguf" for q in ("f32", "q8_0", "q4_0")}
-    paths["hf"] = out / f"{shape}-hf"
-    if all(p.exists() for p in paths.values()):
-        return paths
+    paths = {q: out / f"{shape}-{q}.gguf" for q in ("f32", "Q8_0", "Q4_0", "Q4_K_M")}
     args = ModelArgs(
         **SHAPES[shape], n_kv_heads=SHAPES[shape]["n_heads"], vocab_size=VOCAB, max_seq_len=1024
     )
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Transformer(args)
-    state = {}
-    for name, p in model.state_dict().items():
-        state[name] = torch.ones(p.shape) if p.dim() == 1 else torch.randn(p.shape) * 0.02
-    for qtype, path in paths.items():
-        if qtype != "hf":
-            write_gguf(state, args, path, qtype.upper())
-    write_hf(state, args, paths["hf"])
+    if not all(paths[q].exists() for q in ("f32", "Q8_0", "Q4_0")):
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = Transformer(args)
+        state = {
+            name: torch.ones(p.shape) if p.dim() == 1 else torch.randn(p.shape) * 0.02
+            for name, p in model.state_dict().items()
+        }
+        for qtype in ("f32", "Q8_0", "Q4_0"):
+            write_gguf(state, args, paths[qtype], qtype.upper())
+    if not paths["Q4_K_M"].exists():
+        quantize = [str(llamacpp / "llama-quantize"), str(paths["f32"]), str(paths["Q4_K_M"])]
+        subprocess.run([*quantize, "Q4_K_M", "2"], check=True, capture_output=True)
     return paths
 
 
@@ -76,8 +72,7 @@ def write_gguf(state, args, path: Path, qtype: str) -> None:
 
     sp = spm.SentencePieceProcessor(model_file=str(MODELS / "llama2-tokenizer" / "tokenizer.model"))
     n = sp.vocab_size()
-    # gguf token types: 1 normal, 2 unknown, 3 control, 6 byte
-    types = [
+    types = [  # gguf token types: 1 normal, 2 unknown, 3 control, 6 byte
         2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
         for i in range(n)
     ]
@@ -93,257 +88,131 @@ def write_gguf(state, args, path: Path, qtype: str) -> None:
     tiny.write_gguf(state, args, path, qtype=qtype, tokenizer=metadata)
 
 
-def write_hf(state, args, path: Path) -> None:
-    tiny.write_hf_state(tiny.meta_to_hf(state, args), tiny.hf_config(args), path)
+# ---------------------------------------------------------------- one run of each engine
 
 
-# ---------------------------------------------------------------- engines (one subprocess each)
-
-LLAMA_CPP = """
-import json, sys, time, random
-from llama_cpp import Llama
-path, prompt_len, gen_len, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-t0 = time.perf_counter()
-llm = Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=prompt_len + gen_len + 8, n_batch=512, verbose=False)
-load_s = time.perf_counter() - t0
-rng = random.Random(0)
-vocab = llm.n_vocab()
-llm.eval([rng.randrange(3, vocab) for _ in range(8)]); llm.eval([5] * 4); llm.reset()  # warm up
-prompt = [1] + [rng.randrange(3, vocab) for _ in range(prompt_len - 1)]
-t0 = time.perf_counter(); llm.eval(prompt); t1 = time.perf_counter()
-for _ in range(gen_len - 1):
-    llm.eval([rng.randrange(3, vocab)])
-t2 = time.perf_counter()
-print(json.dumps({"prefill_tok_s": prompt_len / (t1 - t0), "decode_tok_s": (gen_len - 1) / (t2 - t1), "load_s": load_s}))
-"""
-
-TRANSFORMERS = """
-import json, sys, time, torch
-from transformers import AutoModelForCausalLM
-path, prompt_len, gen_len, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-torch.set_num_threads(threads)
-t0 = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-load_s = time.perf_counter() - t0
-g = torch.Generator().manual_seed(0)
-prompt = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=g)
-with torch.inference_mode():
-    model(prompt[:, :8], use_cache=True)  # warm up
-    t0 = time.perf_counter()
-    out = model(prompt, use_cache=True)
-    t1 = time.perf_counter()
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    for _ in range(gen_len - 1):
-        out = model(token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    t2 = time.perf_counter()
-print(json.dumps({"prefill_tok_s": prompt_len / (t1 - t0), "decode_tok_s": (gen_len - 1) / (t2 - t1), "load_s": load_s}))
-"""
-
-
-def run_json(cmd: list[str], timeout: int = 900) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+def timed(cmd: list[str], timeout: int = 1200) -> tuple[str, str, float]:
+    """stdout, stderr and the peak RSS (MB) of `cmd`, measured by /usr/bin/time."""
+    proc = subprocess.run(
+        ["/usr/bin/time", "-f", "MAXRSS_KB %M", *cmd],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout[proc.stdout.index("{") :])
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{proc.stderr[-1500:]}")
+    rss = re.findall(r"MAXRSS_KB (\d+)", proc.stderr)
+    return proc.stdout, proc.stderr, int(rss[-1]) / 1024 if rss else float("nan")
 
 
-def llamarun_cmd(path: Path, opts: argparse.Namespace, *extra: str) -> list[str]:
-    return [
+def run_llamarun(path: Path, threads: int) -> dict:
+    cmd = [
         sys.executable,
         "-m",
         "llamarun",
         "bench",
         str(path),
         "--json",
-        "--prompt-len",
-        str(opts.prompt_len),
-        "--gen-len",
-        str(opts.gen_len),
         "--threads",
-        str(opts.threads),
-        *extra,
+        str(threads),
     ]
-
-
-def engine_cmds(paths: dict[str, Path], opts: argparse.Namespace) -> dict[str, list[str]]:
-    n = str(opts.threads)
-    cmds = {
-        "llamarun f32": llamarun_cmd(paths["f32"], opts),
-        "llamarun int8": llamarun_cmd(paths["f32"], opts, "--quantize", "int8"),
-        "llamarun int4": llamarun_cmd(paths["f32"], opts, "--quantize", "int4"),
-        "llamarun q8_0 file": llamarun_cmd(paths["q8_0"], opts),
-        "llamarun q4_0 file": llamarun_cmd(paths["q4_0"], opts),
+    out, _err, rss = timed([*cmd, "--prompt-len", str(PROMPT), "--gen-len", str(GEN)])
+    report = json.loads(out[out.index("{") :])
+    return {
+        "prefill": report["prefill_tok_s"],
+        "decode": report["decode_tok_s"],
+        "load_s": report["load_s"],
+        "rss_mb": report["peak_rss_mb"],  # before the bench's own bandwidth probe
+        "process_rss_mb": rss,
     }
-    if opts.compile:
-        cmds["llamarun f32 compiled"] = llamarun_cmd(paths["f32"], opts, "--compile")
-    if opts.llama_python:
-        for q in ("f32", "q8_0", "q4_0"):
-            cmds[f"llama.cpp {q}"] = [
-                opts.llama_python,
-                "-c",
-                LLAMA_CPP,
-                str(paths[q]),
-                str(opts.prompt_len),
-                str(opts.gen_len),
-                n,
-            ]
-    if not opts.skip_transformers:
-        cmds["transformers f32"] = [
-            sys.executable,
-            "-c",
-            TRANSFORMERS,
-            str(paths["hf"]),
-            str(opts.prompt_len),
-            str(opts.gen_len),
-            n,
-        ]
-    return cmds
 
 
-def alternate(cmds: dict[str, list[str]], rounds: int) -> dict[str, list[dict]]:
-    results: dict[str, list[dict]] = {name: [] for name in cmds}
-    for r in range(rounds):
-        for name, cmd in cmds.items():
-            try:
-                results[name].append(run_json(cmd))
-            except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
-                print(f"  round {r + 1} {name}: FAILED {str(e)[:400]}", flush=True)
-                continue
-            res = results[name][-1]
-            print(
-                f"  round {r + 1} {name:36s} decode {res['decode_tok_s']:8.1f} tok/s  prefill {res['prefill_tok_s']:8.1f} tok/s",
-                flush=True,
-            )
+def run_llamacpp(path: Path, threads: int, bin_dir: Path) -> dict:
+    bench = [str(bin_dir / "llama-bench"), "-m", str(path), "-t", str(threads), "-r", "1"]
+    out, _err, _rss = timed([*bench, "-p", str(PROMPT), "-n", str(GEN), "-o", "json"])
+    tests = json.loads(out)
+    speed = {("prefill" if t["n_prompt"] else "decode"): t["avg_ts"] for t in tests}
+    # load time and peak RSS from a one-token completion with the same file
+    completion = [str(bin_dir / "llama-completion"), "-m", str(path), "-t", str(threads)]
+    _out, err, rss = timed([*completion, "-p", "Hello", "-n", "1", "-no-cnv", "--no-warmup"])
+    load = re.search(r"load time =\s*([\d.]+) ms", err)
+    return {**speed, "load_s": float(load.group(1)) / 1000 if load else float("nan"), "rss_mb": rss}
+
+
+def alternate(files: dict[str, Path], opts) -> dict[str, dict[str, list[dict]]]:
+    """results[row][engine] = one dict per round, the engines alternating inside each round."""
+    results: dict[str, dict[str, list[dict]]] = {
+        row: {"llamarun": [], "llama.cpp": []} for row in files
+    }
+    for r in range(opts.rounds):
+        for row, path in files.items():
+            for engine in ("llamarun", "llama.cpp"):
+                try:
+                    res = (
+                        run_llamarun(path, opts.threads)
+                        if engine == "llamarun"
+                        else run_llamacpp(path, opts.threads, opts.llamacpp)
+                    )
+                except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
+                    print(f"  round {r + 1} {row} {engine}: FAILED {str(e)[:300]}", flush=True)
+                    continue
+                results[row][engine].append(res)
+                print(
+                    f"  round {r + 1} {row:24s} {engine:9s} decode {res['decode']:7.1f} prefill "
+                    f"{res['prefill']:7.1f} tok/s  load {res['load_s']:.2f} s  RSS {res['rss_mb']:.0f} MB"
+                    f"  (load average {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
     return results
 
 
-def median(results: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in results) if results else float("nan")
+def median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs) if runs else float("nan")
 
 
-def print_table(title: str, results: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> None:
-    print(f"\n## {title}: medians over {max(len(v) for v in results.values())} alternating rounds")
-    print(f"{'engine':36s} {'decode tok/s':>13s} {'prefill tok/s':>14s} {'GB/s':>6s}")
-    for name, res in results.items():
-        gbs = median(res, "decode_gbs") if res and "decode_gbs" in res[0] else float("nan")
-        print(
-            f"{name:36s} {median(res, 'decode_tok_s'):13.1f} {median(res, 'prefill_tok_s'):14.1f} {gbs:6.1f}"
+def table(results, files: dict[str, Path], baseline_mb: float) -> str:
+    """Markdown: per file, both engines' medians and llamarun / llama.cpp ratios."""
+    lines = [
+        "| file | MB | llama.cpp decode | llamarun decode | x | llama.cpp prefill | llamarun "
+        "prefill | x | load s (llama.cpp / llamarun) | RSS MB (llama.cpp / llamarun) | llamarun "
+        "RSS above imports / file |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row, path in files.items():
+        ours, theirs = results[row]["llamarun"], results[row]["llama.cpp"]
+        size = path.stat().st_size / 1e6
+        d = (median(ours, "decode"), median(theirs, "decode"))
+        p = (median(ours, "prefill"), median(theirs, "prefill"))
+        rss = median(ours, "rss_mb")
+        lines.append(
+            f"| {row} | {size:.0f} | {d[1]:.1f} | {d[0]:.1f} | {d[0] / d[1]:.2f} | {p[1]:.1f} | "
+            f"{p[0]:.1f} | {p[0] / p[1]:.2f} | {median(theirs, 'load_s'):.2f} / "
+            f"{median(ours, 'load_s'):.2f} | {median(theirs, 'rss_mb'):.0f} / {rss:.0f} | "
+            f"{(rss - baseline_mb) / size:.2f} |"
         )
-    for ours, theirs in pairs:
-        if results.get(ours) and results.get(theirs):
-            d = median(results[ours], "decode_tok_s") / median(results[theirs], "decode_tok_s")
-            p = median(results[ours], "prefill_tok_s") / median(results[theirs], "prefill_tok_s")
-            print(f"  {ours} / {theirs}: decode {d:.2f}x, prefill {p:.2f}x")
+    return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- sections
-
-
-def bench_shapes(opts) -> None:
-    for shape in opts.shapes:
-        paths = write_models(shape, opts.out)
-        results = alternate(engine_cmds(paths, opts), opts.rounds)
-        print_table(
-            f"{shape} shape, batch 1, {opts.threads} threads, prompt {opts.prompt_len}, {opts.gen_len} new tokens",
-            results,
-            [
-                ("llamarun f32", "llama.cpp f32"),
-                ("llamarun int8", "llama.cpp q8_0"),
-                ("llamarun q8_0 file", "llama.cpp q8_0"),
-                ("llamarun int4", "llama.cpp q4_0"),
-                ("llamarun q4_0 file", "llama.cpp q4_0"),
-                ("llamarun f32", "transformers f32"),
-                ("llamarun f32 compiled", "llama.cpp f32"),
-            ],
-        )
-
-
-def bench_smollm2(opts) -> None:
-    if not SMOLLM2.exists():
-        print(f"\n(skipping SmolLM2: {SMOLLM2} not found)")
-        return
-    cmds = {"llamarun Q4_1 file": llamarun_cmd(SMOLLM2, opts)}
-    if opts.llama_python:
-        cmds["llama.cpp Q4_1"] = [
-            opts.llama_python,
-            "-c",
-            LLAMA_CPP,
-            str(SMOLLM2),
-            str(opts.prompt_len),
-            str(opts.gen_len),
-            str(opts.threads),
-        ]
-    print_table(
-        "SmolLM2-135M-Instruct Q4_1",
-        alternate(cmds, opts.rounds),
-        [("llamarun Q4_1 file", "llama.cpp Q4_1")],
+def import_baseline_mb() -> float:
+    """Peak RSS of a process that imports llamarun and builds its kernels, and nothing more."""
+    code = (
+        "import llamarun, llamarun.cli.bench; from llamarun import cpu_kernels; cpu_kernels.ops()"
     )
+    return timed([sys.executable, "-c", code])[2]
 
 
-def bench_batch(opts) -> None:
-    path = write_models("110M", opts.out)["f32"]
-    # At batch 16 the float32 KV cache's reads pass the int8 weights' (about 150 MB against 110 MB
-    # a step at position 128), so the float16 cache is measured too, batch 1 and 16 alike.
-    cmds = {
-        f"llamarun int8 {kv} cache batch {b}": llamarun_cmd(
-            path, opts, "--quantize", "int8", "--batch", str(b), "--kv-cache-dtype", kv
-        )
-        for kv in ("float32", "float16")
-        for b in (1, 16)
-    }
-    results = alternate(cmds, opts.rounds)
-    print_table("110M int8, batch 16 vs batch 1", results, [])
-    for kv in ("float32", "float16"):
-        one, sixteen = (
-            median(results[f"llamarun int8 {kv} cache batch {b}"], "decode_tok_s") for b in (1, 16)
-        )
-        print(
-            f"  {kv} cache: batch 16 / batch 1 decode tokens/s: {sixteen / one:.2f}x (target >= 8x)"
-        )
+def machine() -> str:
+    model = re.search(
+        r"Model name:\s*(.+)", subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    )
+    return f"{model.group(1).strip() if model else 'unknown CPU'}, {os.cpu_count()} cores"
 
 
-def perplexity_of(
-    path: Path, mode: str | None, text: str, ctx: int, tokenizer: Path | None
-) -> float:
-    import math
-
-    import torch
-
-    from llamarun import build_model, prepare
-    from llamarun.loaders import load_checkpoint
-    from llamarun.quantize import quantize_
-
-    ckpt = load_checkpoint(path, tokenizer)
-    if ckpt.format == "gguf":  # float32 reference: the file's blocks dequantized
-        from llamarun.loaders.gguf import load as load_gguf
-
-        ckpt = load_gguf(path, keep_quantized=False)
-    model = build_model(ckpt, torch.device("cpu"), torch.float32)
-    if mode:
-        quantize_(model, mode)
-    model.setup_caches(1, ctx)
-    llm = prepare(model, ckpt.tokenizer)
-    nll, count, _chunks = llm.perplexity(ckpt.tokenizer.encode(text, bos=True), ctx)
-    return math.exp(nll / count)
-
-
-def bench_perplexity(opts) -> None:
-    text = (HERE / "text.txt").read_text()
-    print(f"\n## Perplexity on benchmarks/text.txt ({len(text)} characters)")
-    for name, path, ctx, tok in (
-        ("stories260K", STORIES260K, 128, MODELS / "stories260K" / "tok512.model"),
-        ("SmolLM2 Q4_1", SMOLLM2, 256, None),
-    ):
-        if not path.exists():
-            print(f"(skipping {name}: {path} not found)")
-            continue
-        base = perplexity_of(path, None, text, ctx, tok)
-        line = f"{name:14s} ctx {ctx}: float32 {base:.4f}"
-        for mode in ("int8", "int4"):
-            ppl = perplexity_of(path, mode, text, ctx, tok)
-            line += f" | {mode} {ppl:.4f} ({100 * (ppl / base - 1):+.2f}%)"
-        print(line, flush=True)
+def write_results(text: str) -> None:
+    path = HERE / "RESULTS.md"
+    old = path.read_text() if path.exists() else "# CPU benchmark results\n"
+    title, _, rest = old.partition("\n")
+    path.write_text(f"{title}\n\n{text}\n{rest}")
 
 
 def main() -> None:
@@ -351,49 +220,42 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--sections",
-        default="shapes,smollm2,batch,perplexity",
-        help="comma list of: shapes, smollm2, batch, perplexity",
+        "--llamacpp", type=Path, default=Path("/tmp/llamacpp/bin"), help="llama.cpp's bin/"
     )
-    p.add_argument("--shapes", default="15M,110M")
+    p.add_argument("--shapes", default="110M,15M")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--gen-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument(
-        "--llama-python",
-        default="/tmp/bench-venv/bin/python",
-        help="python with llama-cpp-python ('' to skip)",
-    )
-    p.add_argument("--skip-transformers", action="store_true")
-    p.add_argument("--compile", action="store_true", help="also run llamarun with --compile")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path("/tmp/llamarun-bench"),
-        help="where model files are written",
-    )
+    p.add_argument("--out", type=Path, default=Path("/tmp/llamarun-bench"), help="model files")
+    p.add_argument("--write-results", action="store_true", help="prepend the tables to RESULTS.md")
     opts = p.parse_args()
-    opts.shapes = opts.shapes.split(",")
+    if not (opts.llamacpp / "llama-bench").exists():
+        sys.exit(f"no {opts.llamacpp}/llama-bench: build it with ../shared/tools/build_llamacpp.sh")
     opts.out.mkdir(parents=True, exist_ok=True)
-    if opts.llama_python and not Path(opts.llama_python).exists():
-        print(f"(no llama.cpp: {opts.llama_python} not found; see the module docstring)")
-        opts.llama_python = ""
-    print(
-        textwrap.dedent(f"""\
-        # llamarun CPU benchmark  {time.strftime("%Y-%m-%d %H:%M:%S")}
-        python {" ".join(sys.argv)}
-        threads {opts.threads}, load average {os.getloadavg()[0]:.1f}"""),
-        flush=True,
+    files = {}
+    for shape in filter(None, opts.shapes.split(",")):  # --shapes "": the shared files only
+        for qtype, path in write_models(shape, opts.out, opts.llamacpp).items():
+            files[f"{shape}-shape {qtype}"] = path
+    for qtype in ("Q4_K_M", "Q4_1"):
+        path = SMOLLM2 / f"SmolLM2-135M-Instruct.{qtype}.gguf"
+        if path.exists():
+            files[f"SmolLM2-135M {qtype}"] = path
+    started, load_before = time.strftime("%Y-%m-%d %H:%M"), os.getloadavg()
+    print(f"# {machine()}, {opts.threads} threads; load average {load_before[0]:.1f}", flush=True)
+    results = alternate(files, opts)
+    baseline = import_baseline_mb()
+    loads = f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
+    text = (
+        f"## {machine()}, {opts.threads} threads, {started}\n\n"
+        f"`python benchmarks/cpu_decode.py {' '.join(sys.argv[1:])}`: medians of {opts.rounds} "
+        f"alternating rounds; load average {loads} (a shared machine: read the ratios). Decode "
+        f"tok/s: llama-bench tg{GEN} from an empty context, llamarun 128 steps after a {PROMPT}-"
+        f"token prompt; prefill: pp{PROMPT} and a {PROMPT}-token prompt. RSS: peak of the process "
+        f"(llama-completion for llama.cpp); llamarun's imports and kernels alone take "
+        f"{baseline:.0f} MB.\n\n{table(results, files, baseline)}\n"
     )
-    sections = {
-        "shapes": bench_shapes,
-        "smollm2": bench_smollm2,
-        "batch": bench_batch,
-        "perplexity": bench_perplexity,
-    }
-    for name in opts.sections.split(","):
-        sections[name](opts)
+    print("\n" + text)
+    if opts.write_results:
+        write_results(text)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from tiny import (
     llamarun_state,
     meta_params,
     meta_to_hf,
+    random_blocks,
     write_gguf,
     write_hf_state,
     write_meta,
@@ -20,6 +21,7 @@ import llamarun.loaders.meta
 from llamarun.cli import main
 from llamarun.config import ModelArgs, RopeScaling
 from llamarun.loaders import load_checkpoint, read_header
+from llamarun.model import Transformer
 from llamarun.sniff import LLAMA2C_MAGIC
 
 
@@ -107,7 +109,7 @@ def test_read_args_on_the_real_gguf_and_llama2c_files():
         smollm.args.n_kv_heads,
         smollm.args.vocab_size,
         smollm.packed,
-    ) == (30, 3, 49152, "Q4_1")
+    ) == (30, 3, 49152, "Q4_1+Q8_0")  # Q4_1 linears, a Q8_0 embedding
     assert smollm.tokenizer == "byte-level BPE (in the GGUF file, 49152 tokens)"
     assert stories.args == load_checkpoint(stories.path).args
     assert (stories.args.dim, stories.args.n_layers, stories.args.tie_embeddings) == (64, 5, True)
@@ -131,6 +133,54 @@ def test_read_args_on_a_llama2c_v1_header(tmp_path):
         tie_embeddings=True,
     )
     assert got.stored == "float32"
+
+
+def test_info_on_a_mixed_gguf_file_lists_each_type_with_its_tensors_and_bytes(tmp_path, capsys):
+    args = ModelArgs(
+        dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=512, vocab_size=64, max_seq_len=64
+    )
+    types = {"tok_embeddings.weight": "Q8_0"}  # the rest: Q4_K, and Q6_K for w2 (as Q4_K_M does)
+    state = {
+        name: p.detach()
+        for name, p in Transformer(args).state_dict().items()
+        if name != "output.weight"
+    }
+    blocks = {}
+    for name, w in state.items():
+        if w.dim() == 2:
+            types.setdefault(name, "Q6_K" if name.endswith("w2.weight") else "Q4_K")
+            blocks[name] = random_blocks(types[name], *w.shape)
+    path = write_gguf(state, args, tmp_path / "m.gguf", blocks=blocks, block_types=types)
+
+    rc = main(["info", str(path)])
+
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in out.split("Stored tensors:")[1].splitlines()[2:]
+    }
+    # 2 layers x (wq wk wv wo w1 w3) Q4_K, 2 x w2 Q6_K, the Q8_0 embedding, 5 float32 norms
+    assert rows["Q4_K"][:3] == ["12", "516", "kB"]  # 917,504 weights, 144 bytes per 256
+    assert rows["Q6_K"][:3] == ["2", "215", "kB"]  # 262,144 weights, 210 bytes per 256
+    assert rows["Q8_0"][:3] == ["1", "17", "kB"]
+    assert rows["F32"][0] == "5"
+    assert "matrices stay packed in their Q4_K+Q6_K+Q8_0 blocks" in out
+
+
+def test_info_with_tp_refuses_a_split_inside_k_quant_blocks(tmp_path, capsys):
+    args = ModelArgs(
+        dim=256, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=512, vocab_size=64, max_seq_len=64
+    )
+    state = {
+        n: p.detach() for n, p in Transformer(args).state_dict().items() if n != "output.weight"
+    }
+    types = {n: "Q4_K" for n, w in state.items() if w.dim() == 2}
+    blocks = {n: random_blocks("Q4_K", *state[n].shape) for n in types}
+    path = write_gguf(state, args, tmp_path / "m.gguf", blocks=blocks, block_types=types)
+
+    assert main(["info", str(path), "--tp", "2"]) == 2
+    assert "inside their 256-column blocks" in capsys.readouterr().err
 
 
 def test_info_with_tp_and_pp_gives_each_rank_its_figures_and_its_layers(capsys):

@@ -36,7 +36,7 @@ def test_describe_says_which_path_runs_in_one_sentence():
 def test_linear_kinds_are_the_codes_the_decode_step_passes():
     if cpu_kernels.ops() is None:
         pytest.skip("no CPU kernels on this machine (needs x86 AVX2 and a C++ compiler)")
-    assert cpu_kernels.linear_kinds() == {"NONE": 0, "F32": 1, "INT8": 2, "Q4": 3}
+    assert cpu_kernels.linear_kinds() == {"NONE": 0, "F32": 1, "INT8": 2, "Q4": 3, "GGUF": 4}
 
 
 def test_a_failed_build_warns_once_and_leaves_the_torch_path(monkeypatch, caplog):

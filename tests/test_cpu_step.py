@@ -173,3 +173,75 @@ def test_step_follows_a_model_quantized_after_it_was_built():
     # Assert: the step decoded with the new weights, not the ones it was built over
     assert not torch.allclose(float_logits, expected, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def packed_model(qtypes: list[str], tied: bool, batch: int = 3) -> Transformer:
+    """A model whose matrices (embedding included) are PackedLinear / PackedEmbedding over random
+    GGUF blocks of `qtypes`, in turn, as build.py makes them from a file."""
+    from tiny import random_blocks
+
+    from llamarun.packed import PackedEmbedding, PackedLinear
+
+    args = ModelArgs(
+        dim=256,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=70,
+        hidden_dim=512,
+        tie_embeddings=tied,
+    )
+    torch.manual_seed(0)
+    model = Transformer(args).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, mean=1.0, std=0.1)  # the norms; the matrices are replaced
+    linears = [
+        (m, n, c)
+        for m in model.modules()
+        for n, c in m.named_children()
+        if isinstance(c, torch.nn.Linear)
+    ]
+    for i, (module, name, child) in enumerate(linears):
+        qtype = qtypes[i % len(qtypes)]
+        data = torch.from_numpy(
+            random_blocks(qtype, child.out_features, child.in_features, seed=i, scale=0.003)
+        )
+        setattr(module, name, PackedLinear(qtype, child.in_features, child.out_features, data))
+    data = torch.from_numpy(
+        random_blocks(qtypes[0], args.vocab_size, args.dim, seed=99, scale=0.02)
+    )
+    model.tok_embeddings = PackedEmbedding(qtypes[0], args.vocab_size, args.dim, data)
+    if tied:
+        model.output = model.tok_embeddings.tied_linear()
+    model.setup_caches(batch, 48)
+    return model
+
+
+@pytest.mark.parametrize(
+    "qtypes, tied",
+    [
+        (["Q4_K", "Q6_K"], True),
+        (["Q5_0", "Q8_0", "Q4_1"], False),
+        (["Q2_K", "Q3_K", "Q5_K", "IQ4_XS"], True),
+        (["Q4_0", "Q5_1", "IQ4_NL"], False),
+    ],
+)
+@torch.inference_mode()
+def test_step_runs_gguf_blocks_and_packed_embeddings_like_eager_forward(qtypes, tied):
+    model = packed_model(qtypes, tied)
+    step = CpuStep.build(model)
+    assert step is not None  # the whole step in C++, the GGUF linears and embedding included
+    rows = torch.tensor([2, 0])
+    for row, length in zip(rows.tolist(), (6, 2)):
+        model(torch.randint(0, 70, (1, length)), torch.arange(length)[None], torch.tensor([row]))
+    tokens, input_pos = torch.tensor([[5], [69]]), torch.tensor([[6], [2]])
+    before = caches(model)
+
+    expected = model(tokens, input_pos, rows)
+    restore(model, before)
+    got = step(tokens, input_pos, rows)
+
+    # looser than float steps: the C++ norms and attention round differently from torch's, which
+    # moves an activation across a 16-bit quantization step here and there
+    assert got.shape == expected.shape
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-3

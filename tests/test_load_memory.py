@@ -1,4 +1,6 @@
-"""Peak resident memory while loading a ~230 MB float32 checkpoint stays under 1.3x its size.
+"""Peak resident memory while loading a ~230 MB float32 checkpoint stays under 1.3x its size, and
+a GGUF file run in its own blocks holds no more than 1.15x its size plus the KV cache, loaded and
+after generating, with the memory plan's figure within 10% of it.
 
 The load runs in a fresh subprocess: baseline RSS after imports, then llamarun.load() and a pass
 that reads every weight byte (so memory-mapped pages are really resident), then ru_maxrss. A
@@ -100,3 +102,114 @@ def test_meta_two_shards_merge_peak_rss(state, tmp_path):
     path = write_meta(state, meta_params(ARGS), tmp_path / "meta2", shards=2)
 
     assert _measure(path) < LIMIT
+
+
+# ---- GGUF files run in their own blocks: resident memory is the file's, and the plan says so
+
+GGUF_ARGS = ModelArgs(
+    dim=1024,
+    n_layers=6,
+    n_heads=8,
+    n_kv_heads=4,
+    vocab_size=32000,
+    hidden_dim=2816,
+    max_seq_len=256,
+)
+KV_BYTES = 6 * 2 * 4 * 128 * 256 * 4  # layers x (k, v) x kv heads x head_dim x 256 slots x float32
+
+MEASURE_GGUF = r"""
+import gc, json, sys
+import psutil, torch
+import llamarun
+from llamarun import cpu_kernels
+from llamarun.config import ModelArgs
+from llamarun.loaders import read_header
+from llamarun.model import Transformer
+from llamarun.plan import plan_memory
+from llamarun.sampling import SamplingParams
+
+def run(path):
+    llm = llamarun.load(path, max_seq_len=256)
+    for _ in llm.generate([[1, 2, 3, 4, 5]], SamplingParams(temperature=0, max_new_tokens=8)):
+        pass
+    return llm
+
+# the baseline: the same code run once on a tiny file, so that modules imported on first use and
+# the pages of library code first touched count as code, not as the model's memory
+run(sys.argv[2])
+gc.collect()
+rss = lambda: psutil.Process().memory_info().rss
+baseline = rss()
+llm = llamarun.load(sys.argv[1], max_seq_len=256)
+after_load = rss()
+for _ in llm.generate([[1, 2, 3, 4, 5]], SamplingParams(temperature=0, max_new_tokens=8)):
+    pass
+with torch.no_grad():  # every page of the weights resident, the embedding rows never looked up too
+    for t in [*llm.model.parameters(), *llm.model.buffers()]:
+        t.reshape(-1)[:: 4096 // t.element_size()].sum()  # one value per 4 kB page, no copy
+after_generate = rss()
+header = read_header(sys.argv[1])
+plan = plan_memory(header.args, device="cpu", dtype=torch.float32, seq_len=256, stored=header.tensors)
+print(json.dumps({"baseline": baseline, "after_load": after_load, "after_generate": after_generate,
+                  "planned": plan.asked.weights + plan.asked.kv_cache}))
+"""
+
+
+def gguf_file(path: Path, args: ModelArgs) -> Path:
+    """A file of random blocks in llama.cpp's Q4_K_M mix: Q4_K, Q6_K for w2 and the classifier,
+    a Q8_0 embedding."""
+    from tiny import random_blocks, write_gguf
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    state, blocks, types = {}, {}, {}
+    for i, (name, p) in enumerate(model.state_dict().items()):
+        state[name] = torch.ones(p.shape) if p.dim() == 1 else torch.empty(p.shape, device="meta")
+        if p.dim() == 2:
+            types[name] = (
+                "Q8_0"
+                if name == "tok_embeddings.weight"
+                else "Q6_K"
+                if name.endswith(("w2.weight", "output.weight"))
+                else "Q4_K"
+            )
+            blocks[name] = random_blocks(types[name], *p.shape, seed=i, scale=0.001)
+    return write_gguf(state, args, path, blocks=blocks, block_types=types)
+
+
+@pytest.fixture(scope="module")
+def q4_k_m_file(tmp_path_factory) -> Path:
+    """105 MB of Q4_K_M-like random blocks, and a tiny file of the same kinds for the warm-up."""
+    folder = tmp_path_factory.mktemp("gguf")
+    tiny_args = ModelArgs(
+        dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=256, max_seq_len=64
+    )
+    gguf_file(folder / "tiny.gguf", tiny_args)
+    return gguf_file(folder / "m.gguf", GGUF_ARGS)
+
+
+def test_gguf_blocks_stay_the_files_size_in_memory_and_the_plan_knows_it(q4_k_m_file):
+    size = q4_k_m_file.stat().st_size
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            MEASURE_GGUF,
+            str(q4_k_m_file),
+            str(q4_k_m_file.parent / "tiny.gguf"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    rss = json.loads(out.stdout.strip().splitlines()[-1])
+    loaded, generated = (rss[k] - rss["baseline"] for k in ("after_load", "after_generate"))
+    print(
+        f"file {size / 1e6:.0f} MB + KV {KV_BYTES / 1e6:.0f} MB: after load +{loaded / 1e6:.0f} MB, "
+        f"after generating +{generated / 1e6:.0f} MB, planned {rss['planned'] / 1e6:.0f} MB"
+    )
+
+    bound = 1.15 * size + KV_BYTES
+    assert loaded <= bound and generated <= bound
+    assert abs(rss["planned"] - generated) <= 0.1 * generated

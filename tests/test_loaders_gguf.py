@@ -9,13 +9,14 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from tiny import write_gguf  # noqa: E402
+from tiny import random_blocks, write_gguf  # noqa: E402
 
 from llamarun import build_model  # noqa: E402
 from llamarun.config import ModelArgs, RopeScaling  # noqa: E402
 from llamarun.errors import CheckpointError  # noqa: E402
-from llamarun.loaders.gguf import load  # noqa: E402
+from llamarun.loaders.gguf import load, read_header  # noqa: E402
 from llamarun.model import Transformer  # noqa: E402
+from llamarun.packed import PackedEmbedding, PackedLinear  # noqa: E402
 from llamarun.sniff import detect_format  # noqa: E402
 from llamarun.weights import PackedWeight  # noqa: E402
 
@@ -137,7 +138,7 @@ def test_k_quant_file_matches_its_blocks_dequantized_by_gguf(tmp_path, qtype):
 
 
 @pytest.mark.parametrize("qtype, bytes_per_block", [("Q8_0", 34), ("Q4_0", 18), ("Q4_1", 20)])
-def test_packed_types_stay_packed_except_the_embedding(tmp_path, qtype, bytes_per_block):
+def test_packed_types_stay_packed_the_embedding_too(tmp_path, qtype, bytes_per_block):
     state = random_state(ARGS)
     path = write_gguf(state, ARGS, tmp_path / "m.gguf", qtype=qtype)
 
@@ -155,24 +156,95 @@ def test_packed_types_stay_packed_except_the_embedding(tmp_path, qtype, bytes_pe
         gguf.quants.quantize(state["layers.0.feed_forward.w1.weight"].numpy(), kind), kind
     )
     np.testing.assert_array_equal(gguf.quants.dequantize(w1.data.numpy(), kind), expected)
-    assert (
-        ckpt.weights["tok_embeddings.weight"].dtype == torch.float32
-    )  # embeddings are looked up, not multiplied
+    assert isinstance(ckpt.weights["tok_embeddings.weight"], PackedWeight)  # rows looked up packed
     assert ckpt.weights["layers.0.attention_norm.weight"].dtype == torch.float32
 
 
+K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
+
+
+def k_quant_file(tmp_path, qtypes: list[str], args: ModelArgs = ARGS_256):
+    """A GGUF file whose matrices cycle through `qtypes` (random blocks), and its state dict of
+    the matrices as gguf-py dequantizes them."""
+    state = random_state(args)
+    blocks, types = {}, {}
+    for i, (name, w) in enumerate((n, w) for n, w in state.items() if w.dim() == 2):
+        qtype = qtypes[i % len(qtypes)]
+        blocks[name] = random_blocks(qtype, w.shape[0], w.shape[1], seed=i, scale=0.002)
+        kind = gguf.GGMLQuantizationType[qtype]
+        state[name] = torch.from_numpy(gguf.quants.dequantize(blocks[name], kind).copy())
+        types[name] = qtype
+    return write_gguf(state, args, tmp_path / "m.gguf", blocks=blocks, block_types=types), state
+
+
+def test_mixed_k_quant_file_stays_in_its_bytes(tmp_path):
+    path, state = k_quant_file(tmp_path, K_TYPES)
+    header = read_header(path)
+
+    ckpt = load(header)
+    model = build_model(ckpt, torch.device("cpu"), torch.float32)
+
+    assert isinstance(model.tok_embeddings, PackedEmbedding)
+    assert isinstance(model.layers[0].feed_forward.w2, PackedLinear)
+    packed = {k: w for k, w in ckpt.weights.items() if isinstance(w, PackedWeight)}
+    assert {w.qtype for w in packed.values()} == set(K_TYPES)
+    down = header.state.data(header.state.tensors["blk.0.ffn_down.weight"])  # the mapped bytes
+    assert ckpt.weights["layers.0.feed_forward.w2.weight"].data.data_ptr() == down.ctypes.data
+    assert model.layers[0].feed_forward.w2.data.data_ptr() == down.ctypes.data
+
+
+@pytest.mark.parametrize("path_kind", ["kernel", "torch"])
+def test_mixed_k_quant_model_computes_its_dequantized_weights(tmp_path, path_kind, monkeypatch):
+    from llamarun import cpu_kernels
+
+    if path_kind == "kernel" and cpu_kernels.ops() is None:
+        pytest.skip("no CPU kernels on this machine")
+    if path_kind == "torch":
+        monkeypatch.setitem(cpu_kernels._state, "ops", None)
+    path, state = k_quant_file(tmp_path, ["Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q3_K"])
+    tokens = TOKENS.clamp(max=ARGS_256.vocab_size - 1)
+
+    got = gguf_logits(path, tokens)
+
+    # 16-bit activations per 32 on the kernel path; float32 with a different sum order otherwise
+    torch.testing.assert_close(got, logits_of(ARGS_256, state, tokens), atol=1e-3, rtol=1e-3)
+
+
+def test_types_without_a_kernel_load_dequantized_with_a_notice(tmp_path, caplog):
+    kind = gguf.GGMLQuantizationType.IQ2_XXS
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    state = random_state(ARGS_256)
+    blocks, types = {}, {}
+    for name, w in state.items():
+        if w.dim() == 2 and name != "tok_embeddings.weight":
+            blocks[name] = np.random.default_rng(0).integers(
+                0, 0x28, (w.shape[0], w.shape[1] // block * size), dtype=np.uint8
+            )
+            state[name] = torch.from_numpy(gguf.quants.dequantize(blocks[name], kind).copy())
+            types[name] = "IQ2_XXS"
+    path = write_gguf(state, ARGS_256, tmp_path / "m.gguf", blocks=blocks, block_types=types)
+
+    with caplog.at_level("WARNING"):
+        ckpt = load(path)
+
+    notices = [r.getMessage() for r in caplog.records if "IQ2_XXS" in r.getMessage()]
+    assert len(notices) == 1
+    assert "has no kernel yet" in notices[0] and "dequantized to float32" in notices[0]
+    assert "MB in memory" in notices[0]
+    w2 = ckpt.weights["layers.0.feed_forward.w2.weight"]
+    assert w2.dtype == torch.float32
+    torch.testing.assert_close(w2, state["layers.0.feed_forward.w2.weight"])
+
+
 def test_packed_q8_0_model_matches_the_dequantized_one(tmp_path):
-    quantize = pytest.importorskip("llamarun.quantize")
-    if not hasattr(quantize, "linear_from_packed"):
-        pytest.skip("llamarun.quantize.linear_from_packed is not available yet")
     state = random_state(ARGS)
     path = write_gguf(state, ARGS, tmp_path / "m.gguf", qtype="Q8_0")
 
     packed = gguf_logits(path, TOKENS)
 
-    # loose: the CPU kernels quantize activations to int8 per block of 32, as llama.cpp does
+    # the kernels quantize activations to 16 bits per block of 32
     torch.testing.assert_close(
-        packed, gguf_logits(path, TOKENS, keep_quantized=False), atol=0.1, rtol=0.05
+        packed, gguf_logits(path, TOKENS, keep_quantized=False), atol=1e-3, rtol=1e-3
     )
 
 
@@ -261,18 +333,46 @@ def test_unsupported_architecture_lists_supported(tmp_path):
 
 
 def test_unsupported_tensor_type_names_tensor_and_lists_supported(tmp_path):
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ4_NL]
-    state = random_state(ARGS)
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_K]  # activations only
+    state = random_state(ARGS_256)
     blocks = {
         k: np.zeros((w.shape[0], w.shape[1] // block * size), np.uint8)
         for k, w in state.items()
         if w.dim() == 2
     }
-    path = write_gguf(state, ARGS, tmp_path / "m.gguf", qtype="IQ4_NL", blocks=blocks)
+    path = write_gguf(state, ARGS_256, tmp_path / "m.gguf", qtype="Q8_K", blocks=blocks)
 
     with pytest.raises(
         CheckpointError,
-        match=r"Unsupported GGUF tensor type IQ4_NL for \S+\.weight in .*Supported: F32, F16, BF16, Q8_0",
+        match=r"Unsupported GGUF tensor type Q8_K for \S+\.weight in .*Supported: F32, F16, BF16, Q4_0",
+    ):
+        load(path)
+
+
+def test_truncated_k_quant_tensor_is_named(tmp_path):
+    path, _ = k_quant_file(tmp_path, ["Q4_K"])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+
+    with pytest.raises(
+        CheckpointError, match=r"m\.gguf is truncated: tensor \S+\.weight ends at byte"
+    ):
+        load(path)
+
+
+def test_k_quant_tensor_of_partial_blocks_is_named(tmp_path):
+    path, _ = k_quant_file(tmp_path, ["Q4_K"])
+    data = bytearray(path.read_bytes())
+    name = b"blk.0.ffn_down.weight"
+    at = data.index(name) + len(name)  # then n_dims (uint32) and the dims (uint64 each)
+    assert int.from_bytes(data[at + 4 : at + 12], "little") == 256
+    data[at + 4 : at + 12] = (200).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(
+        CheckpointError,
+        match=r"m\.gguf is corrupt: tensor blk\.0\.ffn_down\.weight has rows of 200 Q4_K weights, "
+        r"not a whole number of its 256-weight blocks",
     ):
         load(path)
 

@@ -140,7 +140,8 @@ def test_offloading_packed_gguf_layers_keeps_their_layout_and_tokens():
     half = llamarun.load(path, device="cpu", max_seq_len=64, offload_layers=15)
     ids = whole.encode("The capital of France is")
 
-    assert half.model.layers[20].attention.wq.d.dtype == torch.float16  # scales not cast to dtype
+    offloaded = half.model.layers[20].attention.wq
+    assert offloaded.qtype == "Q4_1" and offloaded.data.dtype == torch.uint8  # the file's blocks
     assert greedy_tokens_of(half, ids) == greedy_tokens_of(whole, ids)
 
 

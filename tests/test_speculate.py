@@ -254,6 +254,7 @@ def test_adaptive_k_grows_with_acceptance_and_stops_drafting_when_nothing_is_kep
         (dict(speculate="lookup", speculate_k=0), "from 1 to 16, got 0"),
         (dict(draft="int4", speculate_k=17), "from 1 to 16, got 17"),
         (dict(speculate="lookup", compile=True), "--compile"),
+        (dict(draft="int8", amx=True), "amx=True"),
     ],
 )
 def test_bad_settings_are_refused_with_a_sentence(kwargs, needle):

@@ -9,11 +9,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from tiny import random_blocks
 
 from llamarun.config import KNOWN_MODELS, ModelArgs
 from llamarun.errors import ConfigError, MemoryPlanError
 from llamarun.loaders.files import drop_file_pages
 from llamarun.loaders.hf import HalfSplitRows, unpermute
+from llamarun.packed import PackedLinear
 from llamarun.plan import weight_bytes
 from llamarun.quantize import Int8Linear, linear_from_packed
 from llamarun.split import (
@@ -26,7 +28,7 @@ from llamarun.split import (
     tp_sizes_that_work,
 )
 from llamarun.tp import shard_weights
-from llamarun.weights import PackedWeight, ShardedWeight
+from llamarun.weights import PackedWeight, ShardedWeight, StoredTensor, expected_shapes
 
 GQA = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=320)
 STORIES110M = KNOWN_MODELS["stories110M"]
@@ -109,6 +111,33 @@ def test_a_rank_that_does_not_fit_gets_its_figures_and_the_quantization_that_fit
     assert chosen.quantize == "int8"
 
 
+def test_a_packed_files_ranks_hold_their_shares_of_its_stored_bytes():
+    args = ModelArgs(
+        dim=512,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=1024,
+        vocab_size=256,
+        max_seq_len=64,
+    )
+    stored = {  # Q4_K matrices (144 bytes per 256 weights), float32 norms
+        name: StoredTensor("Q4_K", shape, shape[0] * shape[1] // 256 * 144, packed=True)
+        if len(shape) == 2
+        else StoredTensor("F32", shape, 4 * shape[0])
+        for name, shape in expected_shapes(args).items()
+    }
+    whole = sum(t.n_bytes for t in stored.values())
+    norms = sum(t.n_bytes for t in stored.values() if len(t.shape) == 1)
+
+    def weights(split: Split, r: int) -> int:
+        option = rank_option(args, split, r, torch.float32, "Q4_K", 1, 64, gpu=False, stored=stored)
+        return option.weights
+
+    assert [weights(Split(tp=2), r) for r in (0, 1)] == [(whole - norms) // 2 + norms] * 2
+    assert weights(Split(pp=2), 0) + weights(Split(pp=2), 1) == whole + 4 * args.dim  # 2 norms
+
+
 def q8_0(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     """Random float weights and their GGUF Q8_0 blocks, (rows, cols / 32 * 34) bytes."""
     w = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
@@ -127,6 +156,17 @@ def test_packed_blocks_slice_by_rows_and_by_whole_blocks_of_columns():
     torch.testing.assert_close(cols, whole[:, 64:], atol=0, rtol=0)
     with pytest.raises(ConfigError, match="blocks hold 32 columns each"):
         packed.narrow(1, 16, 64)
+
+
+def test_k_quant_blocks_slice_by_whole_256_column_blocks():
+    packed = PackedWeight("Q4_K", torch.from_numpy(random_blocks("Q4_K", 4, 768)), (4, 768))
+    whole = PackedLinear.from_packed(packed).dequantize()
+
+    cols = PackedLinear.from_packed(packed.narrow(1, 256, 512)).dequantize()
+
+    torch.testing.assert_close(cols, whole[:, 256:], atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="blocks hold 256 columns each"):
+        packed.narrow(1, 32, 256)
 
 
 def test_sharded_weights_read_only_the_pieces_a_slice_needs():

@@ -259,6 +259,38 @@ GGUF_NAMES = {
 }
 
 
+# byte offsets of the float16 scales in each GGUF block type (ggml-common.h)
+SCALE_OFFSETS = {
+    "Q4_0": (0,),
+    "Q4_1": (0, 2),
+    "Q5_0": (0,),
+    "Q5_1": (0, 2),
+    "Q8_0": (0,),
+    "Q2_K": (80, 82),
+    "Q3_K": (108,),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
+    "IQ4_NL": (0,),
+    "IQ4_XS": (0,),
+}
+
+
+def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0, scale: float = 0.01):
+    """uint8 (rows, bytes per row) of random `qtype` blocks: any bytes are valid blocks once
+    their float16 scales are finite, so these are random bytes with N(0, scale) scales."""
+    import gguf
+    import numpy as np
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for at in SCALE_OFFSETS[qtype]:
+        halves = (rng.standard_normal((rows, cols // block)) * scale).astype(np.float16)
+        data[..., at : at + 2] = halves.view(np.uint8).reshape(rows, cols // block, 2)
+    return data.reshape(rows, -1)
+
+
 def write_gguf(
     state: dict[str, torch.Tensor],
     args: ModelArgs,
@@ -269,13 +301,15 @@ def write_gguf(
     rope_freqs: torch.Tensor | None = None,
     tokenizer: dict | None = None,
     blocks: dict | None = None,
+    block_types: dict | None = None,
 ) -> Path:
     """Write a Meta-named, interleaved-RoPE state dict as a GGUF file with gguf.GGUFWriter.
 
     Matrices are stored as `qtype` (quantized with gguf.quants.quantize), norms as F32; an absent
     output.weight means tied embeddings. `tokenizer`: extra metadata {key: value} written as is.
     `blocks`: {Meta name: uint8 array of raw `qtype` blocks} written instead of quantizing (gguf-py
-    cannot quantize K-quants).
+    cannot quantize K-quants); `block_types`: {Meta name: type} of those blocks where it is not
+    `qtype` (mixed files, like llama.cpp's Q4_K_M).
     """
     import gguf
     import numpy as np
@@ -311,10 +345,12 @@ def write_gguf(
                 + "."
                 + suffix
             )
-        array = tensor.detach().float().numpy()
         if blocks and name in blocks:
-            writer.add_tensor(gguf_name, blocks[name], raw_dtype=kind)
-        elif array.ndim == 1 or qtype == "F32":
+            raw = gguf.GGMLQuantizationType[(block_types or {}).get(name, qtype)]
+            writer.add_tensor(gguf_name, blocks[name], raw_dtype=raw)
+            continue
+        array = tensor.detach().float().numpy()
+        if array.ndim == 1 or qtype == "F32":
             writer.add_tensor(gguf_name, array.astype(np.float32))
         elif qtype == "F16":
             writer.add_tensor(gguf_name, array.astype(np.float16))

@@ -25,13 +25,15 @@ from .llm import LLM
 from .loaders import load_checkpoint, read_header
 from .model import Transformer
 from .offload import place_
+from .packed import PackedEmbedding, PackedLinear
 from .plan import QUANTIZE_MODES, free_memory, plan_load
-from .quantize import linear_from_packed, quantize_
+from .quantize import Int8Linear, quantize_
 from .sampling import SamplingParams
 from .speculate import check_speculation
 from .split import Split, check_split, plan_rank
 from .tokenizer import Tokenizer
-from .weights import PACKED_BLOCK, Checkpoint, PackedWeight
+from .transcode import transcode_
+from .weights import Checkpoint, PackedWeight, packed_block
 
 
 def load(
@@ -47,6 +49,7 @@ def load(
     offload: bool = False,
     offload_layers: int | None = None,
     kv_cache_dtype: str | torch.dtype | None = None,
+    amx: bool = False,
     tp: int = 1,
     pp: int = 1,
     speculate: str | None = None,
@@ -64,6 +67,9 @@ def load(
     offload_layers forces that many of the last blocks onto the CPU.
     kv_cache_dtype: the KV cache's dtype (default: the model's); float16 halves what attention
     reads per token, which dominates long contexts and large batches (as llama.cpp's f16 cache).
+    amx: on CPUs with AMX tiles (Intel Sapphire Rapids and later), run int8 products of two or
+    more rows on them: faster batches, but a row's result then depends on the rows beside it,
+    so with temperature 0 a request may answer differently in a batch than alone.
     tp, pp: split the model over tp x pp processes of a torchrun job (tensor parallelism inside
     each of pp pipeline stages). Rank 0 gets the LLM; on the other ranks load() runs rank 0's
     forwards until rank 0 closes its LLM (llm.close(), or rank 0's exit), then returns None.
@@ -77,6 +83,7 @@ def load(
         draft,
         speculate_k,
         compile=compile,
+        amx=amx,
         split=tp * pp > 1,
         offload=offload or offload_layers is not None,
     )
@@ -108,6 +115,12 @@ def load(
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise ConfigError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
     header = read_header(path)  # config only: the plan runs before any weight is read
+    if header.packed and quantize in QUANTIZE_MODES:
+        raise ConfigError(
+            f"{header.path} is already quantized ({header.packed} blocks), and its weights run as "
+            f"stored: --quantize {quantize} applies to float checkpoints. Drop --quantize (or "
+            "use auto), or quantize the float model instead."
+        )
     seq_len = max_seq_len or min(header.args.max_seq_len, 4096)
     run = plan_load(
         header.args,
@@ -118,7 +131,7 @@ def load(
         seq_len=seq_len,
         offload=offload,
         offload_layers=offload_layers,
-        packed=header.packed,
+        stored=header.tensors if header.packed else None,
         name=header.name or Path(path).name,
         kv_dtype=kv_dtype,
     )
@@ -149,6 +162,7 @@ def load(
         chat_template=ckpt.chat_template,
         compile=compile,
         info=info,
+        amx=amx,
         speculate=speculate,
         draft=draft,
         speculate_k=speculate_k,
@@ -161,21 +175,24 @@ def load(
     return llm
 
 
-def prepare_(model: Transformer, *, compile: bool = False) -> Decode:
+def prepare_(model: Transformer, *, compile: bool = False, amx: bool = False) -> Decode:
     """Ready a built model (caches set up) for decoding, in place, and return its fastest decode
     step. On CPU the float32 linears move onto the C++ kernels (CpuLinear shares their weights,
     so a tied classifier stays tied). The step: with `compile`, torch.compile of the static-cache
     forward ("reduce-overhead" on CUDA replays it as a CUDA graph); on CPU otherwise the whole
     step in one C++ call (CpuStep: ~3x the eager speed at batch 1, and faster than a compiled
-    step, which attends the whole static cache); elsewhere the model itself."""
+    step, which attends the whole static cache); elsewhere the model itself. `amx`: see load()."""
     device = model.norm.weight.device
     if device.type == "cpu":
         cpu.use_cpu_kernels_(model)
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            module.amx = amx
     if compile:
         mode = "reduce-overhead" if device.type == "cuda" else None
         return torch.compile(model, mode=mode, dynamic=False)
     if device.type == "cpu":
-        return cpu.CpuStep.build(model) or model
+        return cpu.CpuStep.build(model, amx=amx) or model
     return model
 
 
@@ -186,15 +203,16 @@ def prepare(
     chat_template: str | None = None,
     compile: bool = False,
     info: dict | None = None,
+    amx: bool = False,
     speculate: str | None = None,
     draft: str | Path | None = None,
     speculate_k: int | None = None,
 ) -> LLM:
     """An LLM over a Transformer you built yourself (setup_caches done): `prepare_` readies the
-    model, in place, and the LLM decodes with the step it returns. speculate, draft and
-    speculate_k: speculative decoding, as for `load`."""
-    check_speculation(speculate, draft, speculate_k, compile=compile)
-    decode = prepare_(model, compile=compile)
+    model, in place, and the LLM decodes with the step it returns. amx, speculate, draft and
+    speculate_k: as for `load`."""
+    check_speculation(speculate, draft, speculate_k, compile=compile, amx=amx)
+    decode = prepare_(model, compile=compile, amx=amx)
     spec = draft_speculator(model, speculate=speculate, draft=draft, k=speculate_k)
     if spec is not None and info is not None:
         info["speculate"] = spec.describe()
@@ -222,14 +240,24 @@ def build_model(
             model = Transformer(ckpt.args)
     # a pipeline stage may hold only one of the two tied modules (pp.keep_stage_)
     tied = (
-        ckpt.args.tie_embeddings and hasattr(model, "tok_embeddings") and hasattr(model, "output")
+        ckpt.args.tie_embeddings
+        and hasattr(model, "tok_embeddings")
+        and hasattr(model, "output")
+        and "output.weight" not in weights | packed
     )
-    if tied and "output.weight" not in weights and "output.weight" not in packed:
+    if tied and "tok_embeddings.weight" in weights:
         weights["output.weight"] = weights["tok_embeddings.weight"]
-    for name in packed:  # quantized linears from the file replace their nn.Linear before loading
+    # matrices kept in the file's blocks replace their nn.Linear / nn.Embedding before loading
+    for name, weight in packed.items():
         module_name = name.removesuffix(".weight")
         parent, child = module_name.rsplit(".", 1) if "." in module_name else ("", module_name)
-        setattr(model.get_submodule(parent), child, linear_from_packed(packed[name], dtype))
+        if module_name == "tok_embeddings":
+            layer = PackedEmbedding.from_packed(weight, dtype)
+            if tied:  # the classifier reads the same bytes
+                model.output = layer.tied_linear()
+        else:
+            layer = PackedLinear.from_packed(weight)
+        setattr(model.get_submodule(parent), child, layer)
     weights = {k: _cast(v, device, dtype) for k, v in weights.items()}
     try:
         result = model.load_state_dict(weights, strict=False, assign=True)
@@ -244,7 +272,7 @@ def build_model(
     ]
     if leftover:
         raise CheckpointError(f"Missing weight(s) in {ckpt.path}: {', '.join(leftover[:5])}")
-    if tied and "output.weight" not in packed:
+    if tied and "tok_embeddings.weight" not in packed:
         model.output.weight = model.tok_embeddings.weight
     return model.to(device).eval()
 
@@ -267,24 +295,27 @@ def build_placed(
 ) -> Transformer:
     """The model of `ckpt` on its devices with its caches, quantized with `quantize` (int8/int4).
     When it fits whole and needs no quantizing on a GPU, weights go straight to `device`. Otherwise
-    it is built on the CPU in the file's dtype (memory-mapped, no copy) and placed block by block."""
-    staged = n_offload > 0 or (quantize is not None and device.type != "cpu")
+    it is built on the CPU in the file's dtype (memory-mapped, no copy) and placed block by block;
+    GGUF blocks that reach a GPU take the layout its kernels read there (transcode.py), one block
+    at a time, so the GPU never holds more than one block in the file's layout besides."""
+    packed = any(isinstance(w, PackedWeight) for w in ckpt.weights.values())
+    gpu = device.type != "cpu"
+    staged = n_offload > 0 or (gpu and (quantize is not None or packed))
     if not staged:
         model = build_model(ckpt, device, dtype)
         if quantize is not None:
             quantize_(model, quantize)
         model.setup_caches(max_batch_size, seq_len, kv_dtype or dtype)
         return model
-    packed = any(isinstance(w, PackedWeight) for w in ckpt.weights.values())
     model = build_model(ckpt, torch.device("cpu"), dtype if packed else ckpt.dtype)
     model.setup_caches(max_batch_size, seq_len, kv_dtype or dtype)  # on the CPU; moved with blocks
-    return place_(
-        model,
-        device,
-        dtype,
-        n_offload=n_offload,
-        quantize=(lambda module: quantize_(module, quantize)) if quantize is not None else None,
-    )
+
+    def ready(module: torch.nn.Module) -> None:  # once on its device: GPU layouts, quantization
+        transcode_(module, dtype)
+        if quantize is not None:
+            quantize_(module, quantize)
+
+    return place_(model, device, dtype, n_offload=n_offload, quantize=ready)
 
 
 def load_parallel(
@@ -312,7 +343,7 @@ def load_parallel(
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         header = read_header(path)
-        check_split(header.args, split, block=PACKED_BLOCK if header.packed else None)
+        check_split(header.args, split, block=packed_block(header.tensors))
         world = distributed.init_world(split, device)
     except LlamarunError:
         if distributed.launch_rank() != 0:  # every rank fails the same way; rank 0 says so
@@ -365,7 +396,7 @@ def _build_rank(
         seq_len=seq_len,
         free=free_memory(device),
         sharing=world.launch.local_world_size if device.type == "cpu" else 1,
-        packed=header.packed,
+        stored=header.tensors if header.packed else None,
         kv_dtype=kv_dtype,
         name=header.name or Path(header.path).name,
     )
@@ -378,6 +409,8 @@ def _build_rank(
     tp.shrink_(pp.keep_stage_(skeleton, split, world.stage), split, world.tp_rank)
     model = build_model(replace(ckpt, weights=weights), device, dtype, model=skeleton)
     del weights, ckpt.weights  # the file mappings go with the last views of them
+    if device.type != "cpu":
+        transcode_(model, dtype)  # GGUF blocks into the layouts the GPU's kernels take
     if mode == "int8" and split.tp > 1:
         tp.quantize_rowwise_int8_(model, world)
     if mode is not None:

@@ -20,17 +20,20 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
+from .blocks import TYPE_IDS
 from .model import Transformer, TransformerBlock
+from .packed import PackedEmbedding, PackedLinear
 from .quantize import Int4Linear, Int8Linear
 
 log = logging.getLogger(__name__)
 
-KERNEL_MAX_ROWS = 8  # float32 products with more rows (prefill) go to MKL's GEMM
-
 
 class CpuLinear(nn.Linear):
-    """nn.Linear (same weight, same state dict) whose float32 matrix-vector products on CPU run
-    on the C++ kernel: MKL reaches a fraction of memory bandwidth at batch 1 (issue 5)."""
+    """nn.Linear (same weight, same state dict) whose float32 products on CPU run on the C++
+    kernel: MKL reaches a fraction of memory bandwidth at batch 1 (issue 5), and its sums for a
+    row depend on how many rows it multiplies. A prompt's tokens (x of shape (B, T > 1, C)) still
+    go to MKL's GEMM, faster there; one token per row, however many rows, never does, so a
+    decode step's row is the same alone and in a batch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = cpu_kernels.ops() if x.device.type == "cpu" else None
@@ -39,7 +42,7 @@ class CpuLinear(nn.Linear):
             and self.bias is None
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32
-            and x.numel() <= KERNEL_MAX_ROWS * self.in_features
+            and not (x.dim() == 3 and x.shape[1] > 1)
         ):
             return ops.f32_linear(x, self.weight)
         return super().forward(x)
@@ -77,6 +80,9 @@ def _linear_entry(lin: nn.Module | None) -> tuple[int, list[torch.Tensor]] | Non
         kind, tensors = kinds["INT8"], [lin.weight, lin.scales, _EMPTY]
     elif isinstance(lin, Int4Linear):
         kind, tensors = kinds["Q4"], [lin.qs, lin.d, lin.m]
+    elif isinstance(lin, PackedLinear):
+        spec = torch.tensor([TYPE_IDS[lin.qtype], lin.in_features])
+        kind, tensors = kinds["GGUF"], [lin.data, spec, _EMPTY]
     elif isinstance(lin, nn.Linear) and lin.bias is None and lin.weight.dtype == torch.float32:
         kind, tensors = kinds["F32"], [lin.weight.detach(), _EMPTY, _EMPTY]
     else:
@@ -94,8 +100,9 @@ def _block_linears(block: TransformerBlock) -> list[nn.Module | None]:
     return [*qkv, attn.wo, *gate_up, ffn.w2]
 
 
-def _decoder(model: Transformer) -> object | None:
-    """The extension's Decoder over `model`'s weights and caches, or None when it cannot run it."""
+def _decoder(model: Transformer, amx: bool = False) -> object | None:
+    """The extension's Decoder over `model`'s weights and caches, or None when it cannot run it.
+    amx: per-channel int8 products of 2+ rows on AMX tiles (faster; not batch-invariant)."""
     ops = cpu_kernels.ops()
     if ops is None or not model.max_seq_len or model.norm.weight.device.type != "cpu":
         return None
@@ -113,7 +120,8 @@ def _decoder(model: Transformer) -> object | None:
     norms = [n.weight.detach() for b in model.layers for n in (b.attention_norm, b.ffn_norm)]
     norms.append(model.norm.weight.detach())
     caches = [t for b in model.layers for t in (b.attention.kv_cache.k, b.attention.kv_cache.v)]
-    tensors = [*norms, model.rope_cos, model.rope_sin, model.tok_embeddings.weight]
+    embedding, embed_type = _embedding(model)
+    tensors = [*norms, model.rope_cos, model.rope_sin] + ([embedding] if embed_type < 0 else [])
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
         return None
     if caches[0].dtype not in (torch.float32, torch.float16) or not all(
@@ -122,14 +130,15 @@ def _decoder(model: Transformer) -> object | None:
         return None  # the step keeps contiguous caches in float32 or float16
     args = model.args
     try:
-        return torch.classes.llamarun_cpu.Decoder(
+        decoder = torch.classes.llamarun_cpu.Decoder(
             norms,
             weights,
             kinds,
             caches,
             model.rope_cos,
             model.rope_sin,
-            model.tok_embeddings.weight.detach(),
+            embedding,
+            embed_type,
             args.n_heads,
             args.n_kv_heads,
             args.norm_eps,
@@ -137,6 +146,16 @@ def _decoder(model: Transformer) -> object | None:
     except RuntimeError as e:  # shapes the step does not know: the eager forward still runs them
         log.warning("llamarun: one-call CPU decode step unavailable (%s); using the eager step", e)
         return None
+    decoder.set_amx(amx)
+    return decoder
+
+
+def _embedding(model: Transformer) -> tuple[torch.Tensor, int]:
+    """The token embedding table for the Decoder: float32 (type -1) or GGUF block rows (type id)."""
+    table = model._modules["tok_embeddings"]  # through the dicts: _places runs every step
+    if isinstance(table, PackedEmbedding):
+        return table._buffers["data"], TYPE_IDS[table.qtype]
+    return table._parameters["weight"].detach(), -1
 
 
 def _built_over(model: Transformer) -> tuple[list, list, list, tuple[int, ...]]:
@@ -160,7 +179,7 @@ def _places(model: Transformer) -> tuple[int, ...]:
     modules = model._modules
     return (
         modules["norm"]._parameters["weight"].data_ptr(),
-        modules["tok_embeddings"]._parameters["weight"].data_ptr(),
+        _embedding(model)[0].data_ptr(),
         model._buffers["rope_cos"].data_ptr(),
     )
 
@@ -172,9 +191,10 @@ class CpuStep:
     caches, quantize_, .to()), a new one is built over what the model now holds, or the eager
     forward runs when the step cannot take it any more."""
 
-    def __init__(self, model: Transformer, decoder: object):
+    def __init__(self, model: Transformer, decoder: object, amx: bool = False):
         self.model = model
         self.decoder = decoder
+        self.amx = amx
         self.owners, self.names, self.modules, self.places = _built_over(model)
         self._rows: dict[int, torch.Tensor] = {}
 
@@ -187,16 +207,16 @@ class CpuStep:
         )
 
     @classmethod
-    def build(cls, model: Transformer) -> CpuStep | None:
+    def build(cls, model: Transformer, amx: bool = False) -> CpuStep | None:
         """A CpuStep for `model`, or None when the model or the machine cannot use one."""
-        decoder = _decoder(model)
-        return cls(model, decoder) if decoder is not None else None
+        decoder = _decoder(model, amx)
+        return cls(model, decoder, amx) if decoder is not None else None
 
     def __call__(
         self, tokens: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         if self._model_changed():
-            self.decoder = _decoder(self.model)
+            self.decoder = _decoder(self.model, self.amx)
             self.owners, self.names, self.modules, self.places = _built_over(self.model)
         if self.decoder is None or tokens.shape[1] != 1:
             return self.model(tokens, input_pos, rows)

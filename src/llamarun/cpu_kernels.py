@@ -4,9 +4,11 @@ Why: on AVX-512 machines torch's own `_weight_int8pack_mm` / `_weight_int4pack_m
 MKL's float GEMV run far below memory bandwidth at batch 1 (issue 5). These kernels follow
 llama.cpp's approach: activations are quantized per block of 32 (two int8 levels, ~15 bits), then
 int8 x int8 (or 4-bit x int8) dot products run with VNNI `vpdpbusd` (AVX2 `vpmaddubsw` without
-VNNI), one pass over each weight row shared by every batch row. On CPUs with AMX (Intel Sapphire
-Rapids and later) per-channel int8 products of two or more rows (batches, prefill) run on AMX
-tiles instead (activations quantized per row), which makes a batch nearly as cheap as one row.
+VNNI), one pass over each weight row shared by every batch row, each output summed in the same
+order whatever the batch (batch invariance). On CPUs with AMX (Intel Sapphire Rapids and later)
+per-channel int8 products of two or more rows can run on AMX tiles instead (`load(amx=True)`:
+activations quantized per row, so not batch-invariant), which makes a batch nearly as cheap as
+one row. GGUF block weights (packed.py) have their own kernels, matmul_gguf.cpp.
 Threads: torch's intra-op pool.
 
 Also here: `Decoder`, the whole one-token decode step in C++ (used through cpu.py; at batch 1
@@ -139,7 +141,7 @@ def linear_kinds() -> dict[str, int]:
 def _register_fakes() -> None:
     # Shapes for torch.compile tracing; the kernels themselves are opaque to it.
     @torch.library.register_fake("llamarun_cpu::int8_linear")
-    def _(x, w, sw):
+    def _(x, w, sw, amx=False):
         return x.new_empty((*x.shape[:-1], w.shape[0]))
 
     @torch.library.register_fake("llamarun_cpu::q4_linear")
@@ -149,3 +151,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("llamarun_cpu::f32_linear")
     def _(x, w):
         return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    @torch.library.register_fake("llamarun_cpu::gguf_linear")
+    def _(x, w, qtype, in_features):
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    @torch.library.register_fake("llamarun_cpu::gguf_rows")
+    def _(w, qtype, width, ids):
+        return ids.new_empty((*ids.shape, width), dtype=torch.float32)

@@ -21,9 +21,9 @@ from .speculate import (
     ModelDrafter,
     Speculator,
     relative_cost,
-    step_bytes,
     verify_cost,
 )
+from .weights import weight_bytes_per_step
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def draft_speculator(
         return Speculator(LookupDrafter(), method="lookup", k=k, verify_cost=cost, prior=0.5)
     if draft in SELF_DRAFTS:
         copy = quantized_copy(model, draft)
-        if step_bytes(copy) > 0.9 * step_bytes(model):
+        if weight_bytes_per_step(copy) > 0.9 * weight_bytes_per_step(model):
             raise ConfigError(
                 f"--draft {draft} drafts with a {draft} copy of the model's float weights, but "
                 "this model's weights are quantized already, so the copy would be no faster: "

@@ -46,6 +46,13 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return out.flatten(-2).type_as(x)
 
 
+def cut_short(input_pos: torch.Tensor) -> bool:
+    """Whether attention reads the cache only up to the furthest position written (eager CPU
+    runs); a compiled step keeps the static length (fixed shapes), and so does a GPU, where
+    reading the length would cost a host sync every step."""
+    return not torch.compiler.is_compiling() and input_pos.device.type == "cpu"
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -77,7 +84,22 @@ class Attention(nn.Module):
         if n_rep > 1:
             keys = keys.repeat_interleave(n_rep, dim=1)  # (B, H, L, D)
             values = values.repeat_interleave(n_rep, dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        if T == 1 and cut_short(input_pos):
+            # Decoding on an eager CPU, each row attends over its own length: SDPA's sums over
+            # L=13 and L=6 round differently, so over the batch's length a row's result would
+            # depend on how far the rows beside it are (batch invariance).
+            ends = (input_pos[:, -1] + 1).tolist()
+            out = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        q[b : b + 1], keys[b : b + 1, :, :n], values[b : b + 1, :, :n]
+                    )
+                    for b, n in enumerate(ends)
+                ]
+            )
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
@@ -167,8 +189,7 @@ class Transformer(nn.Module):
         # Only slots 0..L-1 (L: the furthest position in this batch) can be attended to, so eager
         # CPU runs read no more of the cache. A compiled step keeps the static length S (fixed
         # shapes), and so does a GPU, where reading L would cost a host sync every step.
-        static = torch.compiler.is_compiling() or input_pos.device.type != "cpu"
-        length = self.max_seq_len if static else int(input_pos.max()) + 1
+        length = int(input_pos.max()) + 1 if cut_short(input_pos) else self.max_seq_len
         mask = (self.slot_ids[:length] <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, L)
         for layer in self.layers:
             h = layer(h, cos, sin, mask, input_pos, rows)

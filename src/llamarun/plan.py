@@ -12,6 +12,7 @@ tensors are made here; sizes are in bytes and printed in decimal GB (1e9), as mo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,8 +22,10 @@ import torch
 from .config import ModelArgs
 from .engine import PREFILL_CHUNK
 from .errors import ConfigError, MemoryPlanError
+from .packed import packed_bytes
 from .quantize import INT4_LAYOUTS, INT8_LAYOUTS, MODES, Int4Linear, quantized_bytes
-from .weights import block_linear_shapes
+from .transcode import transcoded_bytes
+from .weights import StoredTensor, block_linear_shapes, packed_label
 
 GPU_RESERVE = 512 * 2**20  # cuBLAS workspace, kernel scratch and allocator slack on a GPU
 QUANTIZE_MODES = MODES
@@ -88,6 +91,37 @@ def weight_bytes(
     return args.n_layers * layer_bytes(args, dtype, quantize, gpu=gpu) + outer_bytes(
         args, dtype, quantize
     )
+
+
+def stored_bytes(
+    stored: dict[str, StoredTensor], n_layers: int, dtype: torch.dtype, *, gpu: bool = False
+) -> tuple[list[int], int]:
+    """(bytes of each block, bytes outside the blocks) of a checkpoint's tensors as the loaded
+    model holds them (tensor_bytes)."""
+    per_layer, outer = [0] * n_layers, 0
+    for name, t in stored.items():
+        size = tensor_bytes(name, t, dtype, gpu=gpu, tied="output.weight" not in stored)
+        if name.startswith("layers."):
+            per_layer[int(name.split(".")[1])] += size
+        else:
+            outer += size
+    return per_layer, outer
+
+
+def tensor_bytes(
+    name: str, t: StoredTensor, dtype: torch.dtype, *, gpu: bool = False, tied: bool = False
+) -> int:
+    """Bytes the loaded model holds for one stored tensor: a packed matrix in its own bytes on a
+    CPU, and on a GPU in the layout it is transcoded to (the embedding stays in its blocks there,
+    and a classifier `tied` to it is a transcoded copy); the others (float tensors, and types
+    without a kernel, dequantized at load) in `dtype`."""
+    embedding = name == "tok_embeddings.weight"
+    if t.packed and gpu and not embedding:
+        return transcoded_bytes(t.type, t.shape, dtype)
+    if t.packed:
+        size = packed_bytes(t.type, t.shape)
+        return size + (transcoded_bytes(t.type, t.shape, dtype) if gpu and tied else 0)
+    return math.prod(t.shape) * dtype_bytes(dtype)
 
 
 def kv_cache_bytes(
@@ -244,20 +278,31 @@ def option(
     gpu: bool,
     offload_layers: int = 0,
     kv_dtype: torch.dtype | None = None,
+    stored: dict[str, StoredTensor] | None = None,
 ) -> Option:
-    """kv_dtype: the KV cache's dtype when it differs from the weights' (--kv-cache-dtype)."""
+    """kv_dtype: the KV cache's dtype when it differs from the weights' (--kv-cache-dtype).
+    stored: a checkpoint's tensor table (GGUF files with packed matrices): weights counted as it
+    holds them, and `quantize` is only the option's label."""
     on_device = args.n_layers - offload_layers
     kv = kv_dtype or dtype
-    lb = layer_bytes(args, dtype, quantize, gpu=gpu)
+    if stored is not None:
+        layers, outer = stored_bytes(stored, args.n_layers, dtype, gpu=gpu)
+        weights = sum(layers[:on_device]) + outer
+        offloaded = sum(stored_bytes(stored, args.n_layers, dtype)[0][on_device:])
+    else:
+        weights = on_device * layer_bytes(args, dtype, quantize, gpu=gpu)
+        weights += outer_bytes(args, dtype, quantize)
+        offloaded = offload_layers * layer_bytes(
+            args, dtype, quantize
+        )  # on the CPU: no CUDA copies
     return Option(
         dtype=dtype,
         quantize=quantize,
-        weights=on_device * lb + outer_bytes(args, dtype, quantize),
+        weights=weights,
         kv_cache=kv_cache_bytes(args, batch, seq_len, kv, on_device),
         working=working_bytes(args, batch, seq_len, dtype, gpu=gpu, quantize=quantize),
         offload_layers=offload_layers,
-        offloaded=offload_layers * layer_bytes(args, dtype, quantize)  # on the CPU: no CUDA copies
-        + kv_cache_bytes(args, batch, seq_len, kv, offload_layers),
+        offloaded=offloaded + kv_cache_bytes(args, batch, seq_len, kv, offload_layers),
     )
 
 
@@ -274,13 +319,15 @@ def plan_memory(
     free: int | None = None,
     free_cpu: int | None = None,
     memory: Callable[[torch.device], int] | None = None,
-    packed: str | None = None,
+    stored: dict[str, StoredTensor] | None = None,
     kv_dtype: torch.dtype | None = None,
 ) -> Plan:
     """Pick how to run: `quantize` None/"int8"/"int4" as asked, or "auto" for the best quality that
     fits (dtype, then int8, then int4); with `offload`, blocks that do not fit go to the CPU.
-    `packed`: the GGUF block type (Q8_0/Q4_0/Q4_1) a file's linears stay in; then that is the only
-    option. `free`/`free_cpu` (bytes) or `memory(device)` stand in for the real probes in tests."""
+    `stored`: the tensor table of a file whose matrices stay packed in their GGUF blocks; then
+    that is the only option, labelled by its block types. `free`/`free_cpu` (bytes) or
+    `memory(device)` stand in for the real probes in tests."""
+    packed = packed_label(stored) if stored is not None else None
     device = torch.device(device)
     gpu = device.type != "cpu"
     memory = memory or free_memory  # looked up at call time so tests can stand in for it
@@ -300,6 +347,7 @@ def plan_memory(
             gpu=gpu,
             offload_layers=offload_layers,
             kv_dtype=kv_dtype,
+            stored=stored if q is not None and q == packed else None,
         )
 
     if packed is not None:
@@ -320,7 +368,16 @@ def plan_memory(
         (
             s
             for s in _halvings(seq_len)
-            if option(args, dtype, asked.quantize, batch, s, gpu=gpu, kv_dtype=kv_dtype).total
+            if option(
+                args,
+                dtype,
+                asked.quantize,
+                batch,
+                s,
+                gpu=gpu,
+                kv_dtype=kv_dtype,
+                stored=stored if packed is not None else None,
+            ).total
             <= free
         ),
         None,
@@ -379,7 +436,7 @@ def plan_load(
     seq_len: int,
     offload: bool = False,
     offload_layers: int | None = None,
-    packed: str | None = None,
+    stored: dict[str, StoredTensor] | None = None,
     name: str = "This model",
     memory: Callable[[torch.device], int] | None = None,
     kv_dtype: torch.dtype | None = None,
@@ -402,7 +459,7 @@ def plan_load(
         offload=offload or offload_layers is not None,
         name=name,
         memory=memory,
-        packed=packed,
+        stored=stored,
         kv_dtype=kv_dtype,
     )
     if offload_layers is None:
@@ -421,6 +478,7 @@ def plan_load(
         gpu=device.type != "cpu",
         offload_layers=offload_layers,
         kv_dtype=kv_dtype,
+        stored=stored,
     )
     on_cpu = device.type == "cpu"  # both parts then share the same RAM
     if forced.total + (forced.offloaded if on_cpu else 0) > plan.free or (

@@ -59,7 +59,10 @@ def _cpu_ops(x: torch.Tensor):
 
 class Int8Linear(nn.Module):
     """y = x @ (weight * scales).T with int8 weight (out, in padded to 32) and float32 scales
-    (out, 1) per output channel or (out, in/32) per block of 32 columns."""
+    (out, 1) per output channel or (out, in/32) per block of 32 columns. `amx`: products of two
+    or more rows on AMX tiles where the CPU has them (build.prepare_ sets it when asked)."""
+
+    amx = False
 
     def __init__(
         self, in_features: int, out_features: int, *, per_block: bool = False, device=None
@@ -99,7 +102,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = _cpu_ops(x)
         if ops is not None:
-            return ops.int8_linear(x, self.weight, self.scales)
+            return ops.int8_linear(x, self.weight, self.scales, self.amx)
         if self.scales.shape[1] == 1:  # per channel: the scale moves out of the product
             w = self.weight[:, : self.in_features].to(x.dtype)
             return F.linear(x, w) * self.scales[:, 0].to(x.dtype)

@@ -42,6 +42,7 @@ import torch
 
 from .errors import ConfigError
 from .sampling import SamplingParams, apply_penalties, logits_to_probs
+from .weights import weight_bytes_per_step
 
 MAX_K = 16  # the largest --speculate-k
 ADAPTIVE_MAX_K = 10  # the largest k the adaptive choice takes
@@ -64,6 +65,7 @@ def check_speculation(
     compile: bool = False,
     split: bool = False,
     offload: bool = False,
+    amx: bool = False,
 ) -> None:
     """Refuse load()'s speculation settings that cannot work, before any weight is read."""
     if speculate is not None and speculate != "lookup":
@@ -77,6 +79,11 @@ def check_speculation(
         raise ConfigError(
             "speculative decoding (--speculate/--draft) cannot be combined with "
             f"{'--compile' if compile else '--tp/--pp'} yet: drop one of them"
+        )
+    if (speculate or draft) and amx:
+        raise ConfigError(
+            "speculative decoding (--speculate/--draft) keeps the plain output only with kernels "
+            "whose rows do not depend on their batch, and amx=True's int8 products do: drop one"
         )
     if draft in SELF_DRAFTS and offload:
         raise ConfigError(
@@ -375,21 +382,6 @@ class Speculator:
         s.emitted += emitted
 
 
-def step_bytes(model: torch.nn.Module) -> int:
-    """Roughly the weight bytes a decode step reads: every parameter and buffer but the token
-    embedding (one row a step) unless it is also the classifier, the caches and tables."""
-    embedding = model.tok_embeddings.weight
-    tied = getattr(model.output, "weight", None) is embedding
-    seen = {id(embedding)} if not tied else set()
-    total = 0
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if id(t) in seen or "kv_cache" in name or name.startswith(("rope_", "slot_ids")):
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    return total
-
-
 def verify_cost(model: torch.nn.Module) -> float:
     """What one more checked position adds to a forward, relative to a plain step (measured
     here, 2 AVX2 cores, benchmarks/speculative.py): little for float32 weights, whose reads
@@ -397,11 +389,12 @@ def verify_cost(model: torch.nn.Module) -> float:
     next to nothing on a GPU."""
     if model.norm.weight.device.type != "cpu":
         return 0.02
-    quantized = any(hasattr(m, "qs") or hasattr(m, "scales") for m in model.modules())
+    # int8 (scales), int4 (qs) and GGUF-block (qtype) layers
+    quantized = any(hasattr(m, a) for m in model.modules() for a in ("qs", "scales", "qtype"))
     return 0.25 if quantized else 0.1
 
 
 def relative_cost(draft: torch.nn.Module, target: torch.nn.Module) -> float:
     """A draft token's cost relative to a plain step of the target: their weight bytes' ratio,
     with a floor for the per-step overhead of a tiny draft."""
-    return max(step_bytes(draft) / max(step_bytes(target), 1), 0.03)
+    return max(weight_bytes_per_step(draft) / max(weight_bytes_per_step(target), 1), 0.03)

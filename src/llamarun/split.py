@@ -24,8 +24,10 @@ from .plan import (
     kv_cache_bytes,
     layer_bytes,
     linear_bytes,
+    tensor_bytes,
     working_bytes,
 )
+from .weights import StoredTensor, packed_label
 
 
 @dataclass(frozen=True)
@@ -147,16 +149,25 @@ def rank_option(
     *,
     gpu: bool,
     kv_dtype: torch.dtype | None = None,
+    stored: dict[str, StoredTensor] | None = None,
 ) -> Option:
     """What rank `rank` holds: its layers' shares, the embedding's share on the first stage, the
     classifier's share on the last, the final norm everywhere (pp.py keeps it on every stage),
     and the KV cache of its layers' key/value heads. Working memory counts full-vocabulary
-    logits, which the rank that samples gathers."""
+    logits, which the rank that samples gathers. `stored`: the tensor table of a file whose
+    matrices stay packed, counted as the rank holds them (stored_rank_bytes)."""
     local = rank_args(args, split)
     stage = split.stage_of(rank)
-    n_layers = len(stage_layers(args.n_layers, split.pp, stage))
+    layers = stage_layers(args.n_layers, split.pp, stage)
+    n_layers = len(layers)
     first, last = stage == 0, stage == split.pp - 1
     b = dtype_bytes(dtype)
+    kv = kv_cache_bytes(local, batch, seq_len, kv_dtype or dtype, n_layers)
+    full_vocab = replace(local, vocab_size=args.vocab_size)
+    working = working_bytes(full_vocab, batch, seq_len, dtype, gpu=gpu, quantize=quantize)
+    if stored is not None:
+        weights = stored_rank_bytes(stored, args, split, layers, first, last, dtype, gpu=gpu)
+        return Option(dtype=dtype, quantize=quantize, weights=weights, kv_cache=kv, working=working)
     weights = n_layers * layer_bytes(local, dtype, quantize, gpu=gpu) + args.dim * b
     embedding = local.vocab_size * args.dim * b
     if first:
@@ -168,10 +179,37 @@ def rank_option(
             weights += linear_bytes(local.vocab_size, args.dim, dtype, quantize)
         elif not first:  # tied, but the embedding lives on another stage: a copy here
             weights += embedding
-    kv = kv_cache_bytes(local, batch, seq_len, kv_dtype or dtype, n_layers)
-    full_vocab = replace(local, vocab_size=args.vocab_size)
-    working = working_bytes(full_vocab, batch, seq_len, dtype, gpu=gpu, quantize=quantize)
     return Option(dtype=dtype, quantize=quantize, weights=weights, kv_cache=kv, working=working)
+
+
+def stored_rank_bytes(
+    stored: dict[str, StoredTensor],
+    args: ModelArgs,
+    split: Split,
+    layers: range,
+    first: bool,
+    last: bool,
+    dtype: torch.dtype,
+    *,
+    gpu: bool,
+) -> int:
+    """Weight bytes one rank holds of a file's tensors (plan.tensor_bytes): its stage's tensors
+    (pp.stage_weights), each matrix a 1/tp share (tp.py splits every matrix by rows or columns),
+    and on the last stage a classifier tied to the embedding as the embedding's rows."""
+    tied = args.tie_embeddings and "output.weight" not in stored
+    total = 0
+    for name, t in stored.items():
+        if name.startswith("layers."):
+            keep = int(name.split(".")[1]) in layers
+        else:
+            keep = {"tok_embeddings.weight": first, "output.weight": last}.get(name, True)
+        if keep:
+            size = tensor_bytes(name, t, dtype, gpu=gpu, tied=tied and last)
+            total += size // split.tp if len(t.shape) == 2 else size
+    if tied and last and not first:
+        embedding = stored["tok_embeddings.weight"]
+        total += tensor_bytes("output.weight", embedding, dtype, gpu=gpu) // split.tp
+    return total
 
 
 def largest_rank(options: list[Option]) -> Option:
@@ -190,19 +228,24 @@ def plan_rank(
     seq_len: int,
     free: int,
     sharing: int = 1,
-    packed: str | None = None,
+    stored: dict[str, StoredTensor] | None = None,
     kv_dtype: torch.dtype | None = None,
     name: str = "This model",
 ) -> Option:
     """The option rank `rank` loads with, or MemoryPlanError with the per-rank figures. `free`:
     bytes free on the rank's device, shared by `sharing` ranks (the processes of one machine
-    share its RAM); `quantize` "auto" takes the best quality that fits (dtype, int8, int4)."""
+    share its RAM); `quantize` "auto" takes the best quality that fits (dtype, int8, int4).
+    `stored`: the tensor table of a file whose matrices stay packed, its only option."""
     gpu = device.type != "cpu"
+    packed = packed_label(stored) if stored is not None else None
     modes = (packed,) if packed else (None, *QUANTIZE_MODES) if quantize == "auto" else (quantize,)
     share = free // sharing
 
     def make(q: str | None) -> Option:
-        return rank_option(args, split, rank, dtype, q, batch, seq_len, gpu=gpu, kv_dtype=kv_dtype)
+        table = stored if q is not None and q == packed else None
+        return rank_option(
+            args, split, rank, dtype, q, batch, seq_len, gpu=gpu, kv_dtype=kv_dtype, stored=table
+        )
 
     for q in modes:
         o = make(q)

@@ -24,6 +24,7 @@ from torch import nn
 from .distributed import World, guarded
 from .loaders.files import drop_file_pages, file_mappings
 from .model import Transformer
+from .packed import PackedEmbedding
 from .quantize import Int8Linear
 from .split import Split, shard_bounds, shard_size
 from .weights import LazyWeight, PackedWeight
@@ -130,9 +131,10 @@ def parallelize_(model: Transformer, world: World) -> Transformer:
         style = plan_style(name)
         if style == "rowwise":
             _replace(model, name, RowParallelLinear(module, group))
-        elif style == "vocab" and isinstance(module, nn.Embedding):
+        elif style == "vocab" and isinstance(module, nn.Embedding | PackedEmbedding):
             start = shard_bounds(vocab, split.tp, world.tp_rank)[0]
-            _replace(model, name, VocabParallelEmbedding.wrap(module, start, group))
+            kind = VocabParallelEmbedding if isinstance(module, nn.Embedding) else PackedVocabShare
+            _replace(model, name, kind.wrap(module, start, group))
         elif style == "vocab":
             _replace(model, name, VocabParallelOutput(module, vocab, split.tp, first, group))
     return model
@@ -172,12 +174,36 @@ class VocabParallelEmbedding(nn.Embedding):
         return new
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        local = tokens - self.start
-        inside = (local >= 0) & (local < self.num_embeddings)
-        h = F.embedding(local.clamp(0, self.num_embeddings - 1), self.weight)  # (B, T, C)
-        h = h * inside.unsqueeze(-1).to(h.dtype)
-        guarded("adding up the embedding", dist.all_reduce, h, group=self.group)
-        return h
+        return _vocab_share(lambda t: F.embedding(t, self.weight), tokens, self)
+
+
+class PackedVocabShare(PackedEmbedding):
+    """VocabParallelEmbedding over rows kept in GGUF blocks: the same bytes, looked up as
+    PackedEmbedding does."""
+
+    start: int
+    group: dist.ProcessGroup | None
+
+    @classmethod
+    def wrap(cls, embedding: PackedEmbedding, start: int, group) -> PackedVocabShare:
+        e = embedding
+        new = cls(e.qtype, e.num_embeddings, e.embedding_dim, e.data, e.dtype)
+        new.start, new.group = start, group
+        return new
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return _vocab_share(super().forward, tokens, self)
+
+
+def _vocab_share(lookup, tokens: torch.Tensor, share) -> torch.Tensor:
+    """A vocabulary share's embedding: rows share.start.. looked up, zeros for tokens outside
+    them, added up across the group (exact: one rank holds each token's row)."""
+    local = tokens - share.start
+    inside = (local >= 0) & (local < share.num_embeddings)
+    h = lookup(local.clamp(0, share.num_embeddings - 1))  # (B, T, C)
+    h = h * inside.unsqueeze(-1).to(h.dtype)
+    guarded("adding up the embedding", dist.all_reduce, h, group=share.group)
+    return h
 
 
 class VocabParallelOutput(nn.Module):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from .blocks import BLOCK_SIZES
 from .config import ModelArgs
 from .errors import CheckpointError, ConfigError
 
@@ -75,40 +76,63 @@ def check_weights(args: ModelArgs, weights: dict, where: str, source: str = "the
             )
 
 
-# GGUF block types whose linear weights are kept in their own bytes (quantize.linear_from_packed).
-PACKED_TYPES = ("Q8_0", "Q4_0", "Q4_1")
-PACKED_BLOCK = 32  # columns per block of each packed type (ggml's QK8_0, QK4_0, QK4_1)
-
-
 @dataclass
 class PackedWeight:
-    """A linear weight kept in a file's quantized block format (GGUF Q8_0 / Q4_0 / Q4_1).
+    """A matrix kept in a file's quantized block format (a GGUF type of blocks.BLOCK_TYPES), for
+    packed.py's layers.
 
-    data: uint8 tensor (out_features, bytes_per_row) holding the raw blocks of each row.
+    data: uint8 tensor (rows, bytes_per_row) holding the raw blocks of each row.
     """
 
     qtype: str
     data: torch.Tensor
-    shape: tuple[int, int]  # (out_features, in_features)
+    shape: tuple[int, int]  # (out_features, in_features), or (num_embeddings, embedding_dim)
 
     def narrow(self, dim: int, start: int, length: int) -> PackedWeight:
         """Rows (dim 0) or whole blocks of columns (dim 1) of the weight, as a view of the same
-        bytes: a block's scale covers its 32 columns, so blocks are never cut (tensor parallelism)."""
+        bytes: a block's scales cover all its columns (32, or 256 for the K-quants and IQ4_XS),
+        so blocks are never cut (tensor parallelism)."""
         out_features, in_features = self.shape
         if dim == 0:
             return PackedWeight(
                 self.qtype, self.data.narrow(0, start, length), (length, in_features)
             )
-        if start % PACKED_BLOCK or length % PACKED_BLOCK:
+        size, block_bytes = BLOCK_SIZES[self.qtype]
+        if start % size or length % size:
             raise ConfigError(
                 f"cannot take columns {start}..{start + length} of a {self.qtype} weight: its blocks "
-                f"hold {PACKED_BLOCK} columns each, and a slice must keep whole blocks"
+                f"hold {size} columns each, and a slice must keep whole blocks"
             )
-        block_bytes = self.data.shape[1] * PACKED_BLOCK // in_features
-        data = self.data.narrow(
-            1, start // PACKED_BLOCK * block_bytes, length // PACKED_BLOCK * block_bytes
-        )
+        data = self.data.narrow(1, start // size * block_bytes, length // size * block_bytes)
         return PackedWeight(self.qtype, data, (out_features, length))
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """How a checkpoint stores one tensor (from its header): type name, shape, bytes in the file,
+    and whether it stays in those bytes in memory (a PackedWeight) or becomes a float tensor."""
+
+    type: str  # "F32", "Q4_K", ...
+    shape: tuple[int, ...]
+    n_bytes: int
+    packed: bool = False
+
+
+def packed_label(tensors: dict[str, StoredTensor]) -> str | None:
+    """The block types a checkpoint's packed matrices are in, most bytes first ("Q5_0+Q8_0"),
+    or None when nothing stays packed."""
+    by_type: dict[str, int] = {}
+    for t in tensors.values():
+        if t.packed:
+            by_type[t.type] = by_type.get(t.type, 0) + t.n_bytes
+    return "+".join(sorted(by_type, key=lambda k: -by_type[k])) or None
+
+
+def packed_block(tensors: dict[str, StoredTensor] | None) -> int | None:
+    """The widest block (in columns) of a checkpoint's packed matrices, which a tensor-parallel
+    slice of their inputs must not cut; None when nothing stays packed."""
+    sizes = [BLOCK_SIZES[t.type][0] for t in (tensors or {}).values() if t.packed]
+    return max(sizes, default=None)
 
 
 class LazyWeight(Protocol):
@@ -175,9 +199,10 @@ class CheckpointHeader:
     format: str  # "meta", "hf", "gguf", "llama2c"
     path: Path  # the folder (Meta, Hugging Face) or the file (GGUF, llama2.c)
     stored: str  # how most weight bytes are stored: "float32", "bfloat16", "int8", a GGUF type...
-    packed: str | None = None  # GGUF block type the linear weights stay in (Q8_0/Q4_0/Q4_1)
+    packed: str | None = None  # the GGUF block types matrices stay packed in (packed_label)
     tokenizer: str | None = None  # a description, e.g. "SentencePiece (tokenizer.model)"
     name: str | None = None  # the model's own name where the file records one
+    tensors: dict[str, StoredTensor] | None = None  # canonical name -> storage (GGUF files)
     state: Any = field(default=None, repr=False)  # what the format's load() reuses (a reader)
 
 
@@ -191,3 +216,32 @@ class Checkpoint:
     format: str  # "meta", "hf", "gguf", "llama2c"
     chat_template: str | None = None  # Jinja source from the checkpoint's own files
     dtype: torch.dtype = torch.float32  # what the file stores (for float weights)
+
+
+def weight_bytes_per_step(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer except the embedding
+    table (one row per token), the KV caches and the RoPE tables; a classifier tied to the
+    embedding counts once, as the classifier."""
+    skip = {
+        id(t)
+        for name, t in model.named_buffers()
+        if "kv_cache" in name or name.startswith(("rope_", "slot_ids"))
+    }
+    embedding = _table(model.tok_embeddings)
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in skip or id(t) in seen or t is embedding:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    output = model._modules.get("output")  # a pipeline stage may lack it
+    if output is not None and _table(output) is embedding:
+        total += embedding.numel() * embedding.element_size()
+    return total
+
+
+def _table(module: torch.nn.Module) -> torch.Tensor | None:
+    """The matrix of an embedding or linear: its weight, or the GGUF block bytes of a packed one."""
+    weight = getattr(module, "weight", None)
+    return weight if weight is not None else getattr(module, "data", None)

@@ -1,23 +1,24 @@
 """Golden: GGUF files written by gguf-py from tiny random transformers models load to transformers'
 numbers (F32 exactly, F16 as the fp16-rounded model, Q8_0/Q4_0 as the model with its weights
-dequantized by gguf-py), and packed quantized layers compute what gguf-py's dequantization implies."""
+dequantized by gguf-py), and packed layers of every GGUF block type compute what gguf-py's
+dequantization implies."""
 
 from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
-from tiny import hf_to_meta, tiny_hf_model, write_gguf  # noqa: E402
+from tiny import hf_to_meta, random_blocks, tiny_hf_model, write_gguf  # noqa: E402
 
 import llamarun  # noqa: E402
+from llamarun.blocks import BLOCK_TYPES  # noqa: E402
 from llamarun.config import ModelArgs, RopeScaling  # noqa: E402
-from llamarun.weights import PackedWeight  # noqa: E402
+from llamarun.packed import PackedLinear  # noqa: E402
 
 PROMPT = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
 
@@ -139,25 +140,19 @@ def test_quantized_gguf_matches_transformers_with_gguf_dequantized_weights(tmp_p
     torch.testing.assert_close(got, hf_logprobs(reference), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
 def test_packed_layer_equals_gguf_dequantization_on_random_blocks(qtype):
-    quantize = pytest.importorskip("llamarun.quantize")
-    if not hasattr(quantize, "linear_from_packed"):
-        pytest.skip("llamarun.quantize.linear_from_packed is not available yet")
     kind = gguf.GGMLQuantizationType[qtype]
-    rng = np.random.default_rng(0)
-    blocks = gguf.quants.quantize((0.05 * rng.standard_normal((96, 256))).astype(np.float32), kind)
+    blocks = random_blocks(qtype, 96, 512)
     weight = torch.from_numpy(gguf.quants.dequantize(blocks, kind).copy())
-    # integer activations with 127 in every block of 32: exact even for kernels that quantize
-    # activations to int8 per block, so any difference comes from the weights
-    x = torch.randint(-127, 128, (3, 256), generator=torch.Generator().manual_seed(0)).float()
-    x[:, ::32] = 127
+    # integer activations with 32767 in every block of 32: exact for the kernels, which quantize
+    # activations to 16 bits per block, so any difference comes from the weights
+    x = torch.randint(-32767, 32768, (3, 512), generator=torch.Generator().manual_seed(0)).float()
+    x[:, ::32] = 32767
 
-    layer = quantize.linear_from_packed(
-        PackedWeight(qtype, torch.from_numpy(blocks), (96, 256)), torch.float32
-    )
+    layer = PackedLinear(qtype, 512, 96, torch.from_numpy(blocks))
 
-    expected = x @ weight.T
+    expected = (x.double() @ weight.double().T).float()
     torch.testing.assert_close(
         layer(x), expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-5
     )

@@ -18,6 +18,7 @@ import torch
 from ..errors import ConfigError
 from ..sampling import SamplingParams
 from ..speculate import SpeculationStats
+from ..weights import weight_bytes_per_step
 from . import add_model_args, add_speculation_args, load_from_args
 
 BANDWIDTH_BYTES = 512 << 20  # a tensor far larger than any CPU cache
@@ -120,29 +121,6 @@ def _run(engine, prompts: list[list[int]], params) -> tuple[float, float, int, i
     for i in range(len(prompts)):
         engine.release(i)
     return t1 - t0, t2 - t1, steps, tokens
-
-
-def weight_bytes_per_step(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: every parameter and buffer except the embedding
-    table (one row per token), the KV caches and the RoPE tables; a classifier tied to the
-    embedding counts once, as the classifier."""
-    skip = {
-        id(t)
-        for name, t in model.named_buffers()
-        if "kv_cache" in name or name.startswith(("rope_", "slot_ids"))
-    }
-    embedding = model.tok_embeddings.weight
-    seen: set[int] = set()
-    total = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) in skip or id(t) in seen or t is embedding:
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    output_weight = getattr(getattr(model, "output", None), "weight", None)  # a stage may lack it
-    if output_weight is embedding:
-        total += embedding.numel() * embedding.element_size()
-    return total
 
 
 def memory_bandwidth_gbs(device: torch.device, repeats: int = 5) -> float:

@@ -16,6 +16,7 @@ from packaging.version import InvalidVersion, Version
 
 from ..device import Machine, probe_machine
 from ..plan import fewest_offloaded, fmt_gb, option
+from ..weights import packed_label
 from .info import add_memory_args, context_length, describe_target, memory_rows, render_table
 
 # Oldest NVIDIA driver that runs any CUDA x.y build of that major version (minor version
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                 model_args,
                 context_length(model_args, args.max_seq_len),
                 args.batch,
-                packed=header.packed if header else None,
+                stored=header.tensors if header is not None and header.packed else None,
             )
         )
     return 1 if any(f.level == "error" for f in findings) else 0
@@ -286,12 +287,12 @@ def arch_supported(capability: tuple[int, int], arch_list: tuple[str, ...]) -> b
     return False
 
 
-def fit_table(m: Machine, args, seq_len: int, batch: int, *, packed: str | None = None) -> str:
+def fit_table(m: Machine, args, seq_len: int, batch: int, *, stored: dict | None = None) -> str:
     """What fits on the default device of `m`, per dtype and quantization; offload for GPUs."""
     device, _ = default_device(m)
     gpu = device != "cpu"
     free = m.gpus[0].free if device == "cuda" else m.ram_available
-    rows = memory_rows(args, batch, seq_len, gpu=gpu, packed=packed)
+    rows = memory_rows(args, batch, seq_len, gpu=gpu, stored=stored)
     verdicts = []
     for o in rows:
         if o.total <= free:
@@ -301,7 +302,14 @@ def fit_table(m: Machine, args, seq_len: int, batch: int, *, packed: str | None 
             fewest_offloaded(
                 args,
                 lambda q, n, o=o: option(
-                    args, o.dtype, q, batch, seq_len, gpu=gpu, offload_layers=n
+                    args,
+                    o.dtype,
+                    q,
+                    batch,
+                    seq_len,
+                    gpu=gpu,
+                    offload_layers=n,
+                    stored=stored if stored and q == packed_label(stored) else None,
                 ),
                 o.quantize,
                 free,

@@ -16,9 +16,10 @@ from .. import catalogue
 from ..config import KNOWN_MODELS, ModelArgs
 from ..errors import CheckpointError
 from ..loaders import read_header
+from ..loaders.gguf import DEQUANTIZED_TYPES
 from ..plan import GPU_RESERVE, QUANTIZE_MODES, Option, dtype_name, fmt_gb, option
 from ..split import Split, check_split, rank_option, shard_bounds, stage_layers
-from ..weights import PACKED_BLOCK, CheckpointHeader
+from ..weights import CheckpointHeader, StoredTensor, packed_block, packed_label
 from . import resolve_model
 
 TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -68,15 +69,15 @@ def run(args: argparse.Namespace) -> int:
     for label, value in summary(model_args, header):
         print(f"{label:<14}{value}")
     print()
-    packed = header.packed if header else None
+    stored = header.tensors if header is not None and header.packed else None
     split = Split(args.tp, args.pp)
     if split.is_parallel:
-        check_split(model_args, split, block=PACKED_BLOCK if packed else None)
+        check_split(model_args, split, block=packed_block(stored))
         print(
             f"Memory per rank with {split.flags()} ({split.world_size} ranks) at {seq_len} tokens of context x {args.batch} row(s); "
             f"each figure is the largest rank's (working memory: CPU; a GPU adds {fmt_gb(GPU_RESERVE)}):"
         )
-        rows, largest = rank_rows(model_args, split, args.batch, seq_len, packed=packed)
+        rows, largest = rank_rows(model_args, split, args.batch, seq_len, stored=stored)
         print(render_table(rows, {"largest": [f"rank {r}" for r in largest]}))
         print()
         print("\n".join(describe_ranks(model_args, split)))
@@ -84,18 +85,32 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"Memory at {seq_len} tokens of context x {args.batch} row(s) (working memory: CPU; a GPU adds {fmt_gb(GPU_RESERVE)}):"
     )
-    print(render_table(memory_rows(model_args, args.batch, seq_len, gpu=False, packed=packed)))
+    rows = memory_rows(model_args, args.batch, seq_len, gpu=False, stored=stored)
+    print(render_table(rows))
+    if header is not None and header.tensors:
+        print()
+        print("Stored tensors:")
+        print(storage_table(header.tensors))
     return 0
 
 
 def rank_rows(
-    args: ModelArgs, split: Split, batch: int, seq_len: int, *, packed: str | None = None
+    args: ModelArgs,
+    split: Split,
+    batch: int,
+    seq_len: int,
+    *,
+    stored: dict[str, StoredTensor] | None = None,
 ) -> tuple[list[Option], list[int]]:
     """memory_rows' options, each as the largest rank's figures, and which rank that is."""
     rows, largest = [], []
-    for o in memory_rows(args, batch, seq_len, gpu=False, packed=packed):
+    label = packed_label(stored) if stored else None
+    for o in memory_rows(args, batch, seq_len, gpu=False, stored=stored):
+        table = stored if label is not None and o.quantize == label else None
         ranks = [
-            rank_option(args, split, r, o.dtype, o.quantize, batch, seq_len, gpu=False)
+            rank_option(
+                args, split, r, o.dtype, o.quantize, batch, seq_len, gpu=False, stored=table
+            )
             for r in range(split.world_size)
         ]
         worst = max(range(split.world_size), key=lambda r: ranks[r].total)
@@ -178,7 +193,7 @@ def summary(args: ModelArgs, header: CheckpointHeader | None) -> list[tuple[str,
     ]
     if header is not None:
         stored = header.stored + (
-            f"; linear weights stay packed in {header.packed}" if header.packed else ""
+            f"; matrices stay packed in their {header.packed} blocks" if header.packed else ""
         )
         lines += [
             ("stored as", stored),
@@ -191,14 +206,48 @@ def summary(args: ModelArgs, header: CheckpointHeader | None) -> list[tuple[str,
 
 
 def memory_rows(
-    args: ModelArgs, batch: int, seq_len: int, *, gpu: bool, packed: str | None = None
+    args: ModelArgs,
+    batch: int,
+    seq_len: int,
+    *,
+    gpu: bool,
+    stored: dict[str, StoredTensor] | None = None,
 ) -> list[Option]:
-    """One option per dtype and per quantization (int8/int4 computing in bfloat16)."""
+    """One option per dtype and per quantization (int8/int4 computing in bfloat16), and for a file
+    whose matrices stay packed (`stored`, its tensor table) the way it loads: as stored, computing
+    in float32 on a CPU and bfloat16 on a GPU."""
     rows = [option(args, dtype, None, batch, seq_len, gpu=gpu) for dtype in TABLE_DTYPES]
     rows += [option(args, QUANTIZED_DTYPE, q, batch, seq_len, gpu=gpu) for q in QUANTIZE_MODES]
-    if packed:
-        rows.append(option(args, QUANTIZED_DTYPE, packed, batch, seq_len, gpu=gpu))
+    if stored:
+        dtype = QUANTIZED_DTYPE if gpu else torch.float32
+        rows.append(
+            option(args, dtype, packed_label(stored), batch, seq_len, gpu=gpu, stored=stored)
+        )
     return rows
+
+
+def storage_table(tensors: dict[str, StoredTensor]) -> str:
+    """Per stored type: how many tensors, their bytes in the file, and how they are held."""
+    by_type: dict[str, list[int]] = {}
+    for t in tensors.values():
+        count = by_type.setdefault(t.type, [0, 0, 0])
+        count[0] += 1
+        count[1] += t.n_bytes
+        count[2] += t.packed
+    lines = []
+    for name, (n, size, packed) in sorted(by_type.items(), key=lambda kv: -kv[1][1]):
+        held = "kept as stored" if packed == n else "float"
+        if name in DEQUANTIZED_TYPES:
+            held = "dequantized to float32 at load (no kernel yet)"
+        lines.append([name, f"{n}", fmt_gb(size), held])
+    header = ["type", "tensors", "bytes", "in memory"]
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(4)]
+    return "\n".join(
+        "  ".join(
+            c.rjust(w) if i in (1, 2) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+        ).rstrip()
+        for r in [header, *lines]
+    )
 
 
 def row_label(o: Option) -> str:

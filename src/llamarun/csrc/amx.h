@@ -7,6 +7,9 @@
 // of matmul_int8.cpp reads each weight once per pass too, but its multiply-adds are 16x fewer per
 // cycle; 110M shape on 2 cores: a step of 16 rows at position 5 takes ~14 ms, one row ~9 ms). A
 // single row stays on the AVX loop, which measured ~10% faster there (medians of alternating runs).
+// Opt-in (load(amx=True)): activations quantized per row, not per block of 32, so a row's result
+// depends on which rows share its batch, and with temperature 0 a request could answer
+// differently beside others than alone (batch invariance, issue 12).
 // The tile code is in amx.cpp, compiled where the compiler targets AMX; elsewhere the inline stubs
 // below (amx_usable() false) let the callers drop the AMX branches, as in one file.
 #pragma once

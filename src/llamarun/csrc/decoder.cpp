@@ -7,8 +7,10 @@
 
 #include "amx.h"
 #include "common.h"
+#include "gguf_blocks.h"
 #include "linear_kinds.h"
 #include "matmul_f32.h"
+#include "matmul_gguf.h"
 #include "matmul_int8.h"
 #include "matmul_q4.h"
 #include "ops.h"
@@ -18,7 +20,8 @@ namespace llamarun {
 namespace {
 
 struct Lin {
-  int64_t kind = LIN_NONE, N = 0, K = 0, G = 1;  // K: stored (padded) input width
+  int64_t kind = LIN_NONE, N = 0, K = 0, G = 1;  // K: stored (padded) input width; GGUF: G = type
+  int64_t row_bytes = 0;  // GGUF: bytes per weight row
   const void* a = nullptr;
   const void* b = nullptr;
   const void* c = nullptr;
@@ -155,17 +158,21 @@ struct Decoder : torch::CustomClassHolder {
   std::vector<void*> kc, vc;  // per layer (maxB, Hkv, S, D), float32 or (half_kv) float16
   bool half_kv = false;
   const float *cos, *sin;  // (S, D/2)
-  const float* embed;  // (V_in, C) token embeddings
+  const void* embed;  // (V_in, C) token embeddings: float32, or GGUF blocks of embed_type
+  int64_t embed_type = -1, embed_row_bytes = 0;
   int64_t n_tokens;
   int64_t L, C, H, Hkv, D, F, V, S, maxB;
   double eps;
   std::vector<float> h, xn, qkv, att, tmp, gu, act;
   std::vector<int8_t> xq, xq4;  // activations in the plain and the paired (4-bit) layout
   std::vector<float> dx, xs, xcb, xc;
+  X16 x16;  // activations for the GGUF linears
+  bool amx = false;  // per-channel int8 products of 2+ rows on AMX tiles (opt-in: not batch-invariant)
 
+  // embed_type: -1 for a float32 embed_t, else the GGUF type of its uint8 block rows
   Decoder(std::vector<at::Tensor> norm_w, std::vector<at::Tensor> weights, std::vector<int64_t> kinds,
-          std::vector<at::Tensor> caches, at::Tensor cos_t, at::Tensor sin_t, at::Tensor embed_t, int64_t n_heads,
-          int64_t n_kv_heads, double norm_eps) {
+          std::vector<at::Tensor> caches, at::Tensor cos_t, at::Tensor sin_t, at::Tensor embed_t, int64_t embed_type_,
+          int64_t n_heads, int64_t n_kv_heads, double norm_eps) {
     TORCH_CHECK(kinds.size() % 7 == 1 && weights.size() == 3 * kinds.size(), "Decoder: bad linear list");
     L = (int64_t)kinds.size() / 7;
     TORCH_CHECK((int64_t)norm_w.size() == 2 * L + 1 && (int64_t)caches.size() == 2 * L, "Decoder: bad lists");
@@ -193,6 +200,11 @@ struct Decoder : torch::CustomClassHolder {
         l.c = hold(c, at::kHalf).data_ptr<at::Half>();
         l.N = a.size(0), l.K = 2 * a.size(1);
         TORCH_CHECK(l.K % QK == 0 && b.size(1) == l.K / QK && c.size(1) == l.K / QK, "Decoder: bad q4 layout");
+      } else if (l.kind == LIN_GGUF) {  // b: int64 [type, in_features]
+        l.a = hold(a, at::kByte).data_ptr<uint8_t>();
+        const int64_t* spec = hold(b, at::kLong).data_ptr<int64_t>();
+        l.G = spec[0], l.K = spec[1], l.N = a.size(0), l.row_bytes = a.size(1);
+        TORCH_CHECK(a.dim() == 2 && block_row_bytes(l.G, l.K) == l.row_bytes, "Decoder: bad GGUF layout");
       } else {
         TORCH_CHECK(l.kind == LIN_NONE, "Decoder: unknown linear kind");
       }
@@ -203,13 +215,20 @@ struct Decoder : torch::CustomClassHolder {
       (i % 2 ? vc : kc).push_back(hold(caches[i], half_kv ? at::kHalf : at::kFloat).data_ptr());
     cos = hold(cos_t, at::kFloat).data_ptr<float>();
     sin = hold(sin_t, at::kFloat).data_ptr<float>();
-    embed = hold(embed_t, at::kFloat).data_ptr<float>();
+    embed_type = embed_type_;
+    if (embed_type < 0) {
+      embed = hold(embed_t, at::kFloat).data_ptr<float>();
+    } else {
+      embed = hold(embed_t, at::kByte).data_ptr<uint8_t>();
+      embed_row_bytes = embed_t.size(1);
+    }
     n_tokens = embed_t.size(0);
     maxB = caches[0].size(0), Hkv = caches[0].size(1), S = caches[0].size(2), D = caches[0].size(3);
     H = n_heads, eps = norm_eps;
     TORCH_CHECK(n_kv_heads == Hkv && H % Hkv == 0 && cos_t.size(0) == S && cos_t.size(1) == D / 2, "Decoder: bad cache shape");
     C = norm_w[0].size(0);
-    TORCH_CHECK(embed_t.dim() == 2 && embed_t.size(1) == C, "Decoder: embedding shape");
+    TORCH_CHECK(embed_t.dim() == 2 && (embed_type < 0 ? embed_t.size(1) == C : block_row_bytes(embed_type, C) == embed_row_bytes),
+                "Decoder: embedding shape");
     V = lins.back().N;
     F = 0;
     for (int64_t l = 0; l < L; ++l) {
@@ -232,11 +251,12 @@ struct Decoder : torch::CustomClassHolder {
     int64_t Kp = K;
     for (int i = 0; i < n; ++i) {
       if (g[i].kind == LIN_NONE) continue;
-      TORCH_CHECK(g[i].kind == LIN_F32 ? g[i].K == K : g[i].K == (K + QK - 1) / QK * QK, "Decoder: input width");
-      if (g[i].kind != LIN_F32) Kp = g[i].K;
+      const bool exact = g[i].kind == LIN_F32 || g[i].kind == LIN_GGUF;
+      TORCH_CHECK(exact ? g[i].K == K : g[i].K == (K + QK - 1) / QK * QK, "Decoder: input width");
+      if (!exact) Kp = g[i].K;
     }
     const auto on_amx = [&](const Lin& l) { return l.kind == LIN_INT8 && l.G == 1; };
-    if (B >= AMX_MIN_ROWS && amx_usable() && std::any_of(g, g + n, on_amx)) {
+    if (amx && B >= AMX_MIN_ROWS && amx_usable() && std::any_of(g, g + n, on_amx)) {
       std::vector<Lin> rest(g, g + n);  // per-channel int8 linears on AMX tiles, the others below
       std::vector<AmxJob> jobs;
       int64_t off = 0;
@@ -257,6 +277,7 @@ struct Decoder : torch::CustomClassHolder {
   void matmul_avx(const Lin* g, int n, const float* x, int64_t B, int64_t K, int64_t Kp, int64_t ld, float* out) {
     const bool any8 = std::any_of(g, g + n, [](const Lin& l) { return l.kind == LIN_INT8; });
     const bool any4 = std::any_of(g, g + n, [](const Lin& l) { return l.kind == LIN_Q4; });
+    if (std::any_of(g, g + n, [](const Lin& l) { return l.kind == LIN_GGUF; })) x16.quantize(x, B, K);
     dx.resize(B * Kp / QK), xs.resize(B * Kp / QK), xcb.resize(B * Kp / QK);
     if (any8) {
       xq.resize(B * 2 * Kp), xc.resize(B);
@@ -278,7 +299,8 @@ struct Decoder : torch::CustomClassHolder {
         if (l.kind == LIN_INT8 && lo < hi)  // two weight rows at a time
           int8_range((const int8_t*)l.a, (const float*)l.b, l.G, Kp, xq.data(), dx.data(), xcb.data(), xc.data(), B,
                      o_base, ld, lo, hi);
-        for (int64_t o = lo; l.kind != LIN_INT8 && o < hi; ++o) {
+        if (l.kind == LIN_GGUF && lo < hi) gguf_range(l.G, (const uint8_t*)l.a, l.row_bytes, x16, o_base, ld, lo, hi);
+        for (int64_t o = lo; l.kind != LIN_INT8 && l.kind != LIN_GGUF && o < hi; ++o) {
           int64_t b0 = 0;
           if (l.kind == LIN_F32) {
             const float* w = (const float*)l.a + o * K;
@@ -342,7 +364,10 @@ struct Decoder : torch::CustomClassHolder {
                   "Decoder.step: token, position or row out of range");
     const int64_t W = (H + 2 * Hkv) * D;
     h.resize(B * C);
-    for (int64_t b = 0; b < B; ++b) std::copy(embed + tok[b] * C, embed + (tok[b] + 1) * C, h.data() + b * C);
+    for (int64_t b = 0; b < B; ++b) {
+      if (embed_type < 0) std::copy((const float*)embed + tok[b] * C, (const float*)embed + (tok[b] + 1) * C, h.data() + b * C);
+      else gguf_dequantize_rows(embed_type, (const uint8_t*)embed, embed_row_bytes, C, tok + b, 1, h.data() + b * C);
+    }
     xn.resize(B * C), qkv.resize(B * W), att.resize(B * H * D), tmp.resize(B * C), gu.resize(B * 2 * F), act.resize(B * F);
     for (int64_t l = 0; l < L; ++l) {
       const Lin* g = &lins[7 * l];
@@ -384,8 +409,9 @@ struct Decoder : torch::CustomClassHolder {
 void register_decoder(torch::Library& lib) {
   lib.class_<Decoder>("Decoder")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>,
-                       at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, double>())
-      .def("step", &Decoder::step);
+                       at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t, double>())
+      .def("step", &Decoder::step)
+      .def("set_amx", [](const c10::intrusive_ptr<Decoder>& self, bool on) { self->amx = on; });
 }
 
 }  // namespace llamarun

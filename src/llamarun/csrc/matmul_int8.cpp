@@ -20,10 +20,12 @@ constexpr bool kOffsetWeights = true;
 constexpr bool kOffsetWeights = false;
 #endif
 
+// One accumulator per output whatever R and NB are: a row's sum is then the same alone and in a
+// batch (batch invariance; independent accumulators for a lone row's latency changed it).
 template <int R, int NB>
 inline void int8_tile(const int8_t* w, const float* sw, int64_t G, int64_t Kp, const int8_t* xq, const float* dx,
                       const float* xcb, const float* xc, int64_t b0, float* out, int64_t N, int64_t o) {
-  constexpr int U = R * NB < 4 ? 4 / (R * NB) : 1;  // independent accumulators per output
+  constexpr int U = 1;
   const int64_t nb = Kp / QK;
   if (R * NB == 1) prefetch_row(w + 2 * Kp, Kp);
   __m256 acc[R][NB][U];
@@ -102,11 +104,11 @@ at::Tensor amx_product(const at::Tensor& x2d, const at::Tensor& w, const at::Ten
 
 }  // namespace
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw) {
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw, bool amx) {
   const auto x2d = flat_input(x);
   const int64_t N = w.size(0), Kp = w.size(1), G = sw.size(1);
   TORCH_CHECK(Kp % QK == 0 && (G == 1 || G == Kp / QK), "int8_linear: bad weight layout");
-  if (G == 1 && x2d.size(0) >= AMX_MIN_ROWS && amx_usable()) return amx_product(x2d, w, sw, x);
+  if (amx && G == 1 && x2d.size(0) >= AMX_MIN_ROWS && amx_usable()) return amx_product(x2d, w, sw, x);
   const auto qx = quantize_x(x2d, Kp);
   auto out = at::empty({qx.B, N}, x2d.options());
   const int8_t* wp = w.data_ptr<int8_t>();

@@ -10,10 +10,11 @@ namespace llamarun {
 // Activations in the paired layout (quantize_rows): one 32-byte load of two groups' nibbles
 // meets its activations without a shuffle, lanes 0-3 summing group A and 4-7 group B, and one
 // conversion and multiply-add serve both groups (1.4x the plain layout's speed here).
+// One accumulator per output for every NB: a row's sum is the same alone and in a batch.
 template <int NB>
 inline void q4_rows(const uint8_t* qs, const at::Half* d, const at::Half* m, int64_t Kp, const int8_t* xq,
                     const float* dx, const float* xs, int64_t b0, float* out, int64_t N, int64_t o) {
-  constexpr int U = NB == 1 ? 2 : 1;
+  constexpr int U = 1;
   const int64_t nb = Kp / QK;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m256 acc[NB][U], macc[NB];

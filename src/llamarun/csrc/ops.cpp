@@ -34,10 +34,12 @@ std::string isa() {
 }  // namespace
 
 TORCH_LIBRARY(llamarun_cpu, lib) {
-  lib.def("int8_linear(Tensor x, Tensor w, Tensor sw) -> Tensor");
+  lib.def("int8_linear(Tensor x, Tensor w, Tensor sw, bool amx=False) -> Tensor");
   lib.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
   lib.def("amx_int8_linear(Tensor x, Tensor w, Tensor sw) -> Tensor");
   lib.def("f32_linear(Tensor x, Tensor w) -> Tensor");
+  lib.def("gguf_linear(Tensor x, Tensor w, int type, int K) -> Tensor");
+  lib.def("gguf_rows(Tensor w, int type, int K, Tensor ids) -> Tensor");
   lib.def("argmax_rows(Tensor logits) -> Tensor");
   lib.def("linear_kinds() -> str[]", &linear_kinds);
   lib.def("isa() -> str", &isa);
@@ -49,5 +51,7 @@ TORCH_LIBRARY_IMPL(llamarun_cpu, CPU, lib) {
   lib.impl("q4_linear", &llamarun::q4_linear);
   lib.impl("amx_int8_linear", &llamarun::amx_int8_linear);
   lib.impl("f32_linear", &llamarun::f32_linear);
+  lib.impl("gguf_linear", &llamarun::gguf_linear);
+  lib.impl("gguf_rows", &llamarun::gguf_rows);
   lib.impl("argmax_rows", &llamarun::argmax_rows);
 }

@@ -10,12 +10,16 @@ class Library;
 namespace llamarun {
 
 // matmul_int8.cpp
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw);
+// amx: products of 2+ rows on AMX tiles where there are some (faster; not batch-invariant)
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw, bool amx);
 at::Tensor amx_int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw);
 // matmul_q4.cpp
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m);
 // matmul_f32.cpp
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w);
+// matmul_gguf.cpp
+at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t K);
+at::Tensor gguf_rows(const at::Tensor& w, int64_t type, int64_t K, const at::Tensor& ids);
 // argmax.cpp
 at::Tensor argmax_rows(const at::Tensor& logits);
 // decoder.cpp: adds the Decoder class (the one-call decode step) to lib

@@ -3,12 +3,15 @@
 The container is read by gguf_file.py; `read_header` works out the architecture from the header
 alone (for the memory plan) and `load` continues from it. Q/K are already in Meta's interleaved
 RoPE layout (llama.cpp's converter undoes HF's permutation), so no tensor is permuted here. Float
-tensors stay memory-mapped; quantized ones are dequantized with `gguf.quants.dequantize`, except
-the linear weights of PACKED_TYPES, which stay packed (`PackedWeight`) for the quantized layers.
+tensors stay memory-mapped, and so do matrices of the block types the kernels compute on
+(blocks.BLOCK_TYPES: `PackedWeight`, the file's own bytes, for packed.py's layers). The other
+types gguf-py can read (the IQ1/IQ2/IQ3 families, TQ, MXFP4) are dequantized to float32 here,
+with a one-line notice of what that costs.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from collections import Counter
@@ -19,18 +22,41 @@ import gguf
 import numpy as np
 import torch
 
+from ..blocks import BLOCK_TYPES
 from ..config import ModelArgs, RopeScaling
 from ..errors import CheckpointError
 from ..sniff import checkpoint_file
 from ..tokenizer.gguf import GGUFTokenizer
-from ..weights import PACKED_TYPES, Checkpoint, CheckpointHeader, PackedWeight, check_weights
+from ..weights import (
+    Checkpoint,
+    CheckpointHeader,
+    PackedWeight,
+    StoredTensor,
+    check_weights,
+    packed_label,
+)
 from .gguf_file import GGUFFile, TensorInfo
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 FLOAT_TYPES = ("F32", "F16", "BF16")
 FLOAT_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-QUANTIZED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-SUPPORTED_TYPES = FLOAT_TYPES + QUANTIZED_TYPES
+# types with no kernel yet: gguf-py dequantizes them to float32 at load
+DEQUANTIZED_TYPES = (
+    "IQ1_S",
+    "IQ1_M",
+    "IQ2_XXS",
+    "IQ2_XS",
+    "IQ2_S",
+    "IQ3_XXS",
+    "IQ3_S",
+    "TQ1_0",
+    "TQ2_0",
+    "MXFP4",
+    "NVFP4",
+)
+SUPPORTED_TYPES = FLOAT_TYPES + BLOCK_TYPES + DEQUANTIZED_TYPES
 
 # GGUF tensor name -> canonical (Meta) name; blk.N.* is renamed per layer.
 GLOBAL_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
@@ -76,12 +102,13 @@ def read_header(path: Path) -> CheckpointHeader:
     if rope_freqs is not None:
         rope_freqs = _to_tensor(file, rope_freqs)
     args = model_args(meta, shapes, path, rope_freqs)
-    linear_types = Counter(
-        t.type_name
+    tensors = {
+        canonical_name(name, path): StoredTensor(
+            t.type_name, t.shape, t.n_bytes, stays_packed(t.type_name, len(t.dims))
+        )
         for name, t in file.tensors.items()
-        if len(t.dims) == 2 and name != "token_embd.weight"
-    )
-    packed = next((t for t, _n in linear_types.most_common() if t in PACKED_TYPES), None)
+        if name not in DROPPED
+    }
     by_bytes = Counter()
     for t in file.tensors.values():
         by_bytes[t.type_name] += t.n_bytes
@@ -96,11 +123,17 @@ def read_header(path: Path) -> CheckpointHeader:
         "gguf",
         path,
         FLOAT_NAMES.get(stored, stored),
-        packed=packed,
+        packed=packed_label(tensors),
         tokenizer=tokenizer,
         name=meta.get("general.name"),
+        tensors=tensors,
         state=file,
     )
+
+
+def stays_packed(qtype: str, ndim: int, keep_quantized: bool = True) -> bool:
+    """Whether a tensor stays in its file blocks (matrices of a type the kernels compute on)."""
+    return keep_quantized and ndim == 2 and qtype in BLOCK_TYPES
 
 
 def load(source: Path | CheckpointHeader, *, keep_quantized: bool = True) -> Checkpoint:
@@ -113,15 +146,27 @@ def load(source: Path | CheckpointHeader, *, keep_quantized: bool = True) -> Che
     file: GGUFFile = header.state
     path = header.path
     weights: dict[str, torch.Tensor | PackedWeight] = {}
+    dequantized: Counter = Counter()
     for name, t in file.tensors.items():
         if name in DROPPED:
             continue
         canonical = canonical_name(name, path)
-        packable = keep_quantized and t.type_name in PACKED_TYPES and len(t.dims) == 2
-        if packable and canonical != "tok_embeddings.weight":
+        if stays_packed(t.type_name, len(t.dims), keep_quantized):
             weights[canonical] = PackedWeight(t.type_name, _from_numpy(file.data(t)), t.shape)
         else:
             weights[canonical] = _to_tensor(file, t)
+            if t.type_name in DEQUANTIZED_TYPES:
+                dequantized[t.type_name] += weights[canonical].numel()
+    for qtype, n in dequantized.items():
+        file_bytes = sum(t.n_bytes for t in file.tensors.values() if t.type_name == qtype)
+        log.warning(
+            "llamarun: GGUF type %s has no kernel yet: its tensors in %s are dequantized to float32 "
+            "at load (%.0f MB in memory for %.0f MB in the file)",
+            qtype,
+            path,
+            n * 4 / 1e6,
+            file_bytes / 1e6,
+        )
     check_weights(header.args, weights, str(path), source="the GGUF metadata")
     matrix_types = {t.type_name for t in file.tensors.values() if len(t.dims) == 2}
     stored = {"F16": torch.float16, "BF16": torch.bfloat16}

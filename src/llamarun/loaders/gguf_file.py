@@ -87,6 +87,13 @@ class GGUFFile:
                 "for catalogue models)."
             ) from e
         for t in self.tensors.values():
+            block = GGML_QUANT_SIZES[t.type][0]
+            if not t.dims or t.dims[0] % block:
+                raise CheckpointError(
+                    f"{self.path} is corrupt: tensor {t.name} has rows of {t.dims[0] if t.dims else 0} "
+                    f"{t.type_name} weights, not a whole number of its {block}-weight blocks. "
+                    "Download it again, or convert the model again."
+                )
             if t.offset + t.n_bytes > self.size:
                 raise CheckpointError(
                     f"{self.path} is truncated: tensor {t.name} ends at byte {t.offset + t.n_bytes} "

@@ -1,0 +1,302 @@
+// GGML's quantized blocks (ggml-common.h layouts), unpacked with AVX2 for the kernels of
+// matmul_gguf.cpp. Every type unpacks one block into the same form:
+//   W        int16 weights in element order, handed on per group of 32 (W32), with the integer
+//            sub-scales that differ inside a group multiplied in (Q6_K, Q3_K, Q2_K: sc * q per
+//            16): |W| <= 4096, so a product with a 16-bit activation and four of them summed
+//            stay inside int32;
+//   scale[]  the float scale of each group of 32: d, or d * sc for the K-quants' sub-blocks of
+//            32 (exact in float: an 11-bit d times a 6-bit sc); w = scale * W + m;
+//   m[]      for the types with minimums, the float offset of each group of MG weights (-dmin *
+//            min of a K-quant sub-block, Q4_1's m), added through the activations' group sums.
+// The signed offsets (Q4_0's -8, Q6_K's -32, Q3_K's -4) are subtracted here, in integers, exactly.
+// blocks.py is the same arithmetic in torch (checked against gguf-py); these are checked against it.
+#pragma once
+
+#include "common.h"
+
+namespace llamarun {
+
+// ggml's type ids (GGMLQuantizationType), as Python passes them
+enum GgmlType : int64_t {
+  GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8, GGML_Q2_K = 10, GGML_Q3_K = 11,
+  GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_IQ4_NL = 20, GGML_IQ4_XS = 23,
+};
+
+inline float fp16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// A group of 32 weights as two vectors of 16 int16 (weights 0..15, 16..31), what unpack hands on
+struct W32 {
+  __m256i lo, hi;
+};
+
+// 16 + 16 bytes of values 0..255 (weights 0..15, 16..31) -> int16 q - offset
+inline W32 widen(__m128i lo, __m128i hi, int16_t offset = 0) {
+  const __m256i o = _mm256_set1_epi16(offset);
+  return {_mm256_sub_epi16(_mm256_cvtepu8_epi16(lo), o), _mm256_sub_epi16(_mm256_cvtepu8_epi16(hi), o)};
+}
+inline W32 widen(__m256i q, int16_t offset = 0) {
+  return widen(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1), offset);
+}
+// as widen, times the sub-block scale s0 (weights 0..15) and s1 (16..31)
+inline W32 widen_scaled(__m256i q, int16_t offset, int16_t s0, int16_t s1) {
+  const W32 w = widen(q, offset);
+  return {_mm256_mullo_epi16(w.lo, _mm256_set1_epi16(s0)), _mm256_mullo_epi16(w.hi, _mm256_set1_epi16(s1))};
+}
+// 16 + 16 signed bytes -> int16
+inline W32 widen_signed(__m128i lo, __m128i hi) { return {_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi)}; }
+
+// the 32 nibbles of 16 bytes: low nibbles (weights 0..15) and high ones (16..31), as bytes
+struct Nibbles {
+  __m128i lo, hi;
+};
+inline Nibbles nibbles(const uint8_t* p) {
+  const __m128i q = _mm_loadu_si128((const __m128i*)p), m = _mm_set1_epi8(0x0F);
+  return {_mm_and_si128(q, m), _mm_and_si128(_mm_srli_epi16(q, 4), m)};
+}
+
+// 32 bits (little-endian at p) -> 32 bytes, 0x10 where bit i is set (the 5th bit of Q5_0/Q5_1)
+inline __m256i bit16_of(const uint8_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32((int)bits), _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+  const __m256i mask = _mm256_set1_epi64x(0x8040201008040201);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask), _mm256_set1_epi8(0x10));
+}
+
+// bytes v where bit `bit` is set -> `value`, else 0
+inline __m256i bit_to(__m256i v, int bit, char value) {
+  const __m256i b = _mm256_set1_epi8((char)(1 << bit));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, b), b), _mm256_set1_epi8(value));
+}
+
+inline __m128i iq4_lookup(__m128i idx) {
+  return _mm_shuffle_epi8(_mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113), idx);
+}
+
+// Q4_K/Q5_K: the eight 6-bit scales and mins of 12 bytes, as bytes 0..7 of sc and mn: four at a
+// time with 32-bit masks (bytes 0..3: the low 6 bits of s[0..3] / s[4..7]; bytes 4..7: a nibble
+// of s[8..11] and the top 2 bits of s[0..3] / s[4..7])
+inline void k_scales(const uint8_t* s, uint64_t* sc, uint64_t* mn) {
+  uint32_t a, b, c;
+  std::memcpy(&a, s, 4), std::memcpy(&b, s + 4, 4), std::memcpy(&c, s + 8, 4);
+  const uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, top2 = 0xc0c0c0c0;
+  *sc = (a & low6) | (uint64_t)((c & low4) | ((a & top2) >> 2)) << 32;
+  *mn = (b & low6) | (uint64_t)(((c >> 4) & low4) | ((b & top2) >> 2)) << 32;
+}
+
+// eight bytes -> eight floats times f
+inline __m256 bytes_times(uint64_t bytes, float f) {
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((int64_t)bytes))), _mm256_set1_ps(f));
+}
+
+// One struct per type: QK weights per block, BYTES per block, MG weights per minimum (0: none).
+// unpack(b, scale, m, fn) sets the block's scale per group of 32 and its minimums m, then calls
+// fn(g, W32) for each group g.
+struct Q8_0 {
+  static constexpr int QK = 32, BYTES = 34, MG = 0;
+  template <class Fn> static void unpack(const uint8_t* b, float* scale, float*, Fn&& fn) {
+    *scale = fp16(b);
+    fn(0, widen_signed(_mm_loadu_si128((const __m128i*)(b + 2)), _mm_loadu_si128((const __m128i*)(b + 18))));
+  }
+};
+
+struct Q4_0 {
+  static constexpr int QK = 32, BYTES = 18, MG = 0;
+  template <class Fn> static void unpack(const uint8_t* b, float* scale, float*, Fn&& fn) {
+    *scale = fp16(b);
+    const Nibbles q = nibbles(b + 2);
+    fn(0, widen(q.lo, q.hi, 8));
+  }
+};
+
+struct Q4_1 {
+  static constexpr int QK = 32, BYTES = 20, MG = 32;
+  template <class Fn> static void unpack(const uint8_t* b, float* scale, float* m, Fn&& fn) {
+    *scale = fp16(b), *m = fp16(b + 2);
+    const Nibbles q = nibbles(b + 4);
+    fn(0, widen(q.lo, q.hi));
+  }
+};
+
+// Q5_0/Q5_1: the 5th bits (32 of them, little-endian at p) as 0x10 bytes, with the nibbles
+inline W32 five_bits(const uint8_t* p, const uint8_t* nib, int16_t offset) {
+  const Nibbles q = nibbles(nib);
+  const __m256i h = bit16_of(p);
+  return widen(_mm_or_si128(q.lo, _mm256_castsi256_si128(h)), _mm_or_si128(q.hi, _mm256_extracti128_si256(h, 1)),
+               offset);
+}
+
+struct Q5_0 {
+  static constexpr int QK = 32, BYTES = 22, MG = 0;
+  template <class Fn> static void unpack(const uint8_t* b, float* scale, float*, Fn&& fn) {
+    *scale = fp16(b);
+    fn(0, five_bits(b + 2, b + 6, 16));
+  }
+};
+
+struct Q5_1 {
+  static constexpr int QK = 32, BYTES = 24, MG = 32;
+  template <class Fn> static void unpack(const uint8_t* b, float* scale, float* m, Fn&& fn) {
+    *scale = fp16(b), *m = fp16(b + 2);
+    fn(0, five_bits(b + 4, b + 8, 0));
+  }
+};
+
+struct IQ4_NL {
+  static constexpr int QK = 32, BYTES = 18, MG = 0;
+  template <class Fn> static void unpack(const uint8_t* b, float* scale, float*, Fn&& fn) {
+    *scale = fp16(b);
+    const Nibbles q = nibbles(b + 2);
+    fn(0, widen_signed(iq4_lookup(q.lo), iq4_lookup(q.hi)));
+  }
+};
+
+// K-quants: 256 weights, sub-blocks of 32 (Q4_K, Q5_K, IQ4_XS: their scales go into the float
+// scale of each group) or 16 (Q2_K, Q3_K, Q6_K: multiplied into the int16 weights)
+struct Q2_K {
+  static constexpr int QK = 256, BYTES = 84, MG = 16;
+  template <class Fn> static void unpack(const uint8_t* b, float* scale, float* m, Fn&& fn) {
+    const uint8_t* sc = b;
+    const float d = fp16(b + 80), dmin = fp16(b + 82);
+    _mm256_storeu_ps(scale, _mm256_set1_ps(d));
+    for (int i = 0; i < 16; ++i) m[i] = -dmin * (float)(sc[i] >> 4);
+    for (int n = 0; n < 2; ++n) {  // weight 128n + 32j + l is bits 2j..2j+1 of qs[32n + l]
+      const __m256i q = _mm256_loadu_si256((const __m256i*)(b + 16 + 32 * n));
+      for (int j = 0; j < 4; ++j) {
+        const int g = 4 * n + j;
+        const __m256i v = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), _mm256_set1_epi8(3));
+        fn(g, widen_scaled(v, 0, sc[2 * g] & 15, sc[2 * g + 1] & 15));
+      }
+    }
+  }
+};
+
+struct Q3_K {
+  static constexpr int QK = 256, BYTES = 110, MG = 0;
+  template <class Fn> static void unpack(const uint8_t* b, float* scale, float*, Fn&& fn) {
+    const uint8_t* sb = b + 96;
+    int16_t sc[16];
+    for (int i = 0; i < 16; ++i)
+      sc[i] = (int16_t)((((i < 8 ? sb[i] : sb[i - 8] >> 4) & 15) | (((sb[8 + i % 4] >> (2 * (i / 4))) & 3) << 4)) - 32);
+    _mm256_storeu_ps(scale, _mm256_set1_ps(fp16(b + 108)));
+    const __m256i hmask = _mm256_loadu_si256((const __m256i*)b);
+    for (int n = 0; n < 2; ++n) {  // weight 128n + 32j + l: bits 2j.. of qs[32n + l], bit 4n + j of hmask[l]
+      const __m256i q = _mm256_loadu_si256((const __m256i*)(b + 32 + 32 * n));
+      for (int j = 0; j < 4; ++j) {
+        const int g = 4 * n + j;
+        const __m256i low = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), _mm256_set1_epi8(3));
+        // the high bit *clear* means minus 4: q + 4 * bit is 0..7, offset 4
+        fn(g, widen_scaled(_mm256_or_si256(low, bit_to(hmask, g, 4)), 4, sc[2 * g], sc[2 * g + 1]));
+      }
+    }
+  }
+};
+
+// Q4_K/Q5_K: the scales d * sc and the minimums -dmin * mn of the eight sub-blocks
+inline void k_scales_and_mins(const uint8_t* b, float* scale, float* m) {
+  uint64_t sc, mn;
+  k_scales(b + 4, &sc, &mn);
+  _mm256_storeu_ps(scale, bytes_times(sc, fp16(b)));
+  _mm256_storeu_ps(m, bytes_times(mn, -fp16(b + 2)));
+}
+
+struct Q4_K {
+  static constexpr int QK = 256, BYTES = 144, MG = 32;
+  template <class Fn> static void unpack(const uint8_t* b, float* scale, float* m, Fn&& fn) {
+    k_scales_and_mins(b, scale, m);
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    for (int j = 0; j < 4; ++j) {  // sub-block 2j: low nibbles of qs[32j..], 2j + 1: high ones
+      const __m128i lo = _mm_loadu_si128((const __m128i*)(b + 16 + 32 * j));
+      const __m128i hi = _mm_loadu_si128((const __m128i*)(b + 32 + 32 * j));
+      fn(2 * j, widen(_mm_and_si128(lo, m4), _mm_and_si128(hi, m4)));
+      fn(2 * j + 1, widen(_mm_and_si128(_mm_srli_epi16(lo, 4), m4), _mm_and_si128(_mm_srli_epi16(hi, 4), m4)));
+    }
+  }
+};
+
+struct Q5_K {
+  static constexpr int QK = 256, BYTES = 176, MG = 32;
+  template <class Fn> static void unpack(const uint8_t* b, float* scale, float* m, Fn&& fn) {
+    k_scales_and_mins(b, scale, m);
+    const __m256i qh = _mm256_loadu_si256((const __m256i*)(b + 16)), m4 = _mm256_set1_epi8(0x0F);
+    for (int j = 0; j < 4; ++j) {  // as Q4_K; the 5th bit of sub-block g's weight l is bit g of qh[l]
+      const __m256i q = _mm256_loadu_si256((const __m256i*)(b + 48 + 32 * j));
+      const __m256i lo = _mm256_or_si256(_mm256_and_si256(q, m4), bit_to(qh, 2 * j, 16));
+      const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), bit_to(qh, 2 * j + 1, 16));
+      fn(2 * j, widen(lo));
+      fn(2 * j + 1, widen(hi));
+    }
+  }
+};
+
+struct Q6_K {
+  static constexpr int QK = 256, BYTES = 210, MG = 0;
+  template <class Fn> static void unpack(const uint8_t* b, float* scale, float*, Fn&& fn) {
+    const int8_t* sc = (const int8_t*)(b + 192);
+    _mm256_storeu_ps(scale, _mm256_set1_ps(fp16(b + 208)));
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+    for (int n = 0; n < 2; ++n) {  // weight 128n + r: nibble r / 64 of ql[64n + r % 64], bits 2 (r / 32).. of qh[32n + r % 32]
+      const __m256i l0 = _mm256_loadu_si256((const __m256i*)(b + 64 * n));
+      const __m256i l1 = _mm256_loadu_si256((const __m256i*)(b + 64 * n + 32));
+      const __m256i h = _mm256_loadu_si256((const __m256i*)(b + 128 + 32 * n));
+      const __m256i low[4] = {_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
+                              _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
+      for (int j = 0; j < 4; ++j) {
+        const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * j), m2), 4);
+        const int g = 4 * n + j;
+        fn(g, widen_scaled(_mm256_or_si256(low[j], high), 32, sc[2 * g], sc[2 * g + 1]));
+      }
+    }
+  }
+};
+
+struct IQ4_XS {
+  static constexpr int QK = 256, BYTES = 136, MG = 0;
+  template <class Fn> static void unpack(const uint8_t* b, float* scale, float*, Fn&& fn) {
+    const float d = fp16(b);
+    const int high = b[2] | (b[3] << 8);
+    for (int g = 0; g < 8; ++g)
+      scale[g] = d * (float)((((b[4 + g / 2] >> (4 * (g % 2))) & 15) | (((high >> (2 * g)) & 3) << 4)) - 32);
+    for (int g = 0; g < 8; ++g) {
+      const Nibbles q = nibbles(b + 8 + 16 * g);
+      fn(g, widen_signed(iq4_lookup(q.lo), iq4_lookup(q.hi)));
+    }
+  }
+};
+
+// fn(T{}) for the block struct of ggml type `type`; false when there is none
+template <class Fn>
+inline bool with_block_type(int64_t type, Fn&& fn) {
+  switch (type) {
+    case GGML_Q8_0: fn(Q8_0{}); return true;
+    case GGML_Q4_0: fn(Q4_0{}); return true;
+    case GGML_Q4_1: fn(Q4_1{}); return true;
+    case GGML_Q5_0: fn(Q5_0{}); return true;
+    case GGML_Q5_1: fn(Q5_1{}); return true;
+    case GGML_IQ4_NL: fn(IQ4_NL{}); return true;
+    case GGML_Q2_K: fn(Q2_K{}); return true;
+    case GGML_Q3_K: fn(Q3_K{}); return true;
+    case GGML_Q4_K: fn(Q4_K{}); return true;
+    case GGML_Q5_K: fn(Q5_K{}); return true;
+    case GGML_Q6_K: fn(Q6_K{}); return true;
+    case GGML_IQ4_XS: fn(IQ4_XS{}); return true;
+    default: return false;
+  }
+}
+
+// bytes one row of K weights takes in `type`, 0 when the type is unknown or K is not whole blocks
+inline int64_t block_row_bytes(int64_t type, int64_t K) {
+  int64_t n = 0;
+  with_block_type(type, [&](auto t) {
+    using T = decltype(t);
+    if (K % T::QK == 0) n = K / T::QK * T::BYTES;
+  });
+  return n;
+}
+
+}  // namespace llamarun

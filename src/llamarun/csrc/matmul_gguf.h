@@ -1,0 +1,37 @@
+// GGUF block weights, computed on in their own bytes (matmul_gguf.cpp): the gguf_linear op and
+// the Decoder's GGUF linears share these.
+#pragma once
+
+#include "common.h"
+
+namespace llamarun {
+
+// Activations in 16 bits per group of 32: x ~ dx * X with X = round(x / dx), dx = max|x| / 32767
+// (about the precision of quantize_rows' two int8 levels; 8 bits, as llama.cpp's Q8_0/Q8_K,
+// moved SmolLM2 Q4_K_M's perplexity by +0.35% (per 32) and +0.83% (per 256) and changed its
+// greedy answers). xs16 / xs32 (B, K/16 | K/32) = dx * the sum of X over each group of 16 / 32
+// (what the minimums of Q2_K / Q4_1, Q5_1, Q4_K, Q5_K multiply).
+// X and dx are laid out in tiles of XT rows, group-major inside a tile, so that the XT rows'
+// values of one group of 32 sit together: the tile product then walks one pointer.
+constexpr int64_t XT = 4;
+struct X16 {
+  std::vector<int16_t> X;  // tile t, group g, row j: 32 values at ((t * ng + g) * XT + j) * 32
+  std::vector<float> dx;  // at (t * ng + g) * XT + j
+  std::vector<float> xs16, xs32;  // (B, K/16), (B, K/32)
+  int64_t B = 0, K = 0, ng = 0;
+  void quantize(const float* x, int64_t rows, int64_t width);
+  const int16_t* at(int64_t row, int64_t g) const { return X.data() + (((row / XT) * ng + g) * XT + row % XT) * QK; }
+  const float* dx_at(int64_t row, int64_t g) const { return dx.data() + ((row / XT) * ng + g) * XT + row % XT; }
+};
+
+// out[b * ld + o] for weight rows o in [lo, hi) of a `type` matrix (N rows of row_bytes) times the
+// B activation rows of x. Each output is one thread's: its weight row is unpacked once for all B
+// rows, and the same additions in the same order give it whatever B is (batch invariance).
+void gguf_range(int64_t type, const uint8_t* w, int64_t row_bytes, const X16& x, float* out, int64_t ld, int64_t lo,
+                int64_t hi);
+
+// float32 rows of a `type` matrix: dst (n, K) = rows ids[0..n) of w (0..n-1 when ids is null)
+void gguf_dequantize_rows(int64_t type, const uint8_t* w, int64_t row_bytes, int64_t K, const int64_t* ids, int64_t n,
+                          float* dst);
+
+}  // namespace llamarun

@@ -1,0 +1,126 @@
+"""GGUF blocks computed on in their own bytes: blocks.py's torch dequantization and the C++
+kernels (through PackedLinear / PackedEmbedding) against gguf-py's dequantization and a float
+matmul, for every block type, on random blocks; and a row's result is the same bit for bit
+whatever batch it is in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from tiny import random_blocks  # noqa: E402
+
+from llamarun import cpu_kernels  # noqa: E402
+from llamarun.blocks import BLOCK_SIZES, BLOCK_TYPES, dequantize_rows  # noqa: E402
+from llamarun.errors import ConfigError  # noqa: E402
+from llamarun.packed import PackedEmbedding, PackedLinear  # noqa: E402
+
+OUT = 37  # odd: the tiled kernel's pairs of weight rows leave one over
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def path(request, monkeypatch):
+    """Run each layer test on the C++ kernels and on the torch path."""
+    if request.param == "kernel" and cpu_kernels.ops() is None:
+        pytest.skip("no CPU kernels on this machine (needs x86 AVX2 and a C++ compiler)")
+    if request.param == "torch":
+        monkeypatch.setitem(cpu_kernels._state, "ops", None)
+    return request.param
+
+
+def width(qtype: str) -> int:
+    """Three K-quant super-blocks, or seven 32-blocks: not a multiple of any tile."""
+    return 3 * 256 if BLOCK_SIZES[qtype][0] == 256 else 7 * 32
+
+
+def reference(data, qtype: str) -> torch.Tensor:
+    return torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]).copy())
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+def test_torch_dequantization_equals_gguf_py(qtype):
+    data = random_blocks(qtype, OUT, width(qtype))
+
+    got = dequantize_rows(torch.from_numpy(data), qtype, width(qtype))
+
+    assert torch.equal(got, reference(data, qtype))
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+@pytest.mark.parametrize("batch", [1, 2, 7, 16, 64])
+def test_packed_linear_equals_the_dequantized_matmul(path, qtype, batch):
+    K = width(qtype)
+    data = random_blocks(qtype, OUT, K, seed=batch)
+    x = torch.randn(batch, K, generator=torch.Generator().manual_seed(batch))
+    x[:, :32] *= 50  # an outlier block, as real activations have
+    layer = PackedLinear(qtype, K, OUT, torch.from_numpy(data))
+
+    got = layer(x)
+
+    expected = (x.double() @ reference(data, qtype).double().T).float()
+    # the kernels quantize activations to 16 bits per 32; the torch path is float32 throughout
+    tolerance = 1e-4 if path == "kernel" else 1e-5
+    assert got.shape == (batch, OUT)
+    assert ((got - expected).norm() / expected.norm()).item() < tolerance
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+def test_packed_embedding_looks_up_the_dequantized_rows(path, qtype):
+    K = width(qtype)
+    data = random_blocks(qtype, OUT, K)
+    table = PackedEmbedding(qtype, OUT, K, torch.from_numpy(data))
+    tokens = torch.tensor([[3, 0, 36], [5, 5, 1]])
+
+    got = table(tokens)
+
+    # the kernels compute s * (sc * q) + m, gguf-py (d * sc) * q - m: the last bit may differ
+    torch.testing.assert_close(got, reference(data, qtype)[tokens], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+def test_a_row_gives_the_same_bits_alone_and_anywhere_in_a_batch(qtype):
+    if cpu_kernels.ops() is None:
+        pytest.skip("no CPU kernels on this machine (needs x86 AVX2 and a C++ compiler)")
+    K = width(qtype)
+    layer = PackedLinear(qtype, K, OUT, torch.from_numpy(random_blocks(qtype, OUT, K)))
+    x = torch.randn(9, K) * torch.logspace(-2, 2, 9)[:, None]  # rows of very different sizes
+    batch = layer(x)
+
+    for i in range(9):
+        assert torch.equal(layer(x[i : i + 1])[0], batch[i])
+    order = torch.tensor([4, 8, 0, 2, 7, 1, 6, 3, 5])
+    assert torch.equal(layer(x[order]), batch[order])
+    assert torch.equal(layer(x[2:5]), batch[2:5])  # three rows: the matrix-vector loop
+
+
+def test_tied_classifier_reads_the_embedding_bytes():
+    data = torch.from_numpy(random_blocks("Q6_K", OUT, 256))
+    table = PackedEmbedding("Q6_K", OUT, 256, data)
+
+    classifier = table.tied_linear()
+
+    assert classifier.data.data_ptr() == table.data.data_ptr() == data.data_ptr()
+    assert (classifier.in_features, classifier.out_features) == (256, OUT)
+
+
+def test_rows_of_the_wrong_size_are_refused():
+    with pytest.raises(
+        ConfigError, match=r"packed Q4_K weight of shape \(4, 256\) needs uint8 rows of 144 bytes"
+    ):
+        PackedLinear("Q4_K", 256, 4, torch.zeros(4, 143, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_0", "Q6_K", "Q8_0"])
+def test_a_prompts_tokens_multiply_float32_tiles_of_the_dequantized_rows(path, qtype):
+    K = width(qtype)
+    data = random_blocks(qtype, OUT, K)
+    layer = PackedLinear(qtype, K, OUT, torch.from_numpy(data))
+    x = torch.randn(2, 9, K)  # (B, T > 1, C): a prompt
+
+    got = layer(x)
+
+    expected = (x.double() @ reference(data, qtype).double().T).float()
+    assert got.shape == (2, 9, OUT)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-6  # no activation rounding

@@ -19,6 +19,7 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "ui"
 # which a machine without internet refuses (and which a test has no use for).
 CHROMIUM_ARGS = [
     "--no-sandbox",
+    "--disable-dev-shm-usage",  # a container's small /dev/shm would crash its renderers
     "--disable-gpu",
     "--disable-background-networking",
     "--disable-component-update",

@@ -320,8 +320,8 @@ def test_chat_override_and_base_model_error(always_im_end_llm):
     params = SamplingParams(temperature=0, max_new_tokens=4)
     assert llm.chat([{"role": "user", "content": "Hi"}], params, chat_template="llama2") == ""
     assert llm.last_stats.new_tokens == 4  # Llama 2 format stops at EOS only
+    assert "chat_format" not in vars(llm)  # the override did not build the checkpoint's own
     llm.chat_template = None
-    del llm.chat_format  # cached_property: forget the format built from the old template
     assert llm.chat_format.name == "chatml"  # inferred from <|im_start|>/<|im_end|>
 
 

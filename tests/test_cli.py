@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -137,3 +138,45 @@ def test_python_dash_m_runs_the_cli():
         [sys.executable, "-m", "llamarun", "--help"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and "generate" in done.stdout
+
+
+def test_generate_constrained_by_each_flag(meta_dir, tmp_path, capsys):
+    schema = {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "yes_no.gbnf").write_text('root ::= "yes" | "no"\n')
+    base = ["generate", str(meta_dir), "-p", "hello", "-n", "40", "-t", "0", "--quiet"]
+
+    def output(*flags: str) -> str:
+        assert main([*base, *flags]) == 0
+        return capsys.readouterr().out.rstrip("\n")
+
+    assert json.loads(output("--json-schema", str(tmp_path / "schema.json")))["n"] in (1, 2)
+    assert json.loads(output("--json-schema", json.dumps(schema)))["n"] in (1, 2)
+    assert output("--json", "-n", "3").startswith("{")  # any object: too open to finish here
+    assert re.fullmatch(r"[0-9]{3}", output("--regex", "[0-9]{3}"))
+    assert output("--grammar", str(tmp_path / "yes_no.gbnf")) in ("yes", "no")
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--json-schema", '{"type": "frob"}'], "invalid JSON schema"),
+        (["--json-schema", "/no/schema.json"], "cannot read --json-schema /no/schema.json"),
+        (["--regex", "[a-"], "invalid regex"),
+        (["--json", "--regex", "a"], "at most one constraint"),
+    ],
+)
+def test_bad_constraint_flags_are_one_sentence(meta_dir, capsys, flags, needle):
+    assert main(["generate", str(meta_dir), "-p", "x", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llamarun: error: ") and needle in err and "Traceback" not in err
+
+
+def test_a_constrained_request_decodes_plainly_beside_speculation(meta_dir, capsys):
+    argv = ["generate", str(meta_dir), "-p", "hello", "-n", "12", "-t", "0", "--regex", "[0-9]{6}"]
+    assert main(argv) == 0
+    expected = capsys.readouterr().out
+    assert main([*argv, "--speculate", "lookup", "--speculate-k", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected and re.fullmatch(r"[0-9]{6}\n", out)
+    assert "of 0 drafted tokens kept" in err  # the grammar's masks apply one token at a time

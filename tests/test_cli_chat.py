@@ -81,6 +81,12 @@ def test_prompt_flag_answers_once(tiny_dir, tiny_llm, capsys):
     assert capsys.readouterr().out == tiny_llm.chat([user("Hi")], GREEDY) + "\n"
 
 
+def test_prompt_flag_with_a_constraint_answers_within_it(tiny_dir, capsys):
+    # this tokenizer's alphabet has no "{", so a regex over its words stands in for a schema
+    assert main(["chat", str(tiny_dir), "-p", "Hi", *FLAGS, "--regex", "(Lily|Tom) (sat|ran)"]) == 0
+    assert capsys.readouterr().out in ("Lily sat\n", "Lily ran\n", "Tom sat\n", "Tom ran\n")
+
+
 def test_piped_stdin_answers_each_line_and_keeps_the_history(
     tiny_dir, tiny_llm, capsys, monkeypatch
 ):

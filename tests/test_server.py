@@ -70,17 +70,23 @@ class LineChatFormat:
         return self.tokenizer.encode(text + ("assistant:" if add_generation_prompt else ""))
 
 
-def build_llm(max_batch_size: int = 4) -> LLM:
+def build_llm(max_batch_size: int = 4, max_seq_len: int = 128) -> LLM:
     torch.manual_seed(0)
     args = ModelArgs(
-        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=320, max_seq_len=128
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=128,
+        vocab_size=320,
+        max_seq_len=max_seq_len,
     )
     model = Transformer(args)
     for param in model.parameters():
         torch.nn.init.normal_(param, std=0.3)
     with torch.no_grad():  # logit 0 for BOS and EOS: greedy text is then always len(max_tokens)
         model.output.weight[[BOS, EOS]] = 0
-    model.eval().setup_caches(max_batch_size, 128)
+    model.eval().setup_caches(max_batch_size, max_seq_len)
     return LLM(model, CharTokenizer())
 
 

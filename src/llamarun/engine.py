@@ -4,12 +4,17 @@
 server's continuous batching, perplexity. Each batch row is a slot with its own position,
 sampling parameters, seeded generator and stop ids, so a row's tokens do not depend on which
 other rows share the batch. The engine decides when a row ends on a token (a stop id, the token
-budget, the context); stop *strings* are text, and llm.TextStream decides those.
+budget, the context, a complete grammar); stop *strings* are text, and llm.TextStream decides
+those.
+
+A constrained row (SamplingParams.guide) has a matcher (guided/): each step its token mask is
+computed (on a worker thread while the forward pass runs, where a core is free for it) and
+applied to the logits before any sampling filter, and the sampled token advances it.
 
 The engine never changes the model it is given: build.py prepares it and hands over the fastest
 decode callable it has for that device (the one-call CPU step, a compiled step, or the model).
 With a Speculator (speculate.py), a row decoding alone checks a draft of several tokens in one
-forward (`_speculate`); with more rows running, every row decodes plainly.
+forward (`_speculate`); with more rows running, or a constrained (guided) row, rows decode plainly.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ import torch
 
 from .cpu import argmax_ids
 from .errors import RequestError
+from .guided import Constraints, Matcher
+from .guided.masks import MaskBatch, overlap_helps
 from .model import Transformer
 from .sampling import SamplingParams, sample
 from .speculate import Draft, Speculator, choose, penalized
+from .tokenizer import Tokenizer
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds attention memory for long prompts
 # (tokens, input_pos, rows) -> logits; rows None: cache rows 0..B-1
@@ -44,6 +52,7 @@ class Slot:
     stop_ids: frozenset[int]
     logprobs: int | None = None  # how many top alternatives to report; None: no logprobs
     finish_reason: str | None = None
+    matcher: Matcher | None = None  # the grammar state of a constrained row
 
     @property
     def n_generated(self) -> int:
@@ -54,9 +63,15 @@ class Slot:
 class StepOutput:
     slot: int
     token_id: int  # -1 when nothing was sampled (max_new_tokens=0)
-    finish_reason: str | None  # "stop" (a stop id), "length", or None while running
+    finish_reason: str | None  # "stop" (a stop id, a complete grammar), "length", or None
     logprob: float | None = None
     top_logprobs: TopLogprobs = field(default_factory=list)
+    is_stop_id: bool = False  # token_id ended the row and is not part of the text
+
+    @property
+    def shown_id(self) -> int | None:
+        """The token this output adds to the text, if any."""
+        return self.token_id if self.token_id >= 0 and not self.is_stop_id else None
 
 
 class Engine:
@@ -69,11 +84,14 @@ class Engine:
         *,
         decode: Decode | None = None,
         forward: Forward | None = None,
+        tokenizer: Tokenizer | None = None,
         speculator: Speculator | None = None,
     ):
         """forward: what runs the model (default: the model itself; a distributed run passes the
         driver that hands each batch to the other ranks); decode: the one-token step (default:
-        forward); speculator: drafts and keeps tokens for a row decoding alone."""
+        forward); tokenizer: what constrained rows compile their grammars against (None: no
+        constraints); speculator: drafts and keeps tokens for an unconstrained row decoding
+        alone."""
         self.model = model
         self.stop_ids = frozenset(stop_ids)
         self.device = model.norm.weight.device
@@ -81,6 +99,23 @@ class Engine:
         self._forward = forward if forward is not None else model
         self._decode = decode if decode is not None else self._forward
         self.speculator = speculator
+        vocab = model.args.vocab_size
+        self.constraints = Constraints(tokenizer, vocab) if tokenizer is not None else None
+        self.masks = MaskBatch(vocab, model.max_batch_size, threaded=overlap_helps(self.device))
+
+    def compile(self, params: SamplingParams) -> None:
+        """Compile params' constraint now (cached), so a grammar that does not fit the tokenizer
+        fails here, before a request is admitted; no-op without one."""
+        if params.guide is not None:
+            self._constraints().compile(params.guide)
+
+    def _constraints(self) -> Constraints:
+        if self.constraints is None:
+            raise RequestError(
+                "constrained generation needs the model's tokenizer, and this engine has none",
+                param="json_schema",
+            )
+        return self.constraints
 
     @property
     def max_seq_len(self) -> int:
@@ -132,6 +167,7 @@ class Engine:
         assert self.slots[slot] is None, f"slot {slot} is busy"
         seed = params.seed if params.seed is not None else random.randrange(2**63)
         generator = torch.Generator(device=self.device).manual_seed(seed)
+        matcher = self._constraints().matcher(params.guide) if params.guide else None
         state = Slot(
             params,
             generator,
@@ -140,13 +176,18 @@ class Engine:
             list(prompt_ids),
             self.stop_ids | stop_ids,
             logprobs,
+            matcher=matcher,
         )
         self.slots[slot] = state
+        if matcher is not None and params.max_new_tokens:
+            self.masks.start([matcher])  # the first token's mask, while the prompt prefills
         *_, (_, logits) = self.prefill(slot, prompt_ids)  # the last chunk's logits pick the token
         state.pos = len(prompt_ids)
         if params.max_new_tokens == 0:
             state.finish_reason = "length"
             return StepOutput(slot, -1, "length")
+        if matcher is not None:
+            self.masks.apply_(logits[None], [0], [state.stop_ids])
         return self._pick(slot, logits)
 
     @torch.inference_mode()
@@ -192,7 +233,7 @@ class Engine:
         if not running:
             return []
         if self.speculator is not None:
-            if len(running) == 1:
+            if len(running) == 1 and self.slots[running[0]].matcher is None:  # not a grammar's
                 outs = self._speculate(running[0])
                 if outs is not None:
                     return outs
@@ -204,7 +245,12 @@ class Engine:
         live = [s if s is not None and s.finish_reason is None else None for s in self.slots[:hi]]
         tokens = torch.tensor([[s.tokens[-1] if s else 0] for s in live], device=self.device)
         input_pos = torch.tensor([[s.pos if s else 0] for s in live], device=self.device)
+        constrained = [i for i in running if self.slots[i].matcher is not None]
+        if constrained:  # the masks compute on a worker while the model runs
+            self.masks.start([self.slots[i].matcher for i in constrained])
         logits = self.decode(tokens, input_pos)  # (hi, V)
+        if constrained:
+            self.masks.apply_(logits, constrained, [self.slots[i].stop_ids for i in constrained])
         for i in running:
             self.slots[i].pos += 1
         return self._pick_many(running, logits)
@@ -302,16 +348,34 @@ class Engine:
         top = torch.topk(logp, s.logprobs) if s.logprobs else None
         out = self._advance(slot, token)
         out.logprob = float(logp[out.token_id])
-        if top is not None:
-            out.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+        if top is not None:  # a constrained row's masked tokens (-inf) are no alternatives
+            alternatives = zip(top.indices.tolist(), top.values.tolist())
+            out.top_logprobs = [(t, lp) for t, lp in alternatives if lp > -float("inf")]
         return out
 
     def _advance(self, slot: int, token_id: int) -> StepOutput:
-        """The one place a row ends on a token: a stop id, its budget, or the context's end."""
+        """The one place a row ends on a token: a stop id, a complete grammar, its budget, or the
+        context's end."""
         s = self.slots[slot]
         s.tokens.append(token_id)
-        if token_id in s.stop_ids:
+        is_stop_id = token_id in s.stop_ids
+        if is_stop_id:
+            s.finish_reason = "stop"
+        elif s.matcher is not None and self._consume(s, token_id):
             s.finish_reason = "stop"
         elif s.n_generated >= s.params.max_new_tokens or s.pos >= self.max_seq_len:
             s.finish_reason = "length"
-        return StepOutput(slot, token_id, s.finish_reason)
+        return StepOutput(slot, token_id, s.finish_reason, is_stop_id=is_stop_id)
+
+    @staticmethod
+    def _consume(s: Slot, token_id: int) -> bool:
+        """Advance a row's grammar past its token; True when nothing may follow."""
+        if not s.matcher.consume(token_id):
+            # the mask allows only tokens the grammar takes, unless the vocabulary cannot spell
+            # what the grammar needs next (a tokenizer without "{" asked for JSON)
+            raise RequestError(
+                f"the {s.params.guide.kind} cannot be followed with this model's vocabulary "
+                f"({s.matcher.error().splitlines()[0]})",
+                param=s.params.guide.kind,
+            )
+        return s.matcher.is_stopped()

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import overload
 
 import torch
 
@@ -24,6 +25,7 @@ from .speculate import Speculator
 from .tokenizer import Tokenizer
 from .tokenizer.chat import ChatFormat, Message, get_chat_format
 from .tokenizer.stream import StreamDecoder
+from .tools import ChatResponse, finish_reason, prepare_chat, tool_request
 
 DEFAULT_PARAMS = SamplingParams()  # frozen, so safe as a shared default
 
@@ -41,13 +43,13 @@ class TextStream:
 
     def push(self, out: StepOutput) -> str:
         """The text one engine output adds. Sets `finish_reason` when the row ends: "stop" for a
-        stop id (never shown) or a stop string (cut), "length" when the budget ran out; the held
-        back text is then flushed."""
+        stop id (never shown), a stop string (cut) or a complete grammar, "length" when the
+        budget ran out; the held back text is then flushed."""
         if self.finish_reason is not None:
             return ""
         text = ""
-        if out.token_id >= 0 and out.finish_reason != "stop":
-            text = self.feed(out.token_id)
+        if out.shown_id is not None:
+            text = self.feed(out.shown_id)
             if self.stopped:
                 self.finish_reason = "stop"
                 return text
@@ -146,7 +148,14 @@ class LLM:
         self.chat_template = chat_template
         self.info = info or {}
         stop_ids = tokenizer.stop_ids if tokenizer is not None else frozenset()
-        self.engine = Engine(model, stop_ids, decode=decode, forward=forward, speculator=speculator)
+        self.engine = Engine(
+            model,
+            stop_ids,
+            decode=decode,
+            forward=forward,
+            tokenizer=tokenizer,
+            speculator=speculator,
+        )
         self.last_stats = Stats()
         self._on_close = on_close
 
@@ -241,20 +250,23 @@ class LLM:
         params: SamplingParams = DEFAULT_PARAMS,
         *,
         on_text: Callable[[int, str], None] | None = None,
+        stop_ids: frozenset[int] = frozenset(),
+        lstrip: bool = False,
     ) -> list[Completion]:
-        """Complete several prompts as one batch. `on_text(row, piece)` receives text as it streams."""
+        """Complete several prompts as one batch. `on_text(row, piece)` receives text as it
+        streams. stop_ids end a row besides the model's own; lstrip: the text starts a turn."""
         tok = self._need_tokenizer()
         ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        streams = [TextStream(tok, params.stop) for _ in ids]
+        streams = [TextStream(tok, params.stop, lstrip=lstrip) for _ in ids]
         new_ids: list[list[int]] = [[] for _ in ids]
-        gen = self._run(ids, params)
+        gen = self._run(ids, params, stop_ids)
         for row in gen:
             for i, out in enumerate(row):
                 stream = streams[i]
                 if out is None or stream.finish_reason is not None:
                     continue
-                if out.finish_reason != "stop":
-                    new_ids[i].append(out.token_id)
+                if out.shown_id is not None:
+                    new_ids[i].append(out.shown_id)
                 piece = stream.push(out)
                 if piece and on_text:
                     on_text(i, piece)
@@ -354,11 +366,35 @@ class LLM:
         """Yield the assistant's answer to `messages` as text pieces; the turn ends at any of the
         format's stop ids. chat_template: a format name, a Jinja file or Jinja source overriding
         the checkpoint's."""
-        tok = self._need_tokenizer()
-        fmt = self.chat_format
-        if chat_template is not None:
-            fmt = get_chat_format(tok, self.chat_template, chat_template)
+        fmt = self._chat_format(chat_template)
         return self._stream_ids(fmt.encode_dialog(messages), params, fmt.stop_ids, lstrip=True)
+
+    def _chat_format(self, override: str | None) -> ChatFormat:
+        if override is None:
+            return self.chat_format
+        return get_chat_format(self._need_tokenizer(), self.chat_template, override)
+
+    @overload
+    def chat(
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams = ...,
+        *,
+        chat_template: str | None = ...,
+        tools: None = ...,
+    ) -> str: ...
+
+    @overload
+    def chat(
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams = ...,
+        *,
+        chat_template: str | None = ...,
+        tools: Sequence[dict],
+        tool_choice: str | dict | None = ...,
+        parallel_tool_calls: bool | None = ...,
+    ) -> ChatResponse: ...
 
     def chat(
         self,
@@ -366,9 +402,31 @@ class LLM:
         params: SamplingParams = DEFAULT_PARAMS,
         *,
         chat_template: str | None = None,
-    ) -> str:
-        """The assistant's answer to `messages` (a list of {"role", "content"} dicts)."""
-        return "".join(self.chat_stream(messages, params, chat_template=chat_template))
+        tools: Sequence[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool | None = None,
+    ) -> str | ChatResponse:
+        """The assistant's answer to `messages` (a list of {"role", "content"} dicts; tool
+        results as {"role": "tool", "tool_call_id", "content"}). With `tools` (OpenAI's function
+        tools; tool_choice "auto", "none", "required" or {"type": "function", "function":
+        {"name": ...}}), a ChatResponse holding the text and the parsed calls."""
+        if tools is None:
+            return "".join(self.chat_stream(messages, params, chat_template=chat_template))
+        fmt = self._chat_format(chat_template)
+        request = tool_request(tools, tool_choice, parallel_tool_calls)
+        plan = prepare_chat(fmt, self._need_tokenizer(), messages, request, params.guide)
+        if plan.constraint is not None:
+            no_guide = dict(json_schema=None, regex=None, grammar=None, choice=None)
+            params = replace(params, **{**no_guide, **plan.constraint})
+        (out,) = self.complete_batch(
+            [plan.prompt_ids], params, stop_ids=frozenset(fmt.stop_ids), lstrip=True
+        )
+        if plan.reader is None:
+            return ChatResponse(out.text, [], out.finish_reason)
+        content, calls = plan.reader.final(out.text)
+        return ChatResponse(
+            content, plan.reader.ids(calls), finish_reason(out.finish_reason, calls)
+        )
 
 
 def _rows(outs: list[StepOutput], n: int) -> Iterator[list[StepOutput | None]]:

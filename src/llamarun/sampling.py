@@ -6,10 +6,12 @@ Order of filters (as litgpt documents it): penalties -> top_k -> temperature -> 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
+from . import guided
 from .errors import RequestError
 
 
@@ -26,6 +28,9 @@ class SamplingParams:
     repetition_penalty: > 0; 1 disables (divides positive logits of seen tokens, CTRL-style).
     presence_penalty / frequency_penalty: in [-2, 2], OpenAI-style, on generated tokens.
     stop: strings that end generation (not included in the output). seed: makes sampling reproducible.
+    Constraints (at most one): json_schema (a JSON schema as a dict or JSON text; True or {}: any
+    JSON object), regex (the whole output matches it), grammar (GBNF or Lark), choice (the output
+    is one of these strings). A constrained row ends ("stop") when its grammar is complete.
     """
 
     temperature: float = 1.0
@@ -38,6 +43,11 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    json_schema: bool | dict | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    choice: Sequence[str] | None = None
+    guide: guided.Guide | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
@@ -78,6 +88,12 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings")
         check(self.seed is None or isinstance(self.seed, int), "seed", "an integer")
+        if self.choice is not None and not isinstance(self.choice, str):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        guide = guided.make_guide(self.json_schema, self.regex, self.grammar, self.choice)
+        if guide is not None:
+            guided.check(guide)  # a bad schema or grammar fails here, before any token
+        object.__setattr__(self, "guide", guide)
 
     @property
     def is_greedy(self) -> bool:

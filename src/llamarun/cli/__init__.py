@@ -8,7 +8,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from ..errors import LlamarunError
+from ..errors import LlamarunError, RequestError
 
 COMMANDS = {
     "generate": ("llamarun.cli.generate", "complete prompts (several -p run as one batch)"),
@@ -145,11 +145,27 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, temperature: float = 0
     )
     parser.add_argument("--seed", type=int, default=None, help="makes sampled output reproducible")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    guided = parser.add_argument_group("constrained output (at most one)")
+    guided.add_argument(
+        "--json-schema",
+        metavar="FILE_OR_JSON",
+        help="the output is JSON valid against this schema (a file, or the schema inline)",
+    )
+    guided.add_argument("--json", action="store_true", help="the output is a JSON object")
+    guided.add_argument("--regex", metavar="R", help="the whole output matches this regex")
+    guided.add_argument(
+        "--grammar", metavar="FILE", help="the output follows this grammar file (GBNF or Lark)"
+    )
 
 
 def sampling_params(args: argparse.Namespace):
     from ..sampling import SamplingParams
 
+    schema = args.json_schema
+    if schema is not None and args.json:
+        raise RequestError("give --json or --json-schema, not both", param="json")
+    if schema is not None and not schema.lstrip().startswith("{"):
+        schema = _read_flag_file(schema, "json-schema")
     return SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,
@@ -159,7 +175,18 @@ def sampling_params(args: argparse.Namespace):
         max_new_tokens=args.max_new_tokens,
         stop=tuple(args.stop),
         seed=args.seed,
+        json_schema=schema if schema is not None else args.json,
+        regex=args.regex,
+        grammar=_read_flag_file(args.grammar, "grammar") if args.grammar else None,
     )
+
+
+def _read_flag_file(path: str, flag: str) -> str:
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "it is not UTF-8 text"
+        raise RequestError(f"cannot read --{flag} {path}: {reason}", param=flag) from e
 
 
 def resolve_model(name: str | None) -> str:

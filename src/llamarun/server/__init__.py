@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP server: wire types and response builders (protocol.py), continuous
+"""OpenAI-compatible HTTP server: wire types (protocol.py) and response builders (builders.py), continuous
 batching on one engine thread (scheduler.py), a request's jobs on it (jobs.py), the OpenAI routes
 (openai.py), and create_app assembling them (app.py). Start it with `llamarun serve`."""
 

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import LlamarunError
-from . import protocol as p
+from . import builders as b
 
 log = logging.getLogger("llamarun.server")
 
@@ -22,16 +22,16 @@ class APIError(Exception):
         self, status: int, message: str, param: str | None = None, code: str | None = None
     ):
         super().__init__(message)
-        self.status, self.body = status, p.error_body(message, "invalid_request_error", param, code)
+        self.status, self.body = status, b.error_body(message, "invalid_request_error", param, code)
 
 
 def error_response(e: Exception) -> tuple[int, dict]:
     if isinstance(e, APIError):
         return e.status, e.body
     if isinstance(e, LlamarunError):
-        return 400, p.error_body(str(e), param=getattr(e, "param", None), code=400)
+        return 400, b.error_body(str(e), param=getattr(e, "param", None), code=400)
     log.error("request failed", exc_info=e)
-    return 500, p.error_body(f"internal error: {type(e).__name__}: {e}", "server_error", code=500)
+    return 500, b.error_body(f"internal error: {type(e).__name__}: {e}", "server_error", code=500)
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -53,7 +53,7 @@ async def on_invalid(request: Request, e: RequestValidationError) -> JSONRespons
     err = e.errors()[0]
     if err.get("type") == "json_invalid":
         return JSONResponse(
-            p.error_body("the request body is not valid JSON", code=400), status_code=400
+            b.error_body("the request body is not valid JSON", code=400), status_code=400
         )
     param = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or None
     got = (
@@ -62,10 +62,10 @@ async def on_invalid(request: Request, e: RequestValidationError) -> JSONRespons
         else ""
     )
     return JSONResponse(
-        p.error_body(f"{param or 'body'}: {err['msg']}{got}", param=param, code=400),
+        b.error_body(f"{param or 'body'}: {err['msg']}{got}", param=param, code=400),
         status_code=400,
     )
 
 
 async def on_http_error(request: Request, e: HTTPException) -> JSONResponse:
-    return JSONResponse(p.error_body(str(e.detail), code=e.status_code), status_code=e.status_code)
+    return JSONResponse(b.error_body(str(e.detail), code=e.status_code), status_code=e.status_code)

@@ -25,10 +25,15 @@ def make_jobs(
     *,
     stop_ids: frozenset[int] = frozenset(),
     lstrip: bool = False,
+    constraint: tuple[dict, str | None] | None = None,
     **job_args,
 ) -> list[Job]:
-    """One job per prompt and choice; max_tokens None: all the context the prompt leaves."""
+    """One job per prompt and choice; max_tokens None: all the context the prompt leaves.
+    constraint: SamplingParams keywords for the output and the request field they came from,
+    default the body's own (`constraint()`); compiled here, so a schema or grammar that cannot
+    work is a 400 before any token."""
     body.log_ignored()
+    constraint, source = body.constraint() if constraint is None else constraint
     jobs = []
     for prompt_ids in prompts:
         llm.engine.check_prompt(prompt_ids)
@@ -41,7 +46,12 @@ def make_jobs(
                 param="max_tokens",
             )
         for choice in range(body.n):
-            params = body.to_sampling_params(wanted, choice)
+            params = body.to_sampling_params(wanted, choice, constraint, source)
+            if not jobs:
+                try:  # once per request: every choice and prompt shares the compiled grammar
+                    llm.engine.compile(params)
+                except RequestError as e:
+                    raise body.request_error(e, source) from e
             stream = TextStream(llm.tokenizer, params.stop, lstrip=lstrip)
             jobs.append(Job(len(jobs), prompt_ids, params, stream, stop_ids, emit, **job_args))
     return jobs

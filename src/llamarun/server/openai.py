@@ -15,9 +15,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import BaseModel
 
+from .. import guided, tools
 from ..errors import RequestError
 from ..llm import LLM
 from ..tokenizer import Tokenizer
+from . import builders as b
 from . import protocol as p
 from .http_errors import APIError, error_response
 from .jobs import emitter, make_jobs, run_jobs
@@ -56,7 +58,16 @@ async def chat_completions(
     if state.no_chat is not None:
         raise RequestError(state.no_chat, param="messages")
     messages = [m.as_dict() for m in body.messages]
-    prompts = [list(state.chat_format.encode_dialog(messages, add_generation_prompt=True))]
+    offered = tools.tool_request(body.tools, body.tool_choice, body.parallel_tool_calls)
+    constraint, source = body.constraint()
+    try:
+        answer = guided.make_guide(**constraint)
+        plan = tools.prepare_chat(state.chat_format, state.tokenizer, messages, offered, answer)
+    except RequestError as e:
+        raise body.request_error(e, source) from e
+    if plan.constraint is not None:  # the tools' format decides what the answer may be
+        constraint, source = plan.constraint, None
+    prompts = [plan.prompt_ids]
     max_tokens = (
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     )
@@ -71,11 +82,13 @@ async def chat_completions(
         stop_ids=frozenset(state.chat_format.stop_ids),
         logprobs=logprobs,
         lstrip=True,
+        constraint=(constraint, source),
     )
     answer = _Answer(state, request, f"chatcmpl-{secrets.token_hex(12)}", prompts, jobs, events)
+    answer.reader = plan.reader
     if body.stream:
         return EventSourceResponse(sse_stream(_chat_chunks(answer, _include_usage(body))))
-    return await _chat_completion(answer, logprobs is not None)
+    return await _chat_completion(answer, logprobs is not None and plan.reader is None)
 
 
 @router.post("/completions", response_model=None)
@@ -155,12 +168,13 @@ class _Answer:
     jobs: list[Job]
     events: asyncio.Queue[Event]
     created: int = field(default_factory=lambda: int(time.time()))
+    reader: tools.ToolReader | None = None  # a chat answer that may call tools
 
     def run(self, *, watch: bool) -> AsyncIterator[Event]:
         return run_jobs(self.state.scheduler, self.request, self.jobs, self.events, watch=watch)
 
     def usage(self) -> p.Usage:
-        return p.usage(sum(map(len, self.prompts)), sum(j.n_tokens for j in self.jobs))
+        return b.usage(sum(map(len, self.prompts)), sum(j.n_tokens for j in self.jobs))
 
 
 async def _chat_chunks(answer: _Answer, include_usage: bool) -> AsyncIterator[BaseModel]:
@@ -176,13 +190,23 @@ async def _chat_chunks(answer: _Answer, include_usage: bool) -> AsyncIterator[Ba
         )
 
     tokenizer = answer.state.tokenizer
-    yield chunk(p.chat_role_choices(j.index for j in answer.jobs))
+    streams = {j.index: answer.reader.stream() for j in answer.jobs} if answer.reader else {}
+    yield chunk(b.chat_role_choices(j.index for j in answer.jobs))
     async for ev in answer.run(watch=False):
-        lp = p.chat_logprobs(tokenizer, ev.token_id, ev.logprob, ev.top_logprobs)
-        if ev.text or lp:
-            yield chunk([p.chat_text_choice(ev.index, ev.text, lp)])
-        if ev.finish_reason:
-            yield chunk([p.chat_finish_choice(ev.index, ev.finish_reason)])
+        reason = ev.finish_reason
+        if ev.index in streams:  # text and tool calls, read from the answer as it grows
+            deltas = streams[ev.index].push(ev.text)
+            if reason:
+                tail, _, calls = streams[ev.index].finish()
+                deltas, reason = deltas + tail, tools.finish_reason(reason, calls)
+            for delta in deltas:
+                yield chunk([b.chat_tool_choice(ev.index, delta)])
+        else:
+            lp = b.chat_logprobs(tokenizer, ev.token_id, ev.logprob, ev.top_logprobs)
+            if ev.text or lp:
+                yield chunk([b.chat_text_choice(ev.index, ev.text, lp)])
+        if reason:
+            yield chunk([b.chat_finish_choice(ev.index, reason)])
     if include_usage:
         yield chunk([], answer.usage())
 
@@ -193,18 +217,22 @@ async def _chat_completion(answer: _Answer, with_logprobs: bool) -> p.ChatComple
     async for ev in answer.run(watch=True):
         texts[ev.index] += ev.text
         reasons[ev.index] = ev.finish_reason or reasons[ev.index]
-        lp = p.chat_logprobs(tokenizer, ev.token_id, ev.logprob, ev.top_logprobs)
+        lp = b.chat_logprobs(tokenizer, ev.token_id, ev.logprob, ev.top_logprobs)
         if lp is not None:
             lps[ev.index] += lp.content
-    choices = [
-        p.ChatChoice(
-            index=i,
-            message=p.AssistantMessage(content=texts[i]),
-            finish_reason=reasons[i],
-            logprobs=p.ChoiceLogprobs(content=lps[i]) if with_logprobs else None,
+    choices = []
+    for i in range(n):
+        message = p.AssistantMessage(content=texts[i])
+        if answer.reader is not None:
+            content, calls = answer.reader.final(texts[i])
+            message = p.AssistantMessage(
+                content=content, tool_calls=b.tool_calls(answer.reader.ids(calls))
+            )
+            reasons[i] = tools.finish_reason(reasons[i], calls)
+        lp = p.ChoiceLogprobs(content=lps[i]) if with_logprobs else None
+        choices.append(
+            p.ChatChoice(index=i, message=message, finish_reason=reasons[i], logprobs=lp)
         )
-        for i in range(n)
-    ]
     return p.ChatCompletion(
         id=answer.id,
         created=answer.created,
@@ -240,7 +268,7 @@ class _CompletionChoices:
         if body.logprobs is not None and ev.token_id is not None:
             scores.append((ev.token_id, ev.logprob, ev.top_logprobs))
         lp = (
-            p.completion_logprobs(self.tokenizer, scores, self.offsets[ev.index])
+            b.completion_logprobs(self.tokenizer, scores, self.offsets[ev.index])
             if body.logprobs is not None
             else None
         )

@@ -1,21 +1,17 @@
 """OpenAI wire types: request models, response and chunk types, error bodies, and the mapping
 from a request to `SamplingParams` (vLLM's `to_sampling_params()` split). Unknown request fields
 are ignored and logged once; fields we honour are validated here so a bad value becomes a 400.
-The builders at the end make response parts from plain data (token counts, token ids with their
-logprobs), so the routes only decide which parts to send when."""
+builders.py makes response parts of these types from plain data."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from ..engine import TopLogprobs
 from ..errors import RequestError
 from ..sampling import SamplingParams
-from ..tokenizer import Tokenizer
 
 log = logging.getLogger("llamarun.server")
 _ignored_logged: set[str] = set()
@@ -23,6 +19,31 @@ _ignored_logged: set[str] = set()
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JSONSchemaFormat(BaseModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+# Request fields that constrain the output -> the SamplingParams field each one sets (OpenAI's
+# response_format; vLLM's guided_*; llama.cpp's grammar and json_schema)
+CONSTRAINTS = {
+    "response_format": "json_schema",
+    "guided_json": "json_schema",
+    "json_schema": "json_schema",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+    "grammar": "grammar",
+}
 
 
 class SamplingRequest(BaseModel):
@@ -41,14 +62,67 @@ class SamplingRequest(BaseModel):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    grammar: str | None = None
+    json_schema: dict | None = None
+
+    def constraint(self) -> tuple[dict[str, Any], str | None]:
+        """SamplingParams keywords of the request's output constraint, and the request field
+        they come from (None when there is none)."""
+        given = {name: getattr(self, name) for name in CONSTRAINTS}
+        given = {name: value for name, value in given.items() if value is not None}
+        if self.response_format is not None and self.response_format.type == "text":
+            del given["response_format"]
+        if len(given) > 1:
+            first, second = list(given)[:2]
+            raise RequestError(f"give {first} or {second}, not both", param=second)
+        if not given:
+            return {}, None
+        ((source, value),) = given.items()
+        if source == "response_format":
+            value = self._response_schema()
+        return {CONSTRAINTS[source]: value}, source
+
+    def _response_schema(self) -> dict | bool:
+        rf = self.response_format
+        if rf.type == "json_object":
+            return True
+        if rf.json_schema is None:
+            raise RequestError(
+                "response_format of type json_schema needs a json_schema: "
+                "{'name': ..., 'schema': {...}}",
+                param="response_format",
+            )
+        schema = rf.json_schema.schema_
+        return True if schema is None else schema
+
+    def request_error(self, e: RequestError, source: str | None) -> RequestError:
+        """`e` (about a SamplingParams field) reworded for this request's own field names."""
+        if e.param == "max_new_tokens":
+            return RequestError(str(e).replace("max_new_tokens", "max_tokens"), param="max_tokens")
+        if source is not None and e.param in CONSTRAINTS.values():
+            return RequestError(f"{source}: {e}", param=source)
+        return e
 
     def log_ignored(self) -> None:
         for name in (self.model_extra or {}).keys() - _ignored_logged:
             _ignored_logged.add(name)
             log.warning("ignored request field: %s", name)
 
-    def to_sampling_params(self, max_new_tokens: int, choice: int = 0) -> SamplingParams:
-        """Sampling parameters of choice number `choice`; its seed is derived so choices differ."""
+    def to_sampling_params(
+        self,
+        max_new_tokens: int,
+        choice: int = 0,
+        constraint: dict[str, Any] | None = None,
+        source: str | None = None,
+    ) -> SamplingParams:
+        """Sampling parameters of choice number `choice`; its seed is derived so choices differ.
+        constraint: SamplingParams keywords constraining the output, from the request field
+        `source` (see `constraint`) or from its tools."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         try:
             return SamplingParams(
@@ -61,10 +135,10 @@ class SamplingRequest(BaseModel):
                 max_new_tokens=max_new_tokens,
                 stop=stop,
                 seed=None if self.seed is None else self.seed + choice,
+                **(constraint or {}),
             )
         except RequestError as e:
-            param = "max_tokens" if e.param == "max_new_tokens" else e.param
-            raise RequestError(str(e).replace("max_new_tokens", "max_tokens"), param=param) from e
+            raise self.request_error(e, source) from e
 
 
 class ContentPart(BaseModel):
@@ -72,19 +146,40 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # which call a tool message answers
+    name: str | None = None
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self) -> dict[str, Any]:
         role = "system" if self.role == "developer" else self.role  # OpenAI's newer name for it
+        content = self.content or ""
         if isinstance(self.content, list):
             if any(p.type != "text" or p.text is None for p in self.content):
                 raise RequestError(
                     "only text content parts are supported in messages", param="messages"
                 )
-            return {"role": role, "content": "".join(p.text for p in self.content)}
-        return {"role": role, "content": self.content or ""}
+            content = "".join(p.text for p in self.content)
+        message: dict[str, Any] = {"role": role, "content": content}
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -92,6 +187,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None  # checked by tools.tool_request, which names what is wrong
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -125,7 +223,8 @@ class ChoiceLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the answer is only tool calls
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -144,9 +243,31 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class _WithoutNulls(BaseModel):
+    """Serialized without its unset fields: the openai client joins delta.tool_calls by
+    replacing `type` and appending strings, so a null would erase and an id repeat."""
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionDelta(_WithoutNulls):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_WithoutNulls):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -200,80 +321,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-# ---- builders --------------------------------------------------------------------------------
-
-
-def error_body(
-    message: str,
-    type: str = "invalid_request_error",
-    param: str | None = None,
-    code: int | str | None = None,
-) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    )
-
-
-def token_text(tokenizer: Tokenizer, token_id: int) -> str:
-    """A token's own text; a token holding part of a UTF-8 character shows U+FFFD."""
-    return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
-
-
-def chat_logprobs(
-    tokenizer: Tokenizer, token_id: int | None, logprob: float | None, top: TopLogprobs
-) -> ChoiceLogprobs | None:
-    """The chat `logprobs` of one sampled token; None where there is no shown token to score."""
-    if token_id is None or logprob is None:
-        return None
-    alternatives = [
-        TopLogprob(token=token_text(tokenizer, t), logprob=lp, bytes=list(tokenizer.token_bytes(t)))
-        for t, lp in top
-    ]
-    entry = TokenLogprob(
-        token=token_text(tokenizer, token_id),
-        logprob=logprob,
-        bytes=list(tokenizer.token_bytes(token_id)),
-        top_logprobs=alternatives,
-    )
-    return ChoiceLogprobs(content=[entry])
-
-
-def completion_logprobs(
-    tokenizer: Tokenizer, scores: list[tuple[int, float | None, TopLogprobs]], offset: int
-) -> CompletionLogprobs:
-    """The legacy completions `logprobs` of (token id, logprob, alternatives), the first token
-    starting at character `offset` of the choice's text (a prompt's first token has no logprob)."""
-    out = CompletionLogprobs()
-    for token_id, lp, alts in scores:
-        text = token_text(tokenizer, token_id)
-        out.tokens.append(text)
-        out.token_logprobs.append(lp)
-        out.top_logprobs.append(
-            {token_text(tokenizer, t): a for t, a in alts} if lp is not None else None
-        )
-        out.text_offset.append(offset)
-        offset += len(text)
-    return out
-
-
-def chat_role_choices(indices: Iterable[int]) -> list[ChatChunkChoice]:
-    """A chat stream's first chunk: each choice opens with the assistant role and no text."""
-    return [
-        ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in indices
-    ]
-
-
-def chat_text_choice(index: int, text: str, logprobs: ChoiceLogprobs | None) -> ChatChunkChoice:
-    return ChatChunkChoice(index=index, delta=ChatDelta(content=text), logprobs=logprobs)
-
-
-def chat_finish_choice(index: int, finish_reason: str) -> ChatChunkChoice:
-    return ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=finish_reason)

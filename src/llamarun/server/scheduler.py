@@ -195,8 +195,8 @@ class Scheduler:
             event = Event(job.index, prompt_logprobs=prompt_logprobs)
             job.n_tokens += out.token_id >= 0  # the stop token counts, as OpenAI's usage does
             event.text = job.stream.push(out)
-            if out.token_id >= 0 and out.finish_reason != "stop":
-                event.token_id, event.logprob = out.token_id, out.logprob
+            if out.shown_id is not None:
+                event.token_id, event.logprob = out.shown_id, out.logprob
                 event.top_logprobs = out.top_logprobs
             event.finish_reason = job.stream.finish_reason
             if event.finish_reason:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import jinja2
 import jinja2.ext
@@ -22,8 +22,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from ..errors import RequestError, TokenizerError
 from .base import END_OF_TURN, Tokenizer
 
-Message = dict[str, str]
-ROLES = ("system", "user", "assistant")
+Message = dict[str, Any]  # role, content; tool_calls, tool_call_id and name for tool calling
+ROLES = ("system", "user", "assistant", "tool")
+TOOL_KEYS = ("tool_calls", "tool_call_id", "name")  # passed on to templates that render tools
 
 # Meta's llama/generation.py constants
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -57,7 +58,8 @@ def validate_messages(messages: Sequence[Message]) -> list[Message]:
         )
     checked = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        calls = isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls")
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not calls):
             raise RequestError(
                 f"messages[{i}] must be a dict with 'role' and 'content', got {m!r}",
                 param="messages",
@@ -67,12 +69,14 @@ def validate_messages(messages: Sequence[Message]) -> list[Message]:
                 f"messages[{i}] has role {m['role']!r}; use one of {', '.join(ROLES)}",
                 param="messages",
             )
-        if not isinstance(m["content"], str):
+        content = m.get("content")
+        if not isinstance(content, str) and not (calls and content is None):
             raise RequestError(
-                f"messages[{i}] content must be a string, got {type(m['content']).__name__}",
+                f"messages[{i}] content must be a string, got {type(content).__name__}",
                 param="messages",
             )
-        checked.append({"role": str(m["role"]), "content": str(m["content"])})
+        extra = {k: m[k] for k in TOOL_KEYS if m.get(k) is not None}
+        checked.append({"role": str(m["role"]), "content": content or "", **extra})
     return checked
 
 
@@ -228,11 +232,18 @@ class JinjaChatFormat:
             tokenizer.token_to_id(t) for t in turn_ends
         }
 
-    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: Sequence[Message],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ) -> str:
+        """tools: OpenAI's function tools, as apply_chat_template(tools=...) receives them."""
         try:
             return self._compiled.render(
                 messages=validate_messages(messages),
-                tools=None,
+                tools=tools,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **self.special_tokens,
@@ -244,9 +255,13 @@ class JinjaChatFormat:
             ) from e
 
     def encode_dialog(
-        self, messages: Sequence[Message], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Message],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> list[int]:
-        text = self.render(messages, add_generation_prompt=add_generation_prompt)
+        text = self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         tok = self.tokenizer
         bos_text = self.special_tokens.get("bos_token")
         writes_bos = bool(bos_text) and text.startswith(bos_text)

@@ -44,6 +44,16 @@ def test_bench_json_has_the_figures(checkpoint, capsys, extra):
     assert 0 < report["bandwidth_fraction"] and report["peak_rss_mb"] > 10
 
 
+def test_bench_reports_speculation(checkpoint, capsys):
+    argv = ["bench", str(checkpoint), "--prompt-len", "8", "--gen-len", "12", "--json"]
+    assert main([*argv, "--draft", "int8"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    spec = report["speculation"]
+    assert spec["method"].startswith("self-draft int8") and spec["rounds"] > 0
+    assert report["decode_tokens"] == 11  # the same tokens, in fewer forwards
+    assert report["decode_steps"] < 11 and spec["tokens_per_forward"] > 1
+
+
 def test_bench_rejects_zero_batch(checkpoint, capsys):
     assert main(["bench", str(checkpoint), "--batch", "0"]) == 2
     assert "--batch" in capsys.readouterr().err

@@ -9,10 +9,13 @@ import sys
 
 import pytest
 from tiny import llamarun_state, write_meta
+from tiny_llama2c import write_llama2c
 from tiny_tokenizers import write_sentencepiece
 
 from llamarun import Llama
 from llamarun.cli import main
+from llamarun.config import ModelArgs
+from llamarun.model import Transformer
 
 
 @pytest.fixture
@@ -81,6 +84,16 @@ def test_greedy_generate_is_deterministic_and_matches_the_api(meta_dir, capsys):
         (["generate", "{dir}", "-p", "x", "--top-p", "2"], "top_p must be in (0, 1]"),
         (["generate", "{dir}", "-p", "word " * 80, "--max-seq-len", "16"], "max_seq_len is 16"),
         (["generate", "{dir}"], "give a prompt"),
+        (["generate", "{dir}", "-p", "x", "--speculate-k", "3"], "--speculate-k sets how many"),
+        (
+            ["generate", "{dir}", "-p", "x", "--speculate", "lookup", "--speculate-k", "0"],
+            "--speculate-k must be an integer from 1 to 16, got 0",
+        ),
+        (
+            ["generate", "{dir}", "-p", "x", "--speculate", "lookup", "--draft", "int8"],
+            "--speculate lookup and --draft are two ways",
+        ),
+        (["generate", "{dir}", "-p", "x", "--draft", "/no/draft"], "/no/draft does not exist"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_code_2(meta_dir, capsys, argv, needle):
@@ -89,6 +102,35 @@ def test_bad_input_is_one_sentence_and_exit_code_2(meta_dir, capsys, argv, needl
     err = capsys.readouterr().err
     assert err.startswith("llamarun: error: ") and needle in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags", [["--speculate", "lookup"], ["--draft", "int8"]])
+def test_speculative_generate_prints_the_same_text_and_its_acceptance(meta_dir, capsys, flags):
+    argv = ["generate", str(meta_dir), "-p", "abc abc abc abc", "-n", "24", "-t", "0"]
+    assert main(argv) == 0
+    expected = capsys.readouterr().out
+    assert main([*argv, *flags]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected
+    assert re.search(
+        r"speculation .*: \d+% of \d+ drafted tokens kept, [\d.]+ tokens per forward", err
+    )
+
+
+def test_a_draft_with_another_vocabulary_exits_2_naming_both_sizes(meta_dir, tmp_path, capsys):
+    args = ModelArgs(dim=16, n_layers=1, n_heads=2, hidden_dim=32, vocab_size=64, max_seq_len=32)
+    other = Transformer(args)
+    draft = write_llama2c(tmp_path / "draft.bin", other)
+    assert main(["generate", str(meta_dir), "-p", "x", "--draft", str(draft)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llamarun: error: the draft model") and "64 tokens" in err
+    assert "320" in err
+
+
+def test_an_unknown_speculation_method_is_a_usage_error_naming_the_flag(meta_dir, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", str(meta_dir), "-p", "x", "--speculate", "ngram"])
+    assert exit.value.code == 2 and "--speculate" in capsys.readouterr().err
 
 
 def test_python_dash_m_runs_the_cli():
@@ -128,3 +170,13 @@ def test_bad_constraint_flags_are_one_sentence(meta_dir, capsys, flags, needle):
     assert main(["generate", str(meta_dir), "-p", "x", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("llamarun: error: ") and needle in err and "Traceback" not in err
+
+
+def test_a_constrained_request_decodes_plainly_beside_speculation(meta_dir, capsys):
+    argv = ["generate", str(meta_dir), "-p", "hello", "-n", "12", "-t", "0", "--regex", "[0-9]{6}"]
+    assert main(argv) == 0
+    expected = capsys.readouterr().out
+    assert main([*argv, "--speculate", "lookup", "--speculate-k", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected and re.fullmatch(r"[0-9]{6}\n", out)
+    assert "of 0 drafted tokens kept" in err  # the grammar's masks apply one token at a time

@@ -17,9 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 from conftest import shared_model
 from tiny_server import API_KEY, BOS, MODEL, LineChatFormat, ServerThread, build_llm, tiny_server
 
+from llamarun import LLM
 from llamarun.server import create_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -411,3 +413,40 @@ def test_real_chat_model_answers_and_streams_the_same_text():
         )  # ended by <|im_end|>, the chat format's stop id
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="module")
+def speculating_server():
+    """The same tiny model with prompt lookup (k fixed at 4, so every match is checked)."""
+    from llamarun.speculate import LookupDrafter, Speculator
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    plain = build_llm()
+    llm = LLM(
+        plain.model, plain.tokenizer, speculator=Speculator(LookupDrafter(), method="lookup", k=4)
+    )
+    running = ServerThread(create_app(llm, model_name=MODEL, api_key=API_KEY))
+    yield running
+    running.stop()
+    torch.set_num_threads(threads)
+
+
+def test_speculating_server_gives_the_plain_greedy_text_and_reports_it(client, speculating_server):
+    spec = openai.OpenAI(
+        base_url=speculating_server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=30
+    )
+    prompts = ["abcdabcdabcdabcd", "one two one two one two", "xyzxyzxyz"]
+
+    def ask(c, prompt: str) -> str:
+        out = c.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0)
+        return out.choices[0].text
+
+    expected = [ask(client, p) for p in prompts]
+    assert [ask(spec, p) for p in prompts] == expected
+    with ThreadPoolExecutor(3) as pool:  # together they decode plainly: still the same text
+        assert list(pool.map(lambda p: ask(spec, p), prompts)) == expected
+    health = httpx.get(speculating_server.url + "/health").json()
+    stats = health["speculation"]
+    assert stats["method"] == "lookup (k=4)" and stats["rounds"] > 0
+    assert stats["batched_steps"] > 0  # steps with the three requests running together

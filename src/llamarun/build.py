@@ -4,7 +4,8 @@ header (what the file is, no weights) -> memory plan (does it fit; refuses befor
 weight) -> checkpoint (canonical weights, memory-mapped) -> model (on the meta device, weights
 assigned) -> placement (device, dtype, quantization, offloaded blocks, KV cache) -> the one step
 that readies a model for decoding (`prepare_`: CPU kernels, the one-call CPU step or a compiled
-step) -> LLM. This is the only module that changes a model after building it.
+step) -> LLM. This is the only module that changes a model after building it, and so also the
+one that builds a speculative draft (`speculator`: another checkpoint, or a quantized copy).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from . import cpu
 from .device import pick_device, pick_dtype
+from .draft import draft_speculator
 from .engine import Decode
 from .errors import CheckpointError, ConfigError, LlamarunError
 from .llm import LLM
@@ -28,6 +30,7 @@ from .plan import QUANTIZE_MODES, free_memory, kv_cache_bytes, plan_load
 from .prefix_cache import default_bytes
 from .quantize import Int8Linear, quantize_
 from .sampling import SamplingParams
+from .speculate import check_speculation
 from .split import Split, check_split, plan_rank
 from .tokenizer import Tokenizer
 from .transcode import transcode_
@@ -51,6 +54,9 @@ def load(
     amx: bool = False,
     tp: int = 1,
     pp: int = 1,
+    speculate: str | None = None,
+    draft: str | Path | None = None,
+    speculate_k: int | None = None,
 ) -> LLM | None:
     """Load a checkpoint (Meta folder, Hugging Face folder, GGUF or llama2.c file) ready to generate.
 
@@ -74,7 +80,20 @@ def load(
     forwards until rank 0 closes its LLM (llm.close(), or rank 0's exit), then returns None.
     A split model has no prefix cache yet: the pool's copies of cache rows would run on rank 0
     only, while every rank holds a share of each row.
+    speculate="lookup": speculative decoding by prompt lookup; draft: by a draft model (a
+    checkpoint path with the same vocabulary), or "int4"/"int8" by a quantized copy of this model
+    (self-speculation); speculate_k: draft tokens checked per forward (default: adapted to the
+    acceptance rate). Output is the same as without; a prompt running alone goes faster.
     """
+    check_speculation(
+        speculate,
+        draft,
+        speculate_k,
+        compile=compile,
+        amx=amx,
+        split=tp * pp > 1,
+        offload=offload or offload_layers is not None,
+    )
     if tp != 1 or pp != 1:
         if offload or offload_layers is not None or compile:
             raise ConfigError(
@@ -168,6 +187,9 @@ def load(
         info=info,
         prefix_cache_bytes=prefix_bytes,
         amx=amx,
+        speculate=speculate,
+        draft=draft,
+        speculate_k=speculate_k,
     )
     if compile:  # compile now (the first compiled decode steps), timed apart from load and decoding
         t1 = time.perf_counter()
@@ -207,10 +229,18 @@ def prepare(
     info: dict | None = None,
     prefix_cache_bytes: int | None = None,
     amx: bool = False,
+    speculate: str | None = None,
+    draft: str | Path | None = None,
+    speculate_k: int | None = None,
 ) -> LLM:
     """An LLM over a Transformer you built yourself (setup_caches done): `prepare_` readies the
-    model, in place, and the LLM decodes with the step it returns."""
+    model, in place, and the LLM decodes with the step it returns. amx, speculate, draft and
+    speculate_k: as for `load`."""
+    check_speculation(speculate, draft, speculate_k, compile=compile, amx=amx)
     decode = prepare_(model, compile=compile, amx=amx)
+    spec = draft_speculator(model, speculate=speculate, draft=draft, k=speculate_k)
+    if spec is not None and info is not None:
+        info["speculate"] = spec.describe()
     return LLM(
         model,
         tokenizer,
@@ -218,6 +248,7 @@ def prepare(
         decode=decode,
         info=info,
         prefix_cache_bytes=prefix_cache_bytes,
+        speculator=spec,
     )
 
 

@@ -14,6 +14,8 @@ applied to the logits before any sampling filter, and the sampled token advances
 The engine never changes the model it is given: build.py prepares it and hands over the fastest
 decode callable it has for that device (the one-call CPU step, a compiled step, or the model).
 With a prefix cache (prefix_cache.py) a prompt starts where the rows already hold it.
+With a Speculator (speculate.py), a row decoding alone checks a draft of several tokens in one
+forward (`_speculate`); with more rows running, or a constrained (guided) row, rows decode plainly.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from .guided import Constraints, Matcher
 from .guided.masks import MaskBatch, overlap_helps
 from .model import Transformer
 from .prefix_cache import PrefixCache
-from .sampling import SamplingParams, apply_penalties, sample
+from .sampling import SamplingParams, sample
+from .speculate import Draft, Speculator, choose, penalized
 from .tokenizer import Tokenizer
 
 PREFILL_CHUNK = 512  # the most prompt tokens per forward: bounds attention memory for long prompts
@@ -91,12 +94,14 @@ class Engine:
         forward: Forward | None = None,
         tokenizer: Tokenizer | None = None,
         prefix_cache_bytes: int = 0,
+        speculator: Speculator | None = None,
     ):
         """forward: what runs the model (default: the model itself; a distributed run passes the
         driver that hands each batch to the other ranks); decode: the one-token step (default:
         forward); tokenizer: what constrained rows compile their grammars against (None: no
         constraints); prefix_cache_bytes: the pool of saved prompt prefixes (0: no prefix
-        caching at all)."""
+        caching at all); speculator: drafts and keeps tokens for an unconstrained row decoding
+        alone."""
         self.model = model
         self.stop_ids = frozenset(stop_ids)
         self.device = model.norm.weight.device
@@ -109,6 +114,7 @@ class Engine:
             PrefixCache(model, self.chunks, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         )
         self.prefilled_tokens = 0  # prompt tokens run through the model (reused ones are not)
+        self.speculator = speculator
         vocab = model.args.vocab_size
         self.constraints = Constraints(tokenizer, vocab) if tokenizer is not None else None
         self.masks = MaskBatch(vocab, model.max_batch_size, threaded=overlap_helps(self.device))
@@ -278,6 +284,13 @@ class Engine:
         running = [i for i, s in enumerate(self.slots) if s is not None and s.finish_reason is None]
         if not running:
             return []
+        if self.speculator is not None:
+            if len(running) == 1 and self.slots[running[0]].matcher is None:  # not a grammar's
+                outs = self._speculate(running[0])
+                if outs is not None:
+                    return outs
+            else:
+                self.speculator.stats.batched_steps += 1
         # Only running rows decode: an idle row keeps what it holds for a later prompt to reuse,
         # and costs nothing. Rows 0..B-1 go as None (the eager forward's view of the cache);
         # other rows by index: the one-call CPU step reads them in place, the eager forward
@@ -302,8 +315,66 @@ class Engine:
         self, tokens: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Logits (B, V) for one new token per cache row `rows` (B,) (default: rows 0..B-1):
-        tokens and input_pos (B, 1)."""
+        tokens and input_pos (B, 1). A row may appear several times at consecutive positions:
+        every entry's keys and values are written before any is attended, so each position sees
+        the ones before it (speculative checks)."""
         return self._decode(tokens, input_pos, rows)
+
+    def _speculate(self, slot: int) -> list[StepOutput] | None:
+        """One step of a row running alone with a speculator: draft, check in one forward, keep
+        the draft up to the model's first disagreement and the model's token there. None: no
+        draft this step (decode plainly)."""
+        s = self.slots[slot]
+        # a round emits at most k + 1 tokens and writes positions pos..pos + k
+        room = min(s.params.max_new_tokens - s.n_generated, self.max_seq_len - s.pos) - 1
+        draft = self.speculator.plan(slot, s, room)
+        if draft is None:
+            return None
+        n = len(s.tokens)
+        logits = self._verify(slot, [s.tokens[-1], *draft.tokens])  # (k + 1, V)
+        outs, kept = self._keep(slot, draft, logits)
+        self.speculator.record(slot, s, draft, kept, len(outs), n + kept)
+        return outs
+
+    def _verify(self, slot: int, tokens: list[int]) -> torch.Tensor:
+        """The model's logits (T, V) at each of `tokens`, written at positions pos.. of the row.
+        On CPU through the decode step, one entry per position, as plain decoding runs each: with
+        batch-invariant kernels a position's logits are bitwise those plain decoding computes.
+        Elsewhere one multi-token forward (a GPU's sums already vary with the batch)."""
+        s = self.slots[slot]
+        ids = torch.tensor(tokens, device=self.device)
+        pos = torch.arange(s.pos, s.pos + len(tokens), device=self.device)
+        if self.device.type == "cpu":
+            rows = torch.full((len(tokens),), slot, device=self.device)
+            return self._decode(ids[:, None], pos[:, None], rows)
+        rows = torch.tensor([slot], device=self.device)
+        return self._forward(ids[None], pos[None], rows, all_logits=True)[0]
+
+    def _keep(self, slot: int, draft: Draft, logits: torch.Tensor) -> tuple[list[StepOutput], int]:
+        """Emit the checked tokens of a round in order, until the first the model rejects (its
+        replacement emitted instead) or the row ends; returns them and how many draft tokens were
+        kept. Penalties see the tokens kept before each position, as plain decoding would."""
+        s = self.slots[slot]
+        fast = s.params.is_greedy and not s.params.has_penalties and s.logprobs is None
+        best = argmax_ids(logits) if fast else None  # one host sync for the whole round
+        outs: list[StepOutput] = []
+        kept = 0
+        for i in range(len(draft.tokens) + 1):
+            proposed = draft.tokens[i] if i < len(draft.tokens) else None
+            s.pos += 1
+            if fast:
+                token = best[i]
+                out = self._advance(slot, token)
+            else:
+                row = penalized(logits[i], s.params, s.tokens, s.prompt_len)
+                q = draft.probs[i] if draft.probs is not None and proposed is not None else None
+                token = choose(row, s.params, s.generator, proposed, q)
+                out = self._emit(slot, token, row)
+            outs.append(out)
+            kept += token == proposed
+            if token != proposed or out.finish_reason is not None:
+                break
+        return outs, kept
 
     def release(self, slot: int) -> Slot | None:
         state, self.slots[slot] = self.slots[slot], None
@@ -321,15 +392,18 @@ class Engine:
 
     def _pick(self, slot: int, logits: torch.Tensor) -> StepOutput:
         s = self.slots[slot]
-        if s.params.has_penalties:
-            seen = torch.tensor(s.tokens, device=logits.device)
-            logits = apply_penalties(logits, s.params, seen, seen[s.prompt_len :])
+        logits = penalized(logits, s.params, s.tokens, s.prompt_len)
         token = sample(logits[None], s.params, s.generator)
+        return self._emit(slot, int(token), logits)
+
+    def _emit(self, slot: int, token: int, logits: torch.Tensor) -> StepOutput:
+        """Advance the row by `token`, with its log-probability under `logits` when asked."""
+        s = self.slots[slot]
         if s.logprobs is None:
-            return self._advance(slot, int(token))
+            return self._advance(slot, token)
         logp = torch.log_softmax(logits.float(), dim=-1)
         top = torch.topk(logp, s.logprobs) if s.logprobs else None
-        out = self._advance(slot, int(token))
+        out = self._advance(slot, token)
         out.logprob = float(logp[out.token_id])
         if top is not None:  # a constrained row's masked tokens (-inf) are no alternatives
             alternatives = zip(top.indices.tolist(), top.values.tolist())

@@ -22,6 +22,7 @@ from .errors import RequestError, TokenizerError
 from .model import Transformer
 from .prefix_cache import block_bytes, default_bytes
 from .sampling import SamplingParams
+from .speculate import Speculator
 from .tokenizer import Tokenizer
 from .tokenizer.chat import ChatFormat, Message, get_chat_format
 from .tokenizer.stream import StreamDecoder
@@ -134,7 +135,8 @@ class LLM:
     decodes with `decode` and runs prompts with `forward` (default: the model's own forward).
     prefix_cache_bytes bounds the saved prompt prefixes a new prompt may start from (None: as
     large as the KV cache, up to 256 MB; 0: every prompt is prefilled whole). `on_close` runs at
-    `close()` (a distributed run releases its other ranks there)."""
+    `close()` (a distributed run releases its other ranks there). `speculator`: speculative
+    decoding for a prompt running alone (speculate.py)."""
 
     def __init__(
         self,
@@ -147,6 +149,7 @@ class LLM:
         info: dict | None = None,
         prefix_cache_bytes: int | None = None,
         on_close: Callable[[], None] | None = None,
+        speculator: Speculator | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -166,6 +169,7 @@ class LLM:
             forward=forward,
             tokenizer=tokenizer,
             prefix_cache_bytes=prefix_cache_bytes,
+            speculator=speculator,
         )
         self.last_stats = Stats()
         self._on_close = on_close
@@ -198,7 +202,8 @@ class LLM:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] = DEFAULT_PARAMS,
     ) -> Iterator[list[int | None]]:
-        """Yield one new token id per prompt per step (None once that prompt has finished)."""
+        """Yield one new token id per prompt per step (None once that prompt has finished, or
+        while a speculative step gives another prompt several)."""
         for outs in self._run(prompts, params):
             yield [o.token_id if o is not None else None for o in outs]
 
@@ -241,15 +246,19 @@ class LLM:
                 outs = engine.step()
                 if not outs:
                     break
-                row = [None] * len(prompts)
-                for o in outs:
-                    row[o.slot] = o
                 stats.new_tokens += len(outs)
                 stats.decode_s = time.perf_counter() - t0
-                yield row
+                yield from _rows(outs, len(prompts))
         finally:
             for i in range(len(prompts)):
                 engine.release(i)
+
+    @property
+    def speculation(self) -> dict | None:
+        """Speculative decoding's figures so far (method, rounds, acceptance_rate,
+        tokens_per_forward, ...), or None without it."""
+        spec = self.engine.speculator
+        return None if spec is None else {"method": spec.describe(), **spec.stats.as_dict()}
 
     def complete_batch(
         self,
@@ -432,3 +441,16 @@ class LLM:
         return ChatResponse(
             content, plan.reader.ids(calls), finish_reason(out.finish_reason, calls)
         )
+
+
+def _rows(outs: list[StepOutput], n: int) -> Iterator[list[StepOutput | None]]:
+    """One engine step's outputs as rows of one token per prompt: a speculative step gives a
+    prompt several tokens, one row each, in order."""
+    rows: list[list[StepOutput | None]] = []
+    seen = [0] * n
+    for o in outs:
+        if seen[o.slot] == len(rows):
+            rows.append([None] * n)
+        rows[seen[o.slot]][o.slot] = o
+        seen[o.slot] += 1
+    yield from rows

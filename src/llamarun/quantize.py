@@ -10,11 +10,14 @@ plain dequantize-then-matmul.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
+from .cache import KVCache
 from .errors import ConfigError
 from .q4_fit import fit_q4
 from .weights import PackedWeight
@@ -362,3 +365,15 @@ def _cat_linears(*linears: nn.Module) -> nn.Module:
     )
     fused.weight = nn.Parameter(weight, requires_grad=False)
     return fused
+
+
+def quantized_copy(model: nn.Module, mode: str) -> nn.Module:
+    """A copy of `model` whose float linears are quantized to `mode` by quantize_'s rules, every
+    tensor else shared with `model`: embeddings, norms, linears that are quantized already, the
+    KV caches and the RoPE tables. The copy costs only its new integer weights, and writes into
+    the model's own caches (self-speculation: speculate.py)."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    shared |= {id(m): m for m in model.modules() if isinstance(m, KVCache)}
+    draft = copy.deepcopy(model, shared)  # new modules around the same tensors
+    quantize_(draft, mode)
+    return draft

@@ -216,3 +216,32 @@ class Checkpoint:
     format: str  # "meta", "hf", "gguf", "llama2c"
     chat_template: str | None = None  # Jinja source from the checkpoint's own files
     dtype: torch.dtype = torch.float32  # what the file stores (for float weights)
+
+
+def weight_bytes_per_step(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer except the embedding
+    table (one row per token), the KV caches and the RoPE tables; a classifier tied to the
+    embedding counts once, as the classifier."""
+    skip = {
+        id(t)
+        for name, t in model.named_buffers()
+        if "kv_cache" in name or name.startswith(("rope_", "slot_ids"))
+    }
+    embedding = _table(model.tok_embeddings)
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in skip or id(t) in seen or t is embedding:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    output = model._modules.get("output")  # a pipeline stage may lack it
+    if output is not None and _table(output) is embedding:
+        total += embedding.numel() * embedding.element_size()
+    return total
+
+
+def _table(module: torch.nn.Module) -> torch.Tensor | None:
+    """The matrix of an embedding or linear: its weight, or the GGUF block bytes of a packed one."""
+    weight = getattr(module, "weight", None)
+    return weight if weight is not None else getattr(module, "data", None)

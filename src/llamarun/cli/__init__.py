@@ -102,6 +102,31 @@ def add_model_args(parser: argparse.ArgumentParser, *, model_optional: bool = Tr
     )
 
 
+def add_speculation_args(parser: argparse.ArgumentParser) -> None:
+    """Speculative decoding's flags (load()'s speculate, draft and speculate_k)."""
+    parser.add_argument(
+        "--speculate",
+        default=None,
+        choices=["lookup"],
+        help="speculative decoding by prompt lookup: propose what followed the last few tokens "
+        "earlier in the prompt or the answer (fast on copying tasks; same output)",
+    )
+    parser.add_argument(
+        "--draft",
+        default=None,
+        metavar="MODEL|int4|int8",
+        help="speculative decoding with a draft: a smaller model with the same vocabulary, or "
+        "int4/int8 for a quantized copy of the model itself (same output, faster)",
+    )
+    parser.add_argument(
+        "--speculate-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="drafted tokens checked per forward (default: adapted to the acceptance rate)",
+    )
+
+
 def add_sampling_args(parser: argparse.ArgumentParser, *, temperature: float = 0.8) -> None:
     """Flags that map one-to-one to `SamplingParams`."""
     parser.add_argument(
@@ -204,10 +229,20 @@ def load_from_args(
         **({} if args.prefix_cache_mb is None else {"prefix_cache_mb": args.prefix_cache_mb}),
         tp=args.tp,
         pp=args.pp,
+        speculate=getattr(args, "speculate", None),
+        draft=_draft(getattr(args, "draft", None)),
+        speculate_k=getattr(args, "speculate_k", None),
     )
     if llm is None:  # a rank other than 0 has run rank 0's forwards: the output is rank 0's
         raise SystemExit(0)
     return llm
+
+
+def _draft(name: str | None) -> str | None:
+    """--draft: int4/int8 as they are (a quantized copy), else a model like MODEL."""
+    from ..speculate import SELF_DRAFTS
+
+    return name if name is None or name in SELF_DRAFTS else resolve_model(name)
 
 
 def is_follower(args: argparse.Namespace) -> bool:

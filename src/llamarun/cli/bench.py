@@ -1,6 +1,8 @@
 """`llamarun bench MODEL`: prefill and decode speed on random prompts, the bandwidth that decode
 speed implies (weight bytes read per step x steps/s) against this machine's measured memory
-bandwidth, peak RSS and load time. Figures go to stdout (`--json`: one JSON object)."""
+bandwidth, peak RSS and load time; with --speculate/--draft also the share of drafted tokens
+kept and the tokens per forward of the model (random prompts are the hard case for prompt
+lookup). Figures go to stdout (`--json`: one JSON object)."""
 
 from __future__ import annotations
 
@@ -15,13 +17,16 @@ import torch
 
 from ..errors import ConfigError
 from ..sampling import SamplingParams
-from . import add_model_args, load_from_args
+from ..speculate import SpeculationStats
+from ..weights import weight_bytes_per_step
+from . import add_model_args, add_speculation_args, load_from_args
 
 BANDWIDTH_BYTES = 512 << 20  # a tensor far larger than any CPU cache
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
+    add_speculation_args(parser)
     parser.add_argument(
         "--batch", type=int, default=1, help="sequences decoded together (default: 1)"
     )
@@ -67,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def measure(llm, batch: int, prompt_len: int, gen_len: int, *, seed: int = 0) -> dict:
-    """Time prefill of `batch` random prompts and `gen_len - 1` greedy decode steps after it.
-    A short untimed run first warms the kernels (and the compiled step, if any)."""
+    """Time prefill of `batch` random prompts and the `gen_len - 1` greedy tokens decoded after
+    it. A short untimed run first warms the kernels (and the compiled step, if any)."""
     engine = llm.engine
     vocab = llm.model.args.vocab_size
     g = torch.Generator().manual_seed(seed)
@@ -78,11 +83,14 @@ def measure(llm, batch: int, prompt_len: int, gen_len: int, *, seed: int = 0) ->
     stop_ids, engine.stop_ids = engine.stop_ids, frozenset()
     try:
         _run(engine, [p[:8] for p in prompts], SamplingParams(temperature=0, max_new_tokens=4))
-        prefill_s, decode_s, steps = _run(engine, prompts, params)
+        if engine.speculator is not None:  # figures of the measured run only
+            engine.speculator.stats = SpeculationStats()
+        prefill_s, decode_s, steps, tokens = _run(engine, prompts, params)
     finally:
         engine.stop_ids = stop_ids
     step_bytes = weight_bytes_per_step(llm.model)
     steps_per_s = steps / decode_s if decode_s else 0.0
+    speculation = llm.speculation
     return {
         "batch": batch,
         "prompt_len": prompt_len,
@@ -90,55 +98,30 @@ def measure(llm, batch: int, prompt_len: int, gen_len: int, *, seed: int = 0) ->
         "prefill_s": prefill_s,
         "prefill_tok_s": batch * prompt_len / prefill_s,
         "decode_s": decode_s,
-        "decode_steps": steps,
-        "decode_tok_s": batch * steps_per_s,
+        "decode_steps": steps,  # forwards of the model
+        "decode_tokens": tokens,
+        "decode_tok_s": tokens / decode_s if decode_s else 0.0,
         "weight_bytes_per_step": step_bytes,
         "decode_gbs": step_bytes * steps_per_s / 1e9,
+        **({"speculation": speculation} if speculation is not None else {}),
     }
 
 
-def _run(engine, prompts: list[list[int]], params) -> tuple[float, float, int]:
+def _run(engine, prompts: list[list[int]], params) -> tuple[float, float, int, int]:
+    """(prefill s, decode s, decode steps, tokens decoded)."""
     engine.forget()  # a prefill measured is a prefill done: nothing reused from an earlier run
     t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
         engine.add(i, prompt, params)
     t1 = time.perf_counter()
-    steps = 0
-    while engine.step():
+    steps = tokens = 0
+    while outs := engine.step():
         steps += 1
+        tokens += len(outs)
     t2 = time.perf_counter()
     for i in range(len(prompts)):
         engine.release(i)
-    return t1 - t0, t2 - t1, steps
-
-
-def weight_bytes_per_step(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: every parameter and buffer except the embedding
-    table (one row per token), the KV caches and the RoPE tables; a classifier tied to the
-    embedding counts once, as the classifier."""
-    skip = {
-        id(t)
-        for name, t in model.named_buffers()
-        if "kv_cache" in name or name.startswith(("rope_", "slot_ids"))
-    }
-    embedding = _table(model.tok_embeddings)
-    seen: set[int] = set()
-    total = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) in skip or id(t) in seen or t is embedding:
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    output = model._modules.get("output")  # a pipeline stage may lack it
-    if output is not None and _table(output) is embedding:
-        total += embedding.numel() * embedding.element_size()
-    return total
-
-
-def _table(module: torch.nn.Module) -> torch.Tensor | None:
-    """The matrix of an embedding or linear: its weight, or the GGUF block bytes of a packed one."""
-    weight = getattr(module, "weight", None)
-    return weight if weight is not None else getattr(module, "data", None)
+    return t1 - t0, t2 - t1, steps, tokens
 
 
 def memory_bandwidth_gbs(device: torch.device, repeats: int = 5) -> float:
@@ -175,8 +158,14 @@ def print_report(r: dict) -> None:
         f"prefill      {r['prefill_tok_s']:.1f} tok/s  ({r['batch']} x {r['prompt_len']} tokens in {r['prefill_s']:.2f} s)"
     )
     print(
-        f"decode       {r['decode_tok_s']:.1f} tok/s  ({r['batch']} x {r['decode_steps']} steps in {r['decode_s']:.2f} s)"
+        f"decode       {r['decode_tok_s']:.1f} tok/s  ({r['decode_tokens']} tokens in {r['decode_steps']} steps, {r['decode_s']:.2f} s)"
     )
+    spec = r.get("speculation")
+    if spec is not None:
+        print(
+            f"speculate    {spec['method']}: {100 * spec['acceptance_rate']:.0f}% of {spec['proposed']} drafted tokens kept, "
+            f"{spec['tokens_per_forward']:.2f} tokens per forward"
+        )
     print(
         f"bandwidth    {r['decode_gbs']:.1f} GB/s = {r['weight_bytes_per_step'] / 1e6:.1f} MB of weights per step; "
         f"{100 * r['bandwidth_fraction']:.0f}% of the {r['memory_bandwidth_gbs']:.1f} GB/s measured"

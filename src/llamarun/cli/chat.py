@@ -12,13 +12,20 @@ import sys
 
 from ..errors import LlamarunError, RequestError
 from ..tokenizer.chat import get_chat_format
-from . import add_model_args, add_sampling_args, load_from_args, sampling_params
+from . import (
+    add_model_args,
+    add_sampling_args,
+    add_speculation_args,
+    load_from_args,
+    sampling_params,
+)
 
 HELP = "/reset clears the history, /exit or Ctrl-D leaves, Ctrl-C stops an answer"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
+    add_speculation_args(parser)
     parser.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
     parser.add_argument("-p", "--prompt", default=None, metavar="TEXT", help="answer once and exit")
     parser.add_argument(

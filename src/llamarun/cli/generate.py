@@ -9,11 +9,18 @@ import argparse
 import sys
 
 from ..errors import RequestError
-from . import add_model_args, add_sampling_args, load_from_args, sampling_params
+from . import (
+    add_model_args,
+    add_sampling_args,
+    add_speculation_args,
+    load_from_args,
+    sampling_params,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
+    add_speculation_args(parser)
     parser.add_argument(
         "-p",
         "--prompt",
@@ -66,7 +73,17 @@ def run(args: argparse.Namespace) -> int:
             f"[{s.new_tokens} new tokens, {s.prompt_tokens} prompt tokens; prefill {s.prefill_tps:.1f} tok/s, "
             f"decode {s.decode_tps:.1f} tok/s; load {llm.info.get('load_s', 0):.2f} s"
             + (f", compile {llm.info['compile_s']:.1f} s" if "compile_s" in llm.info else "")
+            + _speculation(llm.speculation)
             + "]",
             file=sys.stderr,
         )
     return 0
+
+
+def _speculation(spec: dict | None) -> str:
+    if spec is None:
+        return ""
+    return (
+        f"; speculation {spec['method']}: {100 * spec['acceptance_rate']:.0f}% of "
+        f"{spec['proposed']} drafted tokens kept, {spec['tokens_per_forward']:.2f} tokens per forward"
+    )

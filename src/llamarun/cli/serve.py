@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 import sys
 from pathlib import Path
 
 from ..errors import ConfigError
 from ..tokenizer.chat import get_chat_format
-from . import DEFAULT_MODEL, add_model_args, is_follower, load_from_args
+from . import DEFAULT_MODEL, add_model_args, add_speculation_args, is_follower, load_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
+    add_speculation_args(parser)
     parser.add_argument(
         "--host",
         default="127.0.0.1",
@@ -62,6 +64,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _log_to_stderr(level: str) -> None:
+    """llamarun's own log (the scheduler's notes, ignored request fields) beside uvicorn's, at
+    the same --log-level."""
+    logger = logging.getLogger("llamarun")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
+
+
 def page_url(host: str, port: int) -> str:
     """The chat page's address; a browser on this machine reaches a server bound to every
     address through loopback."""
@@ -74,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..server import create_app
 
+    _log_to_stderr(args.log_level)
     if args.max_batch_size < 1:
         raise ConfigError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
     # bound before loading, so a taken port fails at once; with --tp/--pp only rank 0 serves
@@ -96,6 +110,12 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     print(f"llamarun: chat page at {page_url(host, port)}", file=sys.stderr)
+    if "speculate" in llm.info:
+        print(
+            f"llamarun: speculative decoding: {llm.info['speculate']}, for a request running alone "
+            "(with more, all decode plainly)",
+            file=sys.stderr,
+        )
     server.run(sockets=[sock])
     if scheduler.fatal is not None:  # a rank of a distributed model was lost
         raise scheduler.fatal

@@ -1,9 +1,10 @@
 """The HTTP server: `create_app` builds the one `ServerState` (state.py), installs the error
 handlers (http_errors.py) and assembles the routers around them: the OpenAI API (openai.py,
 responses.py), Anthropic's (anthropic.py), ollama's (ollama.py), /tokenize and /detokenize
-(tokenize.py), /metrics (metrics.py, which also counts every request), /health, and the chat
-page at / (ui.py). A router module reads the state from `request.app.state`, so adding an API is
-one more module and one more `include_router` here; each answers errors in its API's shape."""
+(tokenize.py), /metrics (metrics.py, which also counts every request), /health (with speculative
+decoding's figures), and the chat page at / (ui.py). A router module reads the state from
+`request.app.state`, so adding an API is one more module and one more `include_router` here; each
+answers errors in its API's shape."""
 
 from __future__ import annotations
 
@@ -54,8 +55,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 @health_router.get("/health")
 async def health(request: Request) -> dict:
     scheduler = get_state(request).scheduler
+    speculation = scheduler.llm.speculation  # batched_steps: steps that decoded plainly, not alone
     return {
         "status": "ok",
         "running": len(scheduler.running),
         "waiting": len(scheduler.waiting) + scheduler.inbox.qsize(),
+        **({"speculation": speculation} if speculation is not None else {}),
     }

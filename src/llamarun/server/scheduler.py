@@ -1,6 +1,8 @@
 """Continuous batching: one thread owns the model's `Engine` and, between decode steps, admits
 waiting requests into free slots (prefilling them) and retires finished or abandoned ones.
-Each choice of each HTTP request is one `Job`; its tokens come back as `Event`s via `emit`."""
+Each choice of each HTTP request is one `Job`; its tokens come back as `Event`s via `emit`.
+With speculative decoding a request running alone gets several tokens a step; with more
+requests running they all decode plainly, and the log says when that starts and ends."""
 
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ class Scheduler:
         self.fatal: DistributedError | None = None
         self.on_fatal: Callable[[], None] | None = None
         self.thread = threading.Thread(target=self._loop, name="llamarun-engine", daemon=True)
+        self._alone: bool | None = None  # whether the last step could speculate (None: idle)
 
     def start(self) -> None:
         self.thread.start()
@@ -176,6 +179,7 @@ class Scheduler:
             self._route(slot, out, prompt_logprobs)
 
     def _step(self) -> None:
+        self._note_speculation()
         try:
             outs = self.engine.step()
         except DistributedError:
@@ -188,6 +192,21 @@ class Scheduler:
         for out in outs:
             if out.slot in self.running:
                 self._route(out.slot, out)
+
+    def _note_speculation(self) -> None:
+        spec = self.engine.speculator
+        alone = len(self.running) == 1
+        if spec is None or alone == self._alone:
+            return
+        if alone and self._alone is False:
+            log.info("speculative decoding (%s) resumes: one request running", spec.describe())
+        elif not alone:
+            log.info(
+                "speculative decoding (%s) paused: %d requests running decode plainly together",
+                spec.describe(),
+                len(self.running),
+            )
+        self._alone = alone
 
     def _route(self, slot: int, out: StepOutput, prompt_logprobs=None) -> None:
         job = self.running[slot]

@@ -450,3 +450,12 @@ def test_speculating_server_gives_the_plain_greedy_text_and_reports_it(client, s
     stats = health["speculation"]
     assert stats["method"] == "lookup (k=4)" and stats["rounds"] > 0
     assert stats["batched_steps"] > 0  # steps with the three requests running together
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    metrics = httpx.get(speculating_server.url + "/metrics", headers=auth).text  # for Prometheus
+
+    def counter(name: str) -> float:
+        return float(re.search(rf"^llamarun_speculative_{name}_total (\S+)$", metrics, re.M)[1])
+
+    assert counter("rounds") == stats["rounds"] and counter("fallback_steps") > 0
+    assert counter("accepted_tokens") <= counter("draft_tokens")
+    assert "llamarun_speculative_acceptance_ratio " in metrics

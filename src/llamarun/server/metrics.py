@@ -3,8 +3,9 @@ servers in one process (tests) never share counters. What is counted where:
 - HTTP requests by endpoint (the route's path) and status: `CountRequests`, an ASGI middleware;
 - prompt and generated tokens, time to first token and time per output token: the scheduler
   reports each job's tokens to `Metrics` on the engine thread (prometheus-client is thread-safe);
-- running and waiting requests, KV cache use and the prefix cache's figures: read from the
-  scheduler and the engine at scrape time (`EngineCollector`), so they are never stale."""
+- running and waiting requests, KV cache use, the prefix cache's and speculative decoding's
+  figures (with the steps it fell back to plain decoding because requests shared the batch):
+  read from the scheduler and the engine at scrape time (`EngineCollector`), never stale."""
 
 from __future__ import annotations
 
@@ -96,6 +97,11 @@ class EngineCollector(Collector):
             "Prompt tokens run through the model (not reused from the prefix cache)",
             engine.prefilled_tokens,
         )
+        yield from self.prefix_cache(engine)
+        yield from self.speculation(engine)
+
+    @staticmethod
+    def prefix_cache(engine) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         prefix = engine.prefix
         if prefix is None:
             return
@@ -113,6 +119,37 @@ class EngineCollector(Collector):
             "llamarun_prefix_cache_capacity_bytes",
             "Bytes the saved prefix chunks may take (--prefix-cache-mb)",
             pool.capacity * pool.bytes_per_page,
+        )
+
+    @staticmethod
+    def speculation(engine) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Speculative decoding's counts; `fallback_steps` are the steps it could not run because
+        other requests shared the batch (they decode plainly together)."""
+        spec = engine.speculator
+        if spec is None:
+            return
+        stats = spec.stats
+        for name, text, value in (
+            ("rounds", "Forwards that checked a draft", stats.rounds),
+            ("draft_tokens", "Draft tokens checked", stats.proposed),
+            ("accepted_tokens", "Draft tokens kept", stats.accepted),
+            ("emitted_tokens", "Tokens the checking forwards produced", stats.emitted),
+            (
+                "plain_steps",
+                "Steps of a lone request with no draft worth checking",
+                stats.plain_steps,
+            ),
+            (
+                "fallback_steps",
+                "Steps with several requests running, decoded plainly without speculation",
+                stats.batched_steps,
+            ),
+        ):
+            yield CounterMetricFamily(f"llamarun_speculative_{name}", text, value)
+        yield GaugeMetricFamily(
+            "llamarun_speculative_acceptance_ratio",
+            "Share of checked draft tokens kept",
+            stats.acceptance_rate,
         )
 
 

@@ -269,16 +269,10 @@ def blocks(content: str | None, calls: list[tools.ToolCall]) -> list[TextBlock |
     if content or not calls:
         out.append(TextBlock(type="text", text=content or ""))
     for call in calls:
-        out.append(ToolUseBlock(type="tool_use", id=call.id, name=call.name, input=arguments(call)))
+        out.append(
+            ToolUseBlock(type="tool_use", id=call.id, name=call.name, input=call.arguments_object())
+        )
     return out
-
-
-def arguments(call: tools.ToolCall) -> dict:
-    try:
-        parsed = json.loads(call.arguments)
-    except json.JSONDecodeError:
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
 
 
 def finish(message: Message, gen: Generation, reason: str) -> None:

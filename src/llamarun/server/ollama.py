@@ -218,7 +218,7 @@ async def chat(body: ChatRequest, request: Request) -> dict | StreamingResponse:
         message = {"role": "assistant", "content": text}
         if calls:
             message["tool_calls"] = [
-                {"function": {"name": c.name, "arguments": arguments(c)}} for c in calls
+                {"function": {"name": c.name, "arguments": c.arguments_object()}} for c in calls
             ]
         return {"message": message}
 
@@ -266,15 +266,6 @@ def check_model(state: ServerState, name: str | None) -> None:
 def check_unsupported(body: GenerateBase, *, images: bool = False) -> None:
     if images:
         raise RequestError("images are not supported: this server runs text models", param="images")
-
-
-def arguments(call: tools.ToolCall) -> dict:
-    """A call's arguments as the object ollama sends ({} for a call cut by num_predict)."""
-    try:
-        parsed = json.loads(call.arguments)
-    except json.JSONDecodeError:
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
 
 
 def sampling_params(body: GenerateBase, budget: int) -> SamplingParams:

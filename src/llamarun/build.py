@@ -238,7 +238,9 @@ def prepare(
     speculate_k: as for `load`."""
     check_speculation(speculate, draft, speculate_k, compile=compile, amx=amx)
     decode = prepare_(model, compile=compile, amx=amx)
-    spec = draft_speculator(model, speculate=speculate, draft=draft, k=speculate_k)
+    spec = draft_speculator(
+        model, speculate=speculate, draft=draft, k=speculate_k, load=load, prepare_=prepare_
+    )
     if spec is not None and info is not None:
         info["speculate"] = spec.describe()
     return LLM(

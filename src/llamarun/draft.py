@@ -2,13 +2,15 @@
 prompt lookup (no model), a weight-only quantized copy of the model sharing its caches
 (self-speculation), or another checkpoint with the same vocabulary and a one-row cache.
 
-Split from build.py for size; it builds only through build.py's own steps (`load`, `prepare_`)
-and quantize.py's `quantized_copy`, so build.py stays the one place that readies a model.
+Split from build.py for size; it builds only through build.py's own steps, which build.py hands
+in (`load`, `prepare_`: passed, not imported, so the two files do not import each other), and
+quantize.py's `quantized_copy`, so build.py stays the one place that readies a model.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ConfigError
@@ -29,11 +31,16 @@ log = logging.getLogger(__name__)
 
 
 def draft_speculator(
-    model: Transformer, *, speculate: str | None, draft: str | Path | None, k: int | None
+    model: Transformer,
+    *,
+    speculate: str | None,
+    draft: str | Path | None,
+    k: int | None,
+    load: Callable,
+    prepare_: Callable,
 ) -> Speculator | None:
-    """The Speculator for a prepared model, or None when neither speculate nor draft is set."""
-    from .build import prepare_
-
+    """The Speculator for a prepared model, or None when neither speculate nor draft is set.
+    load, prepare_: build.py's, which load a draft checkpoint and ready a quantized copy."""
     if speculate is None and draft is None:
         return None
     cost = verify_cost(model)
@@ -50,7 +57,7 @@ def draft_speculator(
         drafter = ModelDrafter(copy, prepare_(copy), shares_cache=True)
         method = f"self-draft {draft}"
     else:
-        drafter = ModelDrafter(*_draft_model(model, draft), shares_cache=False)
+        drafter = ModelDrafter(*_draft_model(model, draft, load), shares_cache=False)
         method = f"draft {Path(draft).name}"
     return Speculator(
         drafter,
@@ -62,12 +69,10 @@ def draft_speculator(
     )
 
 
-def _draft_model(model: Transformer, path: str | Path):
+def _draft_model(model: Transformer, path: str | Path, load: Callable):
     """Another checkpoint as a draft for `model`: same vocabulary (checked from its header,
     before its weights are read), on the model's device and dtype, with a one-row cache.
     Returns (its model, its one-token decode step)."""
-    from .build import load
-
     header = read_header(path)
     ours, theirs = model.args, header.args
     if theirs.vocab_size != ours.vocab_size:

@@ -459,3 +459,18 @@ def test_speculating_server_gives_the_plain_greedy_text_and_reports_it(client, s
     assert counter("rounds") == stats["rounds"] and counter("fallback_steps") > 0
     assert counter("accepted_tokens") <= counter("draft_tokens")
     assert "llamarun_speculative_acceptance_ratio " in metrics
+
+
+def test_a_lost_rank_is_the_servers_failure_in_every_api_shape():
+    """A distributed server whose other rank is gone answers 503 (server at fault), not 400."""
+    from llamarun.errors import DistributedError, RequestError
+    from llamarun.server.anthropic import anthropic_error
+    from llamarun.server.http_errors import failure_of, openai_error
+    from llamarun.server.ollama import ollama_error
+
+    lost = failure_of(DistributedError("lost contact with rank 1 (connection reset)"))
+    assert (lost.status, lost.code) == (503, 503)
+    assert openai_error(lost)["error"]["type"] == "server_error"
+    assert anthropic_error(lost)["error"]["type"] == "api_error"
+    assert ollama_error(lost) == {"error": "lost contact with rank 1 (connection reset)"}
+    assert failure_of(RequestError("bad", param="x")).status == 400  # the request's own fault

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-from ..errors import LlamarunError
+from ..errors import DistributedError, LlamarunError
 from . import builders as b
 
 log = logging.getLogger("llamarun.server")
@@ -43,6 +43,8 @@ class Failure:
 def failure_of(e: Exception) -> Failure:
     if isinstance(e, APIError):
         return Failure(e.status, str(e), e.param, e.code)
+    if isinstance(e, DistributedError):  # a lost rank: the server, not the request, is at fault
+        return Failure(503, str(e), None, 503)
     if isinstance(e, LlamarunError):
         return Failure(400, str(e), getattr(e, "param", None), 400)
     if isinstance(e, RequestValidationError):

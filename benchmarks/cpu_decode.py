@@ -8,7 +8,9 @@ longer attention than llama.cpp's tg128) under `/usr/bin/time` for its peak RSS.
 
 Files: random models of tinyllamas shapes (untied classifier, Llama 2 vocabulary) written as GGUF
 f32, Q8_0, Q4_0 with gguf-py, and Q4_K_M made from the f32 file with `llama-quantize`; the shared
-SmolLM2-135M-Instruct Q4_1 and Q4_K_M files. Every figure is a median over --rounds rounds that
+SmolLM2-135M-Instruct Q4_1 and Q4_K_M files. Rows `f32 --quantize int8 / Q8_0` and `--quantize
+int4 / Q4_0` run llamarun's own quantizers on the f32 file against llama.cpp's file of those bits
+(--no-quantize-rows leaves them out). Every figure is a median over --rounds rounds that
 alternate the engines, one process per run; the machine is shared, so the load average is
 printed and the ratios are what to read. --write-results puts the tables in benchmarks/RESULTS.md.
 """
@@ -24,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -106,13 +109,14 @@ def timed(cmd: list[str], timeout: int = 1200) -> tuple[str, str, float]:
     return proc.stdout, proc.stderr, int(rss[-1]) / 1024 if rss else float("nan")
 
 
-def run_llamarun(path: Path, threads: int) -> dict:
+def run_llamarun(path: Path, threads: int, flags: tuple[str, ...] = ()) -> dict:
     cmd = [
         sys.executable,
         "-m",
         "llamarun",
         "bench",
         str(path),
+        *flags,
         "--json",
         "--threads",
         str(threads),
@@ -140,19 +144,29 @@ def run_llamacpp(path: Path, threads: int, bin_dir: Path) -> dict:
     return {**speed, "load_s": float(load.group(1)) / 1000 if load else float("nan"), "rss_mb": rss}
 
 
-def alternate(files: dict[str, Path], opts) -> dict[str, dict[str, list[dict]]]:
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: llamarun runs `ours` with `flags`, llama.cpp runs `theirs` (the
+    same file, or for `--quantize` rows llama.cpp's file of the same bits made from that float)."""
+
+    ours: Path
+    theirs: Path
+    flags: tuple[str, ...] = ()
+
+
+def alternate(files: dict[str, Row], opts) -> dict[str, dict[str, list[dict]]]:
     """results[row][engine] = one dict per round, the engines alternating inside each round."""
     results: dict[str, dict[str, list[dict]]] = {
         row: {"llamarun": [], "llama.cpp": []} for row in files
     }
     for r in range(opts.rounds):
-        for row, path in files.items():
+        for row, spec in files.items():
             for engine in ("llamarun", "llama.cpp"):
                 try:
                     res = (
-                        run_llamarun(path, opts.threads)
+                        run_llamarun(spec.ours, opts.threads, spec.flags)
                         if engine == "llamarun"
-                        else run_llamacpp(path, opts.threads, opts.llamacpp)
+                        else run_llamacpp(spec.theirs, opts.threads, opts.llamacpp)
                     )
                 except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
                     print(f"  round {r + 1} {row} {engine}: FAILED {str(e)[:300]}", flush=True)
@@ -171,7 +185,7 @@ def median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs) if runs else float("nan")
 
 
-def table(results, files: dict[str, Path], baseline_mb: float) -> str:
+def table(results, files: dict[str, Row], baseline_mb: float) -> str:
     """Markdown: per file, both engines' medians and llamarun / llama.cpp ratios."""
     lines = [
         "| file | MB | llama.cpp decode | llamarun decode | x | llama.cpp prefill | llamarun "
@@ -179,9 +193,9 @@ def table(results, files: dict[str, Path], baseline_mb: float) -> str:
         "RSS above imports / file |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for row, path in files.items():
+    for row, spec in files.items():
         ours, theirs = results[row]["llamarun"], results[row]["llama.cpp"]
-        size = path.stat().st_size / 1e6
+        size = spec.theirs.stat().st_size / 1e6  # for --quantize rows: the peer's file
         d = (median(ours, "decode"), median(theirs, "decode"))
         p = (median(ours, "prefill"), median(theirs, "prefill"))
         rss = median(ours, "rss_mb")
@@ -228,18 +242,29 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", type=Path, default=Path("/tmp/llamarun-bench"), help="model files")
     p.add_argument("--write-results", action="store_true", help="prepend the tables to RESULTS.md")
+    p.add_argument(
+        "--no-quantize-rows",
+        dest="quantize_rows",
+        action="store_false",
+        help="leave out `--quantize int8/int4` on the f32 file against llama.cpp's Q8_0/Q4_0",
+    )
     opts = p.parse_args()
     if not (opts.llamacpp / "llama-bench").exists():
         sys.exit(f"no {opts.llamacpp}/llama-bench: build it with ../shared/tools/build_llamacpp.sh")
     opts.out.mkdir(parents=True, exist_ok=True)
-    files = {}
+    files: dict[str, Row] = {}
     for shape in filter(None, opts.shapes.split(",")):  # --shapes "": the shared files only
-        for qtype, path in write_models(shape, opts.out, opts.llamacpp).items():
-            files[f"{shape}-shape {qtype}"] = path
+        paths = write_models(shape, opts.out, opts.llamacpp)
+        for qtype, path in paths.items():
+            files[f"{shape}-shape {qtype}"] = Row(path, path)
+        if opts.quantize_rows:  # llamarun's own quantizers on the float file, against the same bits
+            for mode, peer in (("int8", "Q8_0"), ("int4", "Q4_0")):
+                row = f"{shape}-shape f32 --quantize {mode} / {peer}"
+                files[row] = Row(paths["f32"], paths[peer], ("--quantize", mode))
     for qtype in ("Q4_K_M", "Q4_1"):
         path = SMOLLM2 / f"SmolLM2-135M-Instruct.{qtype}.gguf"
         if path.exists():
-            files[f"SmolLM2-135M {qtype}"] = path
+            files[f"SmolLM2-135M {qtype}"] = Row(path, path)
     started, load_before = time.strftime("%Y-%m-%d %H:%M"), os.getloadavg()
     print(f"# {machine()}, {opts.threads} threads; load average {load_before[0]:.1f}", flush=True)
     results = alternate(files, opts)

@@ -32,8 +32,8 @@ from .guided import Constraints, Matcher
 from .guided.masks import MaskBatch, overlap_helps
 from .model import Transformer
 from .prefix_cache import PrefixCache
-from .sampling import SamplingParams, sample
-from .speculate import Draft, Speculator, choose, penalized
+from .sampling import SamplingParams, penalized, sample
+from .speculate import Draft, Speculator, choose
 from .tokenizer import Tokenizer
 
 PREFILL_CHUNK = 512  # the most prompt tokens per forward: bounds attention memory for long prompts

@@ -134,6 +134,17 @@ def apply_penalties(
     return logits
 
 
+def penalized(
+    logits: torch.Tensor, params: SamplingParams, tokens: list[int], prompt_len: int
+) -> torch.Tensor:
+    """logits with params' penalties over `tokens` (prompt and output so far), as a decode step
+    applies them (list form, for the engine's per-row picks and the drafts)."""
+    if not params.has_penalties:
+        return logits
+    seen = torch.tensor(tokens, device=logits.device)
+    return apply_penalties(logits, params, seen, seen[prompt_len:])
+
+
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """(..., V) float logits -> probabilities after top_k, temperature, min_p and top_p."""
     logits = logits.float()

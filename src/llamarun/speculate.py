@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError
-from .sampling import SamplingParams, apply_penalties, logits_to_probs
+from .sampling import SamplingParams, logits_to_probs, penalized
 from .weights import weight_bytes_per_step
 
 MAX_K = 16  # the largest --speculate-k
@@ -174,15 +174,6 @@ class _Rate:
     def skipped(self) -> None:
         self.hits *= SKIP_DECAY
         self.misses *= SKIP_DECAY
-
-
-def penalized(logits: torch.Tensor, params: SamplingParams, tokens: list[int], prompt_len: int):
-    """logits with params' penalties over `tokens` (prompt and output so far), as plain sampling
-    applies them."""
-    if not params.has_penalties:
-        return logits
-    seen = torch.tensor(tokens, device=logits.device)
-    return apply_penalties(logits, params, seen, seen[prompt_len:])
 
 
 def choose(

@@ -237,19 +237,24 @@ void gguf_dequantize_rows(int64_t type, const uint8_t* w, int64_t row_bytes, int
   const bool known = with_block_type(type, [&](auto t) {
     using T = decltype(t);
     float m[16] = {0}, scale[8] = {0};
-    alignas(32) int16_t W[T::QK];
     for (int64_t i = 0; i < n; ++i) {
       const uint8_t* row = w + (ids ? ids[i] : i) * row_bytes;
       for (int64_t b = 0; b < K / T::QK; ++b) {
-        T::unpack(row + b * T::BYTES, scale, m, [&](int g, const W32& wv) {
-          _mm256_store_si256((__m256i*)(W + QK * g), wv.lo);
-          _mm256_store_si256((__m256i*)(W + QK * g + 16), wv.hi);
-        });
         float* r = dst + i * K + b * T::QK;
-        for (int k = 0; k < T::QK; ++k) {
-          r[k] = scale[k / QK] * (float)W[k];
-          if constexpr (T::MG > 0) r[k] += m[k / T::MG];
-        }
+        // w = scale * W (+ m): a product then a sum, two roundings as gguf-py's (the empty asm
+        // keeps the compiler from fusing them into one FMA)
+        T::unpack(row + b * T::BYTES, scale, m, [&](int g, const W32& wv) {
+          const __m256i halves[2] = {wv.lo, wv.hi};
+          for (int c = 0; c < 4; ++c) {  // weights 8c .. 8c + 7 of group g
+            const __m128i h = c % 2 ? _mm256_extracti128_si256(halves[c / 2], 1) : _mm256_castsi256_si128(halves[c / 2]);
+            __m256 v = _mm256_mul_ps(_mm256_set1_ps(scale[g]), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(h)));
+            if constexpr (T::MG > 0) {
+              __asm__("" : "+x"(v));
+              v = _mm256_add_ps(v, _mm256_set1_ps(m[(QK * g + 8 * c) / T::MG]));
+            }
+            _mm256_storeu_ps(r + QK * g + 8 * c, v);
+          }
+        });
       }
     }
   });

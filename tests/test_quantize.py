@@ -10,7 +10,8 @@ from torch import nn
 
 from llamarun import cpu_kernels
 from llamarun.errors import ConfigError
-from llamarun.quantize import Int4Linear, Int8Linear, fuse_, linear_from_packed, quantize_
+from llamarun.packed import PackedLinear
+from llamarun.quantize import Int4Linear, Int8Linear, fuse_, quantize_
 from llamarun.weights import PackedWeight
 
 
@@ -143,11 +144,8 @@ def test_int4_stored_layout_is_gguf_q4_1():
     ).view(8, -1)
     # Act
     expected = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType.Q4_1)
-    again = linear_from_packed(PackedWeight("Q4_1", blocks, (8, 64)), torch.float32)
-    # Assert: gguf-py reads the same weights, and the bytes load back bit for bit
+    # Assert: gguf-py reads the same weights
     assert torch.equal(layer.dequantize(), torch.from_numpy(expected))
-    assert torch.equal(again.qs, layer.qs) and torch.equal(again.d, layer.d)
-    assert torch.equal(again.m, layer.m)
     nibbles = layer.nibbles().float().view(8, -1, 32)
     manual = nibbles * layer.d.float()[..., None] + layer.m.float()[..., None]
     assert torch.equal(manual.view(8, -1), layer.dequantize())
@@ -156,10 +154,10 @@ def test_int4_stored_layout_is_gguf_q4_1():
 def test_int4_keeps_weights_that_were_q4_1_exactly():
     rng = np.random.default_rng(3)
     packed = gguf_blocks(rng.standard_normal((16, 128)).astype(np.float32), "Q4_1")
-    original = linear_from_packed(packed, torch.float32)
+    original = PackedLinear.from_packed(packed).dequantize()
     # Act: quantize the dequantized file again (what int4 does to a Q4_1 GGUF loaded as float)
-    layer = Int4Linear.from_float(original.dequantize())
-    assert torch.equal(layer.dequantize(), original.dequantize())
+    layer = Int4Linear.from_float(original)
+    assert torch.equal(layer.dequantize(), original)
 
 
 def test_int4_degenerate_groups_stay_finite():
@@ -216,34 +214,6 @@ def gguf_blocks(w: np.ndarray, qtype: str) -> PackedWeight:
     qt = gguf.GGMLQuantizationType[qtype]
     data = gguf.quants.quantize(w, qt)  # (out, bytes per row) uint8
     return PackedWeight(qtype, torch.from_numpy(data), tuple(w.shape))
-
-
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
-def test_linear_from_packed_equals_gguf_dequantize(qtype):
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((24, 96)).astype(np.float32)
-    packed = gguf_blocks(w, qtype)
-    expected = gguf.quants.dequantize(packed.data.numpy(), gguf.GGMLQuantizationType[qtype])
-    # Act
-    layer = linear_from_packed(packed, torch.float32)
-    # Assert: the layer stands for exactly gguf-py's weights (no float copy was made)
-    assert layer.dequantize().numpy() == pytest.approx(expected, abs=1e-6)
-    assert max((b.numel() for b in layer.buffers() if b.dtype == torch.float32), default=0) < w.size
-
-
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
-def test_packed_layer_forward_matches_dequantized(path, qtype):
-    rng = np.random.default_rng(1)
-    w = rng.standard_normal((32, 128)).astype(np.float32)
-    layer = linear_from_packed(gguf_blocks(w, qtype), torch.float32)
-    x = torch.randn(2, 128)
-    assert rel_error(layer(x), x @ layer.dequantize().T) < 0.01
-
-
-def test_linear_from_packed_rejects_wrong_row_size():
-    packed = PackedWeight("Q4_0", torch.zeros(4, 17, dtype=torch.uint8), (4, 32))
-    with pytest.raises(ConfigError, match="bytes per row"):
-        linear_from_packed(packed, torch.float32)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

@@ -17,7 +17,7 @@ from llamarun.loaders.files import drop_file_pages
 from llamarun.loaders.hf import HalfSplitRows, unpermute
 from llamarun.packed import PackedLinear
 from llamarun.plan import weight_bytes
-from llamarun.quantize import Int8Linear, linear_from_packed
+from llamarun.quantize import Int8Linear
 from llamarun.split import (
     Split,
     check_split,
@@ -147,10 +147,10 @@ def q8_0(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
 def test_packed_blocks_slice_by_rows_and_by_whole_blocks_of_columns():
     _, blocks = q8_0(8, 128)
     packed = PackedWeight("Q8_0", torch.from_numpy(blocks), (8, 128))
-    whole = linear_from_packed(packed).dequantize()
+    whole = PackedLinear.from_packed(packed).dequantize()
 
-    rows = linear_from_packed(packed.narrow(0, 2, 4)).dequantize()
-    cols = linear_from_packed(packed.narrow(1, 64, 64)).dequantize()
+    rows = PackedLinear.from_packed(packed.narrow(0, 2, 4)).dequantize()
+    cols = PackedLinear.from_packed(packed.narrow(1, 64, 64)).dequantize()
 
     torch.testing.assert_close(rows, whole[2:6], atol=0, rtol=0)
     torch.testing.assert_close(cols, whole[:, 64:], atol=0, rtol=0)

@@ -1,8 +1,8 @@
 """Weight-only quantization: Int8Linear (per output channel, or per block of 32 for GGUF Q8_0) and
 Int4Linear (groups of 32, w = d * q + m with q in 0..15, like GGUF Q4_1; Q4_0 is m = -8 d).
 
-`quantize_(model, mode)` swaps the model's nn.Linear layers in place after loading;
-`linear_from_packed` turns GGUF Q8_0/Q4_0/Q4_1 blocks into these layers without a float copy.
+`quantize_(model, mode)` swaps the model's nn.Linear layers in place after loading (GGUF files'
+own blocks are packed.py's PackedLinear, not these layers).
 Kernels: on x86 CPUs the C++ ones in csrc/, built by cpu_kernels.py (int8 activations x int8/4-bit
 weights, as llama.cpp does); on CUDA torch's int4 tile-packed matmul and a fused int8 dequant; elsewhere a
 plain dequantize-then-matmul.
@@ -20,11 +20,9 @@ from . import cpu_kernels
 from .cache import KVCache
 from .errors import ConfigError
 from .q4_fit import fit_q4
-from .weights import PackedWeight
 
 BLOCK = 32  # columns per activation block and per stored 4-bit group
 MODES = ("int8", "int4")
-Q8_0_BYTES, Q4_0_BYTES, Q4_1_BYTES = 34, 18, 20  # bytes per 32-weight block in GGUF
 INT8_LAYOUTS = ("int8", "Q8_0")  # Int8Linear: one float32 scale per output channel / per block
 INT4_LAYOUTS = ("int4", "Q4_0", "Q4_1")  # Int4Linear
 
@@ -277,42 +275,6 @@ def _norm_importance(model: nn.Module) -> dict[int, torch.Tensor]:
                 if isinstance(linear, nn.Linear) and linear.in_features == gain.numel():
                     importance[id(linear)] = gain.detach().float().square()
     return importance
-
-
-def linear_from_packed(packed: PackedWeight, dtype: torch.dtype | None = None) -> nn.Module:
-    """A quantized layer holding the GGUF blocks of `packed` (Q8_0, Q4_0 or Q4_1), split into the
-    layer's integer and scale tensors without dequantizing. `dtype` is the activations' dtype."""
-    out_features, in_features = packed.shape
-    blocks = in_features // BLOCK
-    raw = packed.data.reshape(out_features, blocks, -1)  # (out, blocks, bytes per block)
-    expected = {"Q8_0": Q8_0_BYTES, "Q4_0": Q4_0_BYTES, "Q4_1": Q4_1_BYTES}.get(packed.qtype)
-    if expected is None:
-        raise ConfigError(
-            f"packed weight type {packed.qtype} has no quantized layer; supported: Q8_0, Q4_0, Q4_1"
-        )
-    if in_features % BLOCK or raw.shape[-1] != expected:
-        raise ConfigError(
-            f"packed {packed.qtype} weight of shape {packed.shape} has {packed.data.shape[-1]} bytes per row; "
-            f"expected {blocks * expected} ({blocks} blocks of {expected} bytes)"
-        )
-    if packed.qtype == "Q8_0":
-        layer = Int8Linear(in_features, out_features, per_block=True, device="meta")
-        layer.weight = raw[..., 2:].contiguous().view(torch.int8).view(out_features, in_features)
-        layer.scales = (
-            raw[..., :2].contiguous().view(torch.float16).view(out_features, blocks).float()
-        )
-        return layer
-    layer = Int4Linear(in_features, out_features, device="meta")
-    layer.d = raw[..., :2].contiguous().view(torch.float16).view(out_features, blocks)
-    if packed.qtype == "Q4_0":  # w = d * (q - 8): the same as m = -8 d, exact in float16
-        layer.m = -8 * layer.d
-        layer.qs = raw[..., 2:].reshape(out_features, -1).contiguous()
-    else:
-        layer.m = raw[..., 2:4].contiguous().view(torch.float16).view(out_features, blocks)
-        layer.qs = raw[..., 4:].reshape(out_features, -1).contiguous()
-    layer._cuda_packed = None
-    cpu_kernels.ops()  # build or load the CPU extension now, not inside a traced forward
-    return layer
 
 
 def cat_quantized(layers: list[nn.Module]) -> nn.Module:

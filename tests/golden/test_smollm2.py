@@ -20,6 +20,12 @@ SMOLLM2_Q4_K_M = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_K_M.gguf"
 # float32 on the Q4_K_M file's dequantized weights answers this (not Paris: the file is a 4-bit
 # model re-quantized to 4 and 5 bits); llama.cpp's 8-bit activations answer otherwise again
 Q4_K_M_ANSWER = "L'Étoile (The City of Light) is the capital of France."
+# asked for one short sentence, float32, llama.cpp (llama-completion, greedy) and llamarun all
+# answer Paris from the Q4_K_M file
+SHORT_QUESTION = [
+    {"role": "system", "content": "Answer in one short sentence."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 ANSWER = "The capital of France is Paris."
 GREEDY = SamplingParams(temperature=0, max_new_tokens=24)
@@ -59,6 +65,7 @@ def test_smollm2_q4_k_m_in_its_own_bytes_answers_as_float32_does():
 
     assert {type(m).__name__ for m in llm.model.modules()} >= {"PackedLinear", "PackedEmbedding"}
     assert llm.chat(QUESTION, GREEDY) == Q4_K_M_ANSWER
+    assert llm.chat(SHORT_QUESTION, GREEDY) == ANSWER
 
 
 @pytest.mark.slow  # the float32 reference: dequantizes the whole file

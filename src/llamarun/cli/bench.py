@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
 def measure(llm, batch: int, prompt_len: int, gen_len: int, *, seed: int = 0) -> dict:
     """Time prefill of `batch` random prompts and the `gen_len - 1` greedy tokens decoded after
-    it. An untimed run of the same prompts first warms the kernels, the allocator and the caches
+    it. An untimed run of the same prompts first warms the kernels, the allocator and the KV cache's
     pages (and the compiled step, if any), as llama-bench's warm-up run does: measured cold, the
     one 256-token prompt of the 15M shape ran at 0.6x its warm speed."""
     engine = llm.engine

@@ -43,3 +43,25 @@ def tiny_model(tiny_args) -> Transformer:
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
     return model.eval()
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def path(request, monkeypatch):
+    """Run a layer test on the C++ kernels and on the plain torch fallback."""
+    from llamarun import cpu_kernels
+
+    if request.param == "kernel" and cpu_kernels.ops() is None:
+        pytest.skip("no CPU kernels on this machine (needs x86 AVX2 and a C++ compiler)")
+    if request.param == "torch":
+        monkeypatch.setitem(cpu_kernels._state, "ops", None)
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The tiny server (tiny_server.py), one per test module; a module with a server of its own
+    defines its own fixture of that name."""
+    from tiny_server import tiny_server
+
+    with tiny_server() as running:
+        yield running

@@ -20,16 +20,6 @@ from llamarun.packed import PackedEmbedding, PackedLinear  # noqa: E402
 OUT = 37  # odd: the tiled kernel's pairs of weight rows leave one over
 
 
-@pytest.fixture(params=["kernel", "torch"])
-def path(request, monkeypatch):
-    """Run each layer test on the C++ kernels and on the torch path."""
-    if request.param == "kernel" and cpu_kernels.ops() is None:
-        pytest.skip("no CPU kernels on this machine (needs x86 AVX2 and a C++ compiler)")
-    if request.param == "torch":
-        monkeypatch.setitem(cpu_kernels._state, "ops", None)
-    return request.param
-
-
 def width(qtype: str) -> int:
     """Three K-quant super-blocks, or seven 32-blocks: not a multiple of any tile."""
     return 3 * 256 if BLOCK_SIZES[qtype][0] == 256 else 7 * 32

@@ -15,16 +15,6 @@ from llamarun.quantize import Int4Linear, Int8Linear, fuse_, quantize_
 from llamarun.weights import PackedWeight
 
 
-@pytest.fixture(params=["kernel", "torch"])
-def path(request, monkeypatch):
-    """Run each layer test on the C++ kernels and on the plain torch fallback."""
-    if request.param == "kernel" and cpu_kernels.ops() is None:
-        pytest.skip("no CPU kernels on this machine (needs x86 AVX2 and a C++ compiler)")
-    if request.param == "torch":
-        monkeypatch.setitem(cpu_kernels._state, "ops", None)
-    return request.param
-
-
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).norm() / b.norm()).detach())
 

@@ -19,18 +19,12 @@ import openai
 import pytest
 import torch
 from conftest import shared_model
-from tiny_server import API_KEY, BOS, MODEL, LineChatFormat, ServerThread, build_llm, tiny_server
+from tiny_server import API_KEY, BOS, MODEL, LineChatFormat, ServerThread, build_llm
 
 from llamarun import LLM
 from llamarun.server import create_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(scope="module")
-def server():
-    with tiny_server() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -6,18 +6,12 @@ from __future__ import annotations
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tiny_server import API_KEY, MODEL, build_llm, tiny_server
+from tiny_server import API_KEY, MODEL, build_llm
 
 from llamarun.server import create_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-@pytest.fixture(scope="module")
-def server():
-    with tiny_server() as running:
-        yield running
 
 
 def post(server, path: str, body: dict) -> httpx.Response:

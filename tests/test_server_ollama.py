@@ -8,17 +8,11 @@ import json
 import httpx
 import ollama
 import pytest
-from tiny_server import API_KEY, MODEL, LineChatFormat, tiny_server
+from tiny_server import API_KEY, MODEL, LineChatFormat
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 GREEDY = {"temperature": 0, "num_predict": 8}
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-@pytest.fixture(scope="module")
-def server():
-    with tiny_server() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,9 @@ import json
 import httpx
 import openai
 import pytest
-from tiny_server import API_KEY, MODEL, LineChatFormat, tiny_server
+from tiny_server import API_KEY, MODEL, LineChatFormat
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(scope="module")
-def server():
-    with tiny_server() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

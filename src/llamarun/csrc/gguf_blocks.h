@@ -58,9 +58,9 @@ inline Nibbles nibbles(const uint8_t* p) {
   return {_mm_and_si128(q, m), _mm_and_si128(_mm_srli_epi16(q, 4), m)};
 }
 
-// 16 bytes of nibble pairs straight into int16 lanes: byte i's low nibble (weight i) and high one
-// (weight i + 16) minus offset, with one widening instead of two (nibbles() + widen() spent 7
-// instructions on a group, this 5)
+// 16 bytes of nibble pairs straight into int16 lanes, minus offset: .lo the 16 low nibbles, .hi
+// the 16 high ones (for Q4_0/Q4_1 weights 0..15 and 16..31), with one widening instead of the two
+// of nibbles() + widen() (7 instructions a group, this 5)
 inline W32 nibbles16(const uint8_t* p, int16_t offset = 0) {
   const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)p)), o = _mm256_set1_epi16(offset);
   return {_mm256_sub_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x0F)), o), _mm256_sub_epi16(_mm256_srli_epi16(v, 4), o)};
@@ -215,13 +215,10 @@ struct Q4_K {
   static constexpr int QK = 256, BYTES = 144, MG = 32;
   template <class Fn> static void unpack(const uint8_t* b, float* scale, float* m, Fn&& fn) {
     k_scales_and_mins(b, scale, m);
-    const __m256i m4 = _mm256_set1_epi16(0x0F);
     for (int j = 0; j < 4; ++j) {  // sub-block 2j: low nibbles of qs[32j..], 2j + 1: high ones
-      // bytes 0..15 and 16..31 of the 32 into int16 lanes, then each nibble out of them
-      const __m256i v0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(b + 16 + 32 * j)));
-      const __m256i v1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(b + 32 + 32 * j)));
-      fn(2 * j, W32{_mm256_and_si256(v0, m4), _mm256_and_si256(v1, m4)});
-      fn(2 * j + 1, W32{_mm256_srli_epi16(v0, 4), _mm256_srli_epi16(v1, 4)});
+      const W32 a = nibbles16(b + 16 + 32 * j), c = nibbles16(b + 32 + 32 * j);  // bytes 0..15, 16..31
+      fn(2 * j, W32{a.lo, c.lo});
+      fn(2 * j + 1, W32{a.hi, c.hi});
     }
   }
 };

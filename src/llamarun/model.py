@@ -75,9 +75,8 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        keys, values = self.kv_cache.update(rows, input_pos, k, v)  # (B, Hkv, S, D)
         length = mask.shape[-1]  # slots that can be attended to (see Transformer.forward)
-        keys, values = keys[:, :, :length], values[:, :, :length]  # (B, Hkv, L, D)
+        keys, values = self.kv_cache.update(rows, input_pos, k, v, length)  # (B, Hkv, L, D)
         if keys.dtype != q.dtype:  # a float16 cache under a float32 model (--kv-cache-dtype)
             keys, values = keys.to(q.dtype), values.to(q.dtype)
         n_rep = self.n_heads // self.n_kv_heads

@@ -3,10 +3,11 @@
 //
 // One arithmetic for every batch size: each output (weight row o, activation row j) keeps one
 // 8-lane accumulator and adds float(W . X) * (s * dx) for each group of 32 in K order, then
-// its minimums' term. Up to 4 activation rows meet a weight row unpacked in registers
-// (rows_fused, decode); more meet two weight rows unpacked once into int16 (rows_tiled,
-// batches and prefill): the same additions in the same order, so a row's result is bitwise the
-// same alone, in a batch, or anywhere in it. W . X is vpmaddwd (16-bit pairs into int32): as
+// its minimums' term. Up to 8 activation rows at a time meet a weight row unpacked in registers
+// (rows_fused): the same additions in the same order for every row, so a row's result is
+// bitwise the same alone, in a batch, or anywhere in it. (Two weight rows unpacked into int16
+// buffers for a 2x2 register tile, the earlier path for more than 4 rows, ran at 1/2.2 the speed
+// at 5 rows and 1/1.4 at 64.) W . X is vpmaddwd (16-bit pairs into int32): as
 // many multiplies per instruction as llama.cpp's 8-bit vpmaddubsw + vpmaddwd pair, at twice the
 // activation precision.
 #include "matmul_gguf.h"
@@ -19,8 +20,7 @@ namespace llamarun {
 void X16::quantize(const float* x, int64_t rows, int64_t width) {
   TORCH_CHECK(width % QK == 0, "GGUF linears need an input width that is a multiple of 32");
   B = rows, K = width, ng = K / QK;
-  const int64_t padded = (B + XT - 1) / XT * XT;  // a last partial tile's spare rows stay zero
-  X.assign(padded * K, 0), dx.assign(padded * ng, 0.f), xs16.resize(B * 2 * ng), xs32.resize(B * ng);
+  X.resize(B * K), dx.resize(B * ng), xs16.resize(B * 2 * ng), xs32.resize(B * ng);
   auto groups = [&](int64_t begin, int64_t end) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t i = begin; i < end; ++i) {
@@ -87,141 +87,58 @@ constexpr int64_t mins_per_block() {
   return T::MG > 0 ? T::QK / T::MG : 0;
 }
 
-// B <= 4 (decode): each weight row unpacked in registers and met by all NB activation rows at once
+// NB <= 8 activation rows j0 .. j0 + NB - 1 against weight row `row`, unpacked in registers and met
+// by all NB rows at once: NB accumulators, one weight vector load per group for all of them
 template <class T, int NB>
-void rows_fused(const uint8_t* w, int64_t row_bytes, const X16& x, float* out, int64_t ld, int64_t lo, int64_t hi) {
+inline void row_times(const uint8_t* row, const X16& x, int64_t j0, float* m, float* out, int64_t ld) {
   constexpr int G = T::QK / QK;
-  const int64_t K = x.K, ng = K / QK, nblk = K / T::QK;
+  const int64_t nblk = x.K / T::QK;
+  const int16_t* X[NB];  // row j's group gi at X[j] + gi * QK, its dx at D[j][gi]
+  const float* D[NB];
+  for (int j = 0; j < NB; ++j) X[j] = x.at(j0 + j, 0), D[j] = x.dx_at(j0 + j, 0);
+  __m256 acc[NB];
+  for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nblk; ++b) {
+    float scale[G];
+    T::unpack(row + b * T::BYTES, scale, m + b * mins_per_block<T>(), [&](int g, const W32& wv) {
+      const int64_t gi = b * G + g;
+      for (int j = 0; j < NB; ++j)
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(wv, X[j] + gi * QK)),
+                                 _mm256_set1_ps(scale[g] * D[j][gi]), acc[j]);
+    });
+  }
+  for (int j = 0; j < NB; ++j) out[(j0 + j) * ld] = finish<T>(acc[j], m, x, j0 + j);
+}
+
+// Weight rows [lo, hi) times all B activation rows: each weight row is unpacked once per 8
+// activation rows, which meet it in registers. The same additions in the same order for every
+// row whatever B and wherever the row is (batch invariance).
+template <class T>
+void rows_fused(const uint8_t* w, int64_t row_bytes, const X16& x, float* out, int64_t ld, int64_t lo, int64_t hi) {
+  constexpr int64_t NBMAX = 8;
   thread_local std::vector<float> m;
-  m.resize(std::max<int64_t>(1, nblk * mins_per_block<T>()));
-  const int16_t* X = x.at(0, 0);  // NB <= XT rows: one tile, row j of group g at X + (g * XT + j) * 32
-  const float* D = x.dx_at(0, 0);
-  (void)ng;
+  m.resize(std::max<int64_t>(1, x.K / T::QK * mins_per_block<T>()));
   for (int64_t o = lo; o < hi; ++o) {
     const uint8_t* row = w + o * row_bytes;
-    __m256 acc[NB];
-    for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nblk; ++b) {
-      float scale[G];
-      T::unpack(row + b * T::BYTES, scale, m.data() + b * mins_per_block<T>(), [&](int g, const W32& wv) {
-        const int64_t gi = b * G + g;
-        for (int j = 0; j < NB; ++j)
-          acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(wv, X + (gi * XT + j) * QK)),
-                                   _mm256_set1_ps(scale[g] * D[gi * XT + j]), acc[j]);
-      });
-    }
-    for (int j = 0; j < NB; ++j) out[j * ld + o] = finish<T>(acc[j], m.data(), x, j);
-  }
-}
-
-// Load v into a register here and keep it there: without this GCC folds the loads of W and X into
-// every vpmaddwd using them (R and NB times over), and the tile product ran load-bound at 1/2 speed.
-inline void in_register(__m256i& v) { __asm__("" : "+x"(v)); }
-
-// R weight rows unpacked into a thread's buffers (int16 W, a scale per group, minimums), for
-// rows_tiled; S holds the products of their scales with one activation tile's: scale_r,gi *
-// dx_j,gi at S[(gi * R + r) * XT + j], one multiply per 4.
-struct Tile {
-  std::vector<int16_t> W;
-  std::vector<float> s, m, S;
-};
-
-template <int R>
-inline void tile_scales(Tile& t, const X16& x, int64_t j0) {
-  const float* D = x.dx_at(j0, 0);
-  for (int64_t gi = 0; gi < x.ng; ++gi) {
-    const __m128 d4 = _mm_loadu_ps(D + gi * XT);
-    for (int r = 0; r < R; ++r) _mm_storeu_ps(t.S.data() + (gi * R + r) * XT, _mm_mul_ps(_mm_set1_ps(t.s[r * x.ng + gi]), d4));
-  }
-}
-
-// acc += float(W . X) * S for one group: the step every output takes, once per group of 32
-inline __m256 step32(__m256i wl, __m256i wh, __m256i xl, __m256i xh, const float* S, __m256 acc) {
-  const __m256i v = _mm256_add_epi32(_mm256_madd_epi16(wl, xl), _mm256_madd_epi16(wh, xh));
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(*S), acc);
-}
-
-// activation rows j0 .. j0 + NB - 1 (inside one tile; S from tile_scales) against the R rows of
-// `t`, R, NB <= 2: R x NB accumulators, each weight and activation vector loaded once per group
-// (named variables, not arrays: GCC kept arrays of vectors on the stack)
-template <class T, int R, int NB>
-inline void tile_product(const Tile& t, const X16& x, int64_t j0, float* out, int64_t ld, int64_t o) {
-  static_assert(R <= 2 && NB <= 2, "2 x 2 outputs at most");
-  const int64_t K = x.K, ng = x.ng, nmin = std::max<int64_t>(1, K / T::QK * mins_per_block<T>());
-  const int16_t* xg = x.at(j0, 0);
-  const float* S = t.S.data() + j0 % XT;
-  const int16_t *w0 = t.W.data(), *w1 = t.W.data() + (R - 1) * K;
-  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;
-  for (int64_t gi = 0; gi < ng; ++gi, xg += XT * QK, S += R * XT, w0 += QK, w1 += QK) {
-    __m256i w0l = _mm256_loadu_si256((const __m256i*)w0), w0h = _mm256_loadu_si256((const __m256i*)(w0 + 16));
-    __m256i x0l = _mm256_loadu_si256((const __m256i*)xg), x0h = _mm256_loadu_si256((const __m256i*)(xg + 16));
-    in_register(w0l), in_register(w0h), in_register(x0l), in_register(x0h);
-    a00 = step32(w0l, w0h, x0l, x0h, S, a00);
-    if constexpr (R == 2) {
-      __m256i w1l = _mm256_loadu_si256((const __m256i*)w1), w1h = _mm256_loadu_si256((const __m256i*)(w1 + 16));
-      in_register(w1l), in_register(w1h);
-      a10 = step32(w1l, w1h, x0l, x0h, S + XT, a10);
-      if constexpr (NB == 2) {
-        __m256i x1l = _mm256_loadu_si256((const __m256i*)(xg + QK)), x1h = _mm256_loadu_si256((const __m256i*)(xg + QK + 16));
-        in_register(x1l), in_register(x1h);
-        a01 = step32(w0l, w0h, x1l, x1h, S + 1, a01);
-        a11 = step32(w1l, w1h, x1l, x1h, S + XT + 1, a11);
+    for (int64_t j0 = 0; j0 < x.B; j0 += NBMAX) {
+      float* po = out + o;
+      switch (std::min(NBMAX, x.B - j0)) {
+        case 1: row_times<T, 1>(row, x, j0, m.data(), po, ld); break;
+        case 2: row_times<T, 2>(row, x, j0, m.data(), po, ld); break;
+        case 3: row_times<T, 3>(row, x, j0, m.data(), po, ld); break;
+        case 4: row_times<T, 4>(row, x, j0, m.data(), po, ld); break;
+        case 5: row_times<T, 5>(row, x, j0, m.data(), po, ld); break;
+        case 6: row_times<T, 6>(row, x, j0, m.data(), po, ld); break;
+        case 7: row_times<T, 7>(row, x, j0, m.data(), po, ld); break;
+        default: row_times<T, 8>(row, x, j0, m.data(), po, ld); break;
       }
-    } else if constexpr (NB == 2) {
-      a01 = step32(w0l, w0h, _mm256_loadu_si256((const __m256i*)(xg + QK)), _mm256_loadu_si256((const __m256i*)(xg + QK + 16)),
-                   S + 1, a01);
     }
   }
-  const float* m = t.m.data();
-  out[j0 * ld + o] = finish<T>(a00, m, x, j0);
-  if constexpr (NB == 2) out[(j0 + 1) * ld + o] = finish<T>(a01, m, x, j0 + 1);
-  if constexpr (R == 2) {
-    out[j0 * ld + o + 1] = finish<T>(a10, m + nmin, x, j0);
-    if constexpr (NB == 2) out[(j0 + 1) * ld + o + 1] = finish<T>(a11, m + nmin, x, j0 + 1);
-  }
-}
-
-template <class T, int R>
-void tile_rows(Tile& t, const uint8_t* w, int64_t row_bytes, const X16& x, float* out, int64_t ld, int64_t o) {
-  const int64_t K = x.K, nblk = K / T::QK, nmin = std::max<int64_t>(1, nblk * mins_per_block<T>());
-  t.W.resize(R * K), t.s.resize(R * x.ng), t.m.resize(R * nmin), t.S.resize(R * XT * x.ng);
-  for (int r = 0; r < R; ++r) {
-    const uint8_t* row = w + (o + r) * row_bytes;
-    for (int64_t b = 0; b < nblk; ++b)
-      T::unpack(row + b * T::BYTES, &t.s[r * x.ng + b * (T::QK / QK)], t.m.data() + r * nmin + b * mins_per_block<T>(),
-                [&](int g, const W32& wv) {
-                  int16_t* dst = t.W.data() + r * K + T::QK * b + QK * g;
-                  _mm256_storeu_si256((__m256i*)dst, wv.lo);
-                  _mm256_storeu_si256((__m256i*)(dst + 16), wv.hi);
-                });
-  }
-  for (int64_t j0 = 0; j0 < x.B; j0 += XT) {  // per tile of activation rows, pairs of them
-    tile_scales<R>(t, x, j0);
-    const int64_t n = std::min<int64_t>(XT, x.B - j0);
-    int64_t j = 0;
-    for (; j + 2 <= n; j += 2) tile_product<T, R, 2>(t, x, j0 + j, out, ld, o);
-    if (j < n) tile_product<T, R, 1>(t, x, j0 + j, out, ld, o);
-  }
-}
-
-// B > 4 (batches, prefill): two weight rows unpacked once into int16 for all activation rows
-template <class T>
-void rows_tiled(const uint8_t* w, int64_t row_bytes, const X16& x, float* out, int64_t ld, int64_t lo, int64_t hi) {
-  thread_local Tile t;
-  int64_t o = lo;
-  for (; o + 2 <= hi; o += 2) tile_rows<T, 2>(t, w, row_bytes, x, out, ld, o);
-  if (o < hi) tile_rows<T, 1>(t, w, row_bytes, x, out, ld, o);
 }
 
 template <class T>
 void range_of(const uint8_t* w, int64_t row_bytes, const X16& x, float* out, int64_t ld, int64_t lo, int64_t hi) {
-  switch (x.B) {
-    case 1: return rows_fused<T, 1>(w, row_bytes, x, out, ld, lo, hi);
-    case 2: return rows_fused<T, 2>(w, row_bytes, x, out, ld, lo, hi);
-    case 3: return rows_fused<T, 3>(w, row_bytes, x, out, ld, lo, hi);
-    case 4: return rows_fused<T, 4>(w, row_bytes, x, out, ld, lo, hi);
-    default: return rows_tiled<T>(w, row_bytes, x, out, ld, lo, hi);
-  }
+  rows_fused<T>(w, row_bytes, x, out, ld, lo, hi);
 }
 
 }  // namespace

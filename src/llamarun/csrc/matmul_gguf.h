@@ -11,22 +11,19 @@ namespace llamarun {
 // moved SmolLM2 Q4_K_M's perplexity by +0.35% (per 32) and +0.83% (per 256) and changed its
 // greedy answers). xs16 / xs32 (B, K/16 | K/32) = dx * the sum of X over each group of 16 / 32
 // (what the minimums of Q2_K / Q4_1, Q5_1, Q4_K, Q5_K multiply).
-// X and dx are laid out in tiles of XT rows, group-major inside a tile, so that the XT rows'
-// values of one group of 32 sit together: the tile product then walks one pointer.
-constexpr int64_t XT = 4;
 struct X16 {
-  std::vector<int16_t> X;  // tile t, group g, row j: 32 values at ((t * ng + g) * XT + j) * 32
-  std::vector<float> dx;  // at (t * ng + g) * XT + j
+  std::vector<int16_t> X;  // (B, K)
+  std::vector<float> dx;  // (B, K/32)
   std::vector<float> xs16, xs32;  // (B, K/16), (B, K/32)
   int64_t B = 0, K = 0, ng = 0;
   void quantize(const float* x, int64_t rows, int64_t width);
-  const int16_t* at(int64_t row, int64_t g) const { return X.data() + (((row / XT) * ng + g) * XT + row % XT) * QK; }
-  const float* dx_at(int64_t row, int64_t g) const { return dx.data() + ((row / XT) * ng + g) * XT + row % XT; }
+  const int16_t* at(int64_t row, int64_t g) const { return X.data() + (row * ng + g) * QK; }
+  const float* dx_at(int64_t row, int64_t g) const { return dx.data() + row * ng + g; }
 };
 
 // out[b * ld + o] for weight rows o in [lo, hi) of a `type` matrix (N rows of row_bytes) times the
-// B activation rows of x. Each output is one thread's: its weight row is unpacked once for all B
-// rows, and the same additions in the same order give it whatever B is (batch invariance).
+// B activation rows of x. Each output is one thread's: its weight row is unpacked once per 8
+// activation rows, and the same additions in the same order give it whatever B is (batch invariance).
 void gguf_range(int64_t type, const uint8_t* w, int64_t row_bytes, const X16& x, float* out, int64_t ld, int64_t lo,
                 int64_t hi);
 

@@ -159,3 +159,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("llamarun_cpu::gguf_rows")
     def _(w, qtype, width, ids):
         return ids.new_empty((*ids.shape, width), dtype=torch.float32)
+
+    @torch.library.register_fake("llamarun_cpu::gguf_rows_into")
+    def _(w, qtype, width, start, out):
+        return None

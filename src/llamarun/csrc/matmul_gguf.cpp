@@ -221,4 +221,17 @@ at::Tensor gguf_rows(const at::Tensor& w, int64_t type, int64_t K, const at::Ten
   return out.view(sizes);
 }
 
+void gguf_rows_into(const at::Tensor& w, int64_t type, int64_t K, int64_t start, const at::Tensor& out) {
+  checked_width(w, type, K);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(1) == K,
+              "gguf_rows_into: out must be a contiguous float32 (n, K) tensor");
+  const int64_t n = out.size(0);
+  TORCH_CHECK(0 <= start && start + n <= w.size(0), "gguf_rows_into: rows ", start, "..", start + n, " out of range");
+  const uint8_t* wp = w.data_ptr<uint8_t>() + start * w.size(1);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    gguf_dequantize_rows(type, wp + begin * w.size(1), w.size(1), K, nullptr, end - begin, op + begin * K);
+  });
+}
+
 }  // namespace llamarun

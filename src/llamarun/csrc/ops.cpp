@@ -40,6 +40,7 @@ TORCH_LIBRARY(llamarun_cpu, lib) {
   lib.def("f32_linear(Tensor x, Tensor w) -> Tensor");
   lib.def("gguf_linear(Tensor x, Tensor w, int type, int K) -> Tensor");
   lib.def("gguf_rows(Tensor w, int type, int K, Tensor ids) -> Tensor");
+  lib.def("gguf_rows_into(Tensor w, int type, int K, int start, Tensor(a!) out) -> ()");
   lib.def("argmax_rows(Tensor logits) -> Tensor");
   lib.def("linear_kinds() -> str[]", &linear_kinds);
   lib.def("isa() -> str", &isa);
@@ -53,5 +54,6 @@ TORCH_LIBRARY_IMPL(llamarun_cpu, CPU, lib) {
   lib.impl("f32_linear", &llamarun::f32_linear);
   lib.impl("gguf_linear", &llamarun::gguf_linear);
   lib.impl("gguf_rows", &llamarun::gguf_rows);
+  lib.impl("gguf_rows_into", &llamarun::gguf_rows_into);
   lib.impl("argmax_rows", &llamarun::argmax_rows);
 }

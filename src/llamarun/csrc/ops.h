@@ -20,6 +20,9 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w);
 // matmul_gguf.cpp
 at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t K);
 at::Tensor gguf_rows(const at::Tensor& w, int64_t type, int64_t K, const at::Tensor& ids);
+// rows start .. start + out.size(0) of w dequantized into out (n, K) float32: a prompt's tiles
+// reuse one buffer instead of fresh pages each
+void gguf_rows_into(const at::Tensor& w, int64_t type, int64_t K, int64_t start, const at::Tensor& out);
 // argmax.cpp
 at::Tensor argmax_rows(const at::Tensor& logits);
 // decoder.cpp: adds the Decoder class (the one-call decode step) to lib

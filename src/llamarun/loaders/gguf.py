@@ -186,11 +186,14 @@ def load(source: Path | CheckpointHeader, *, keep_quantized: bool = True) -> Che
     )
 
 
+_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)")
+
+
 def canonical_name(name: str, path: Path) -> str:
     base, _, suffix = name.rpartition(".")
     if base in GLOBAL_NAMES:
         return f"{GLOBAL_NAMES[base]}.{suffix}"
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    m = _BLOCK_NAME.fullmatch(base)
     if m and m.group(2) in LAYER_NAMES:
         return f"layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{suffix}"
     raise CheckpointError(

@@ -37,6 +37,7 @@ _SCALARS = {
     12: "d",
 }
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,21 @@ class GGUFFile:
             pos += n
             return text
 
+        def strings(count: int) -> list[str]:
+            # a vocabulary (49k tokens and 48k merges on SmolLM2) in one tight loop: through
+            # string() it was most of a load's header time
+            nonlocal pos
+            out, end, length = [], len(buf), _U64.unpack_from
+            add = out.append
+            for _ in range(count):
+                (n,) = length(buf, pos)
+                pos += 8
+                if pos + n > end:
+                    raise ValueError(f"a string of {n} bytes at byte {pos} runs past the end")
+                add(str(buf[pos : pos + n], "utf-8", "replace"))
+                pos += n
+            return out
+
         def value(vtype: int):
             nonlocal pos
             if vtype == _STRING:
@@ -131,6 +147,8 @@ class GGUFFile:
                     out = np.frombuffer(buf, dtype, count, pos).tolist()
                     pos += count * dtype.itemsize
                     return out
+                if item == _STRING:
+                    return strings(count)
                 return [value(item) for _ in range(count)]
             if vtype not in _SCALARS:
                 raise ValueError(f"unknown GGUF value type {vtype}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Iterable, Mapping
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -61,21 +62,20 @@ class GGUFTokenizer:
             and self.bos_id is not None
         )
         self.add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+        # the tokens that are not NORMAL, found once: the passes below look at these few only
+        # (each pass over 49k-256k tokens in Python costs ~10 ms of every load)
+        odd = [i for i, kind in enumerate(token_types) if kind != NORMAL]
+        ends = frozenset(END_OF_TURN + END_OF_TEXT)
         ids = {self.eos_id, token_id("eot_token_id"), token_id("eom_token_id")}
-        ids |= {
-            i
-            for i, t in enumerate(tokens)
-            if t in END_OF_TURN + END_OF_TEXT and token_types[i] in (CONTROL, USER_DEFINED)
-        }
+        ids |= {i for i in odd if token_types[i] in (CONTROL, USER_DEFINED) and tokens[i] in ends}
         self.stop_ids = frozenset(i for i in ids if i is not None)
-        self._ids = {}
-        for i, t in enumerate(tokens):
-            self._ids.setdefault(t, i)
+        # each text's first id (as dict.setdefault in order): filled last to first
+        self._ids = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))
         # CONTROL tokens are parsed from text only with special=True; USER_DEFINED ones always (as
         # llama.cpp and transformers' added tokens do). SentencePiece matches USER_DEFINED itself.
-        self._special_re = _alternation(tokens, token_types, (CONTROL, USER_DEFINED))
+        self._special_re = _alternation(tokens, token_types, odd, (CONTROL, USER_DEFINED))
         self._user_re = (
-            _alternation(tokens, token_types, (USER_DEFINED,)) if model == "gpt2" else None
+            _alternation(tokens, token_types, odd, (USER_DEFINED,)) if model == "gpt2" else None
         )
         if model == "llama":
             self.adds_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
@@ -84,13 +84,13 @@ class GGUFTokenizer:
                 tokens, scores, token_types, self, path, dummy_prefix=self.adds_dummy_prefix
             )
             self._byte_of = {
-                i: bytes([int(t[3:5], 16)])
-                for i, t in enumerate(tokens)
-                if token_types[i] == BYTE and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t)
+                i: bytes([int(tokens[i][3:5], 16)])
+                for i in odd
+                if token_types[i] == BYTE and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tokens[i])
             }
         elif model == "gpt2":
             self.adds_dummy_prefix = False
-            self._bpe = _byte_level_bpe(tokens, meta, path)
+            self._bpe = _byte_level_bpe(self._ids, meta, path)
             self._unicode_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
         else:
             raise TokenizerError(
@@ -109,7 +109,7 @@ class GGUFTokenizer:
             raise TokenizerError(
                 f"{path} has {len(tokens)} tokens but {len(types)} token types: the vocabulary metadata is corrupt"
             )
-        return cls(model, list(tokens), [int(t) for t in types], meta, path)
+        return cls(model, list(tokens), list(map(int, types)), meta, path)
 
     def encode(
         self, text: str, *, bos: bool = True, eos: bool = False, special: bool = False
@@ -169,9 +169,14 @@ class GGUFTokenizer:
         return self._ids.get(piece)
 
 
-def _alternation(tokens: list[str], types: list[int], kinds: tuple[int, ...]) -> re.Pattern | None:
-    """A regex matching any token of the given types, longest first; None when there is none."""
-    texts = sorted({t for t, ty in zip(tokens, types) if ty in kinds and t}, key=len, reverse=True)
+def _alternation(
+    tokens: list[str], types: list[int], among: list[int], kinds: tuple[int, ...]
+) -> re.Pattern | None:
+    """A regex matching any token (of ids `among`) of the given types, longest first; None when
+    there is none."""
+    texts = sorted(
+        {tokens[i] for i in among if types[i] in kinds and tokens[i]}, key=len, reverse=True
+    )
     return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 
@@ -222,10 +227,7 @@ def model_proto(
     Written directly in protobuf wire format so no protobuf runtime is needed: ModelProto{1: pieces
     {1: piece, 2: score, 3: type}, 2: TrainerSpec, 3: NormalizerSpec}.
     """
-    pieces = b"".join(
-        _message(1, _string(1, t) + _key(2, 5) + struct.pack("<f", s) + _varint_field(3, ty))
-        for t, s, ty in zip(tokens, scores, types)
-    )
+    pieces = b"".join(map(_piece, tokens, scores, types))
     trainer = (
         _varint_field(
             3, 2
@@ -244,6 +246,28 @@ def model_proto(
         + _varint_field(5, 1)
     )
     return pieces + _message(2, trainer) + _message(3, normalizer)
+
+
+_SMALL = [bytes([i]) for i in range(128)]  # the one-byte varints
+_SCORE = struct.Struct("<f").pack
+
+
+def _piece(text: str, score: float, kind: int) -> bytes:
+    """ModelProto field 1, one SentencePiece {1: piece, 2: score, 3: type}: as _message(1,
+    _string(1, text) + ...) but with one-byte lengths looked up, run once per token (32k-256k)."""
+    raw = text.encode("utf-8")
+    n = len(raw)
+    body = (
+        b"\n"
+        + (_SMALL[n] if n < 128 else _varint(n))
+        + raw
+        + b"\x15"
+        + _SCORE(score)
+        + b"\x18"
+        + (_SMALL[kind] if 0 <= kind < 128 else _varint(kind))
+    )
+    m = len(body)
+    return b"\n" + (_SMALL[m] if m < 128 else _varint(m)) + body
 
 
 def _varint(n: int) -> bytes:
@@ -272,16 +296,15 @@ def _string(field: int, text: str) -> bytes:
     return _message(field, text.encode("utf-8"))
 
 
-def _byte_level_bpe(tokens: list[str], meta: Mapping[str, Any], path: Path):
-    """A `tokenizers.Tokenizer`: BPE over the GPT-2 byte alphabet, split by the file's pre-tokenizer."""
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    if any(len(m) != 2 for m in merges):
+def _byte_level_bpe(vocab: dict[str, int], meta: Mapping[str, Any], path: Path):
+    """A `tokenizers.Tokenizer`: BPE over the GPT-2 byte alphabet (vocab: each token's first id),
+    split by the file's pre-tokenizer."""
+    texts = meta.get("tokenizer.ggml.merges") or []
+    merges = list(map(tuple, map(str.split, texts, repeat(" "), repeat(1))))
+    if min(map(len, merges), default=2) != 2:
         raise TokenizerError(
             f"{path} has malformed BPE merges (tokenizer.ggml.merges entries must be 'left right')"
         )
-    vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise TokenizerError(

@@ -134,3 +134,24 @@ def test_tied_embeddings_share_one_tensor():
     model = Transformer(args)
 
     assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_the_kv_cache_returns_only_the_slots_a_forward_can_attend():
+    from llamarun.cache import KVCache
+
+    cache = KVCache(3, 16, 2, 4, torch.float32)
+    assert cache.k.abs().sum() == 0 and cache.v.abs().sum() == 0  # unwritten slots read as zeros
+    k, v = torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4)  # (B, T, Hkv, D) at positions 3, 4
+    pos = torch.tensor([[3, 4]])
+
+    keys, values = cache.update(torch.tensor([1]), pos, k, v, length=5)
+
+    assert keys.shape == values.shape == (1, 2, 5, 4)
+    assert torch.equal(keys[0, :, 3:5], k[0].transpose(0, 1)) and keys[:, :, :3].abs().sum() == 0
+    assert keys.data_ptr() == cache.k[1].data_ptr()  # one row: a view of the cache, not a copy
+    both, _ = cache.update(
+        torch.tensor([2, 1]), pos.expand(2, 2), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), 5
+    )
+    assert both.shape == (2, 2, 5, 4) and torch.equal(both[1], keys[0])  # several: a gather of 5
+    full, _ = cache.update(None, pos, k, v)
+    assert full.shape == (1, 2, 16, 4)  # no length: every slot (a compiled step's static shape)

@@ -114,3 +114,44 @@ def test_a_prompts_tokens_multiply_float32_tiles_of_the_dequantized_rows(path, q
     expected = (x.double() @ reference(data, qtype).double().T).float()
     assert got.shape == (2, 9, OUT)
     assert ((got - expected).norm() / expected.norm()).item() < 1e-6  # no activation rounding
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q6_K"])
+def test_a_prompt_over_several_tiles_reuses_one_buffer_and_stays_exact(path, monkeypatch, qtype):
+    from llamarun import packed
+
+    K = width(qtype)
+    monkeypatch.setattr(packed, "TILE_BYTES", 4 * K * 5)  # 5 rows a tile: 8 tiles, the last of 2
+    monkeypatch.setattr(packed, "_TILES", type(packed._TILES)())  # this test's own buffer
+    data, other = random_blocks(qtype, OUT, K, seed=1), random_blocks(qtype, OUT, K, seed=2)
+    layer = PackedLinear(qtype, K, OUT, torch.from_numpy(data))
+    second = PackedLinear(qtype, K, OUT, torch.from_numpy(other))
+    x = torch.randn(1, 6, K)
+
+    got, got_second = layer(x), second(x)  # the second layer's tiles overwrite the first's
+
+    for out, blocks in ((got, data), (got_second, other)):
+        expected = (x.double() @ reference(blocks, qtype).double().T).float()
+        assert ((out - expected).norm() / expected.norm()).item() < 1e-6
+    if path == "kernel":
+        buf = packed._TILES.buf
+        layer(x)
+        assert packed._TILES.buf is buf  # no new tile buffer for the next prompt
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+def test_gguf_rows_into_writes_the_dequantized_rows_in_place(qtype):
+    ops = cpu_kernels.ops()
+    if ops is None:
+        pytest.skip("no CPU kernels on this machine (needs x86 AVX2 and a C++ compiler)")
+    from llamarun.blocks import TYPE_IDS
+
+    K = width(qtype)
+    data = random_blocks(qtype, OUT, K)
+    out = torch.full((9, K), float("nan"))
+
+    ops.gguf_rows_into(torch.from_numpy(data), TYPE_IDS[qtype], K, 20, out)
+
+    assert torch.equal(out, reference(data, qtype)[20:29])
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.gguf_rows_into(torch.from_numpy(data), TYPE_IDS[qtype], K, OUT - 8, out)

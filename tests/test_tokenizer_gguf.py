@@ -257,3 +257,31 @@ def test_user_defined_tokens_are_always_parsed_control_only_when_special(tmp_pat
     assert tok.token_to_id("<|im_end|>") not in tok.encode("a<|im_end|>", bos=False)
     assert tok.encode("a<|im_end|>", bos=False, special=True)[-1] == tok.token_to_id("<|im_end|>")
     assert tok.token_bytes(think) == b"<think>"
+
+
+def test_sentencepiece_pieces_of_any_length_survive_the_model_proto():
+    import sentencepiece as spm
+
+    from llamarun.tokenizer.gguf import BYTE, UNKNOWN, model_proto
+
+    long = "\u2581" + "x" * 200  # a piece and its message past one-byte varint lengths
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "\u2581a", long]
+    types = [UNKNOWN, CONTROL, CONTROL, *[BYTE] * 256, NORMAL, NORMAL]
+    scores = [0.0] * (len(tokens) - 2) + [-1.5, -2.25]
+    proto = model_proto(
+        tokens,
+        scores,
+        types,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,
+        add_dummy_prefix=True,
+    )
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+
+    assert sp.get_piece_size() == len(tokens)
+    assert [sp.id_to_piece(i) for i in range(len(tokens))] == tokens
+    assert sp.get_score(len(tokens) - 1) == -2.25 and sp.is_byte(3) and sp.is_control(1)
+    assert sp.encode("a") == [len(tokens) - 2]

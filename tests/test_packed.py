@@ -17,7 +17,7 @@ from llamarun.blocks import BLOCK_SIZES, BLOCK_TYPES, dequantize_rows  # noqa: E
 from llamarun.errors import ConfigError  # noqa: E402
 from llamarun.packed import PackedEmbedding, PackedLinear  # noqa: E402
 
-OUT = 37  # odd: the tiled kernel's pairs of weight rows leave one over
+OUT = 37  # odd: the two threads' shares of weight rows differ, and no tile divides it
 
 
 def width(qtype: str) -> int:

@@ -118,11 +118,9 @@ def test_a_prompts_tokens_multiply_float32_tiles_of_the_dequantized_rows(path, q
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q6_K"])
 def test_a_prompt_over_several_tiles_reuses_one_buffer_and_stays_exact(path, monkeypatch, qtype):
-    from llamarun import packed
-
     K = width(qtype)
-    monkeypatch.setattr(packed, "TILE_BYTES", 4 * K * 5)  # 5 rows a tile: 8 tiles, the last of 2
-    monkeypatch.setattr(packed, "_TILES", type(packed._TILES)())  # this test's own buffer
+    monkeypatch.setattr(cpu_kernels, "TILE_BYTES", 4 * K * 5)  # 5 rows a tile: 8, the last of 2
+    monkeypatch.setattr(cpu_kernels, "_TILES", type(cpu_kernels._TILES)())  # this test's own
     data, other = random_blocks(qtype, OUT, K, seed=1), random_blocks(qtype, OUT, K, seed=2)
     layer = PackedLinear(qtype, K, OUT, torch.from_numpy(data))
     second = PackedLinear(qtype, K, OUT, torch.from_numpy(other))
@@ -134,9 +132,9 @@ def test_a_prompt_over_several_tiles_reuses_one_buffer_and_stays_exact(path, mon
         expected = (x.double() @ reference(blocks, qtype).double().T).float()
         assert ((out - expected).norm() / expected.norm()).item() < 1e-6
     if path == "kernel":
-        buf = packed._TILES.buf
+        buf = cpu_kernels._TILES.buf
         layer(x)
-        assert packed._TILES.buf is buf  # no new tile buffer for the next prompt
+        assert cpu_kernels._TILES.buf is buf  # no new tile buffer for the next prompt
 
 
 @pytest.mark.parametrize("qtype", BLOCK_TYPES)

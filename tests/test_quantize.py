@@ -283,3 +283,32 @@ def test_a_stale_kernel_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     os.utime(lock, (old, old))
     cpu_kernels._clear_stale_lock(fake, "k")
     assert not lock.exists()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-block", "int4"])
+def test_a_prompts_tokens_multiply_dequantized_tiles_of_the_quantized_weight(monkeypatch, mode):
+    if cpu_kernels.ops() is None:
+        pytest.skip("no CPU kernels on this machine (needs x86 AVX2 and a C++ compiler)")
+    monkeypatch.setattr(
+        cpu_kernels, "TILE_BYTES", 4 * 96 * 7
+    )  # 7 rows a tile: 6 tiles, the last of 2
+    monkeypatch.setattr(cpu_kernels, "_TILES", type(cpu_kernels._TILES)())
+    w = torch.randn(37, 70, generator=torch.Generator().manual_seed(0))  # 70 columns: padded to 96
+    if mode == "int4":
+        layer = Int4Linear.from_float(w)
+    elif mode == "int8":
+        layer = Int8Linear.from_float(w)
+    else:  # a scale per block of 32, as GGUF Q8_0's
+        layer = Int8Linear(70, 37, per_block=True)
+        layer.weight.random_(-127, 128, generator=torch.Generator().manual_seed(1))
+        layer.scales.uniform_(0.001, 0.01)
+    x = torch.randn(2, 5, 70)
+
+    got = layer(x)
+
+    expected = (x.double() @ layer.dequantize().double().T).float()
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-6  # no activation rounding
+    if mode == "int4":
+        tile = torch.empty(9, 96)
+        cpu_kernels.ops().q4_rows_into(layer.qs, layer.d, layer.m, 20, tile)
+        assert torch.equal(tile[:, :70], layer.dequantize()[20:29])

@@ -12,8 +12,7 @@ embedding dequantizes only the rows it looks up; a classifier tied to it reads t
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -23,23 +22,6 @@ from . import cpu_kernels
 from .blocks import BLOCK_SIZES, TYPE_IDS, dequantize_rows, row_bytes
 from .errors import ConfigError
 from .weights import PackedWeight
-
-# float32 bytes of dequantized rows per step of the torch path. Small enough that what the
-# allocator keeps of freed tiles (glibc raises its mmap threshold to a freed chunk's size, then
-# serves the next tiles from an arena per thread and keeps them) stays a few MB: with 16 MB tiles
-# resident memory after a prompt varied by +30 MB on a 106 MB file. The GEMM still gets >= 1024
-# rows per call for widths up to 1024 (the prefill speed of 4 against 16 MB is not yet measured
-# on a quiet machine).
-TILE_BYTES = 4 * 2**20
-_TILES = threading.local()
-
-
-def _tile_buffer(n: int) -> torch.Tensor:
-    """This thread's float32 buffer for dequantized tiles, at least n floats."""
-    buf = getattr(_TILES, "buf", None)
-    if buf is None or buf.numel() < n:
-        buf = _TILES.buf = torch.empty(max(n, TILE_BYTES // 4))
-    return buf
 
 
 def _check(qtype: str, data: torch.Tensor, shape: tuple[int, int]) -> None:
@@ -104,27 +86,16 @@ class PackedLinear(nn.Module):
         # dequantized tiles of rows, through torch's GEMM; on CPU 1.8x the 16-bit kernel's speed
         # there (2048 x 768, 64-256 rows), and the float32 reference itself. One token per row,
         # however many rows, always takes the kernel (batch invariance).
-        step = max(1, TILE_BYTES // (4 * self.in_features))  # rows dequantized per product
-        if ops is None or x.dtype != torch.float32:
-            tiles = (
-                self.dequantize(slice(i, i + step)).to(x.dtype)
-                for i in range(0, self.out_features, step)
-            )
-        else:
-            tiles = self._tiles(ops, step)
-        parts = [F.linear(x, tile) for tile in tiles]
+        K = self.in_features
+        if ops is not None and x.dtype == torch.float32:
+            fill = partial(ops.gguf_rows_into, self.data, TYPE_IDS[self.qtype], K)
+            return cpu_kernels.tiled_linear(x, self.out_features, K, fill, K)
+        step = max(1, cpu_kernels.TILE_BYTES // (4 * K))
+        parts = [
+            F.linear(x, self.dequantize(slice(i, i + step)).to(x.dtype))
+            for i in range(0, self.out_features, step)
+        ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-
-    def _tiles(self, ops, step: int) -> Iterator[torch.Tensor]:
-        """The weight's rows, `step` at a time, dequantized into this thread's one tile buffer
-        (each tile is used before the next overwrites it): a fresh 4 MB tile per product came
-        from new pages, and their faults cost as much as the dequantization."""
-        buf = _tile_buffer(min(step, self.out_features) * self.in_features)
-        for i in range(0, self.out_features, step):
-            n = min(step, self.out_features - i)
-            tile = buf[: n * self.in_features].view(n, self.in_features)
-            ops.gguf_rows_into(self.data, TYPE_IDS[self.qtype], self.in_features, i, tile)
-            yield tile
 
     def extra_repr(self) -> str:
         return (

@@ -11,6 +11,7 @@ plain dequantize-then-matmul.
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,13 @@ def quantized_bytes(
     if cuda_dtype is not None and Int4Linear.cuda_packs(in_features, cuda_dtype):
         total += out_features * in_features // 2 + out_features * groups * 2 * 2
     return total
+
+
+def _prompt(x: torch.Tensor) -> bool:
+    """A prompt's tokens (B, T > 1, C) in float32: they multiply dequantized float32 tiles on the
+    CPU (cpu_kernels.tiled_linear), at the GEMM's speed and with no activation rounding; one
+    token per row, however many rows, takes the integer kernels (batch invariance)."""
+    return x.dim() == 3 and x.shape[1] > 1 and x.dtype == torch.float32
 
 
 def _cpu_ops(x: torch.Tensor):
@@ -97,8 +105,22 @@ class Int8Linear(nn.Module):
         w = self.weight.float().view(self.out_features, groups, -1) * self.scales[:, :, None]
         return w.view(self.out_features, -1)[:, : self.in_features]
 
+    def _dequantize_into(self, start: int, tile: torch.Tensor) -> None:
+        """Rows start.. of dequantize() (padded width) into tile, as the same one multiply."""
+        n, groups = tile.shape[0], self.scales.shape[1]
+        rows = slice(start, start + n)
+        torch.mul(
+            self.weight[rows].view(n, groups, -1),
+            self.scales[rows, :, None],
+            out=tile.view(n, groups, -1),
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = _cpu_ops(x)
+        if ops is not None and _prompt(x) and not self.amx:
+            return cpu_kernels.tiled_linear(
+                x, self.out_features, self.weight.shape[1], self._dequantize_into, self.in_features
+            )
         if ops is not None:
             return ops.int8_linear(x, self.weight, self.scales, self.amx)
         if self.scales.shape[1] == 1:  # per channel: the scale moves out of the product
@@ -183,6 +205,11 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = _cpu_ops(x)
+        if ops is not None and _prompt(x):
+            fill = partial(ops.q4_rows_into, self.qs, self.d, self.m)
+            return cpu_kernels.tiled_linear(
+                x, self.out_features, 2 * self.qs.shape[1], fill, self.in_features
+            )
         if ops is not None:
             return ops.q4_linear(x, self.qs, self.d, self.m)
         if x.device.type == "cuda" and self.cuda_packs(self.in_features, x.dtype):

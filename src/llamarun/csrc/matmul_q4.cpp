@@ -31,4 +31,38 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   return reshape_output(out, x);
 }
 
+void q4_rows_into(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t start, const at::Tensor& out) {
+  const int64_t N = qs.size(0), Kp = qs.size(1) * 2, nb = Kp / QK, n = out.size(0);
+  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && d.is_contiguous() && m.is_contiguous() &&
+                  d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf && d.size(1) == nb && m.size(1) == nb,
+              "q4_rows_into: bad weight layout");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(1) == Kp,
+              "q4_rows_into: out must be a contiguous float32 (n, padded width) tensor");
+  TORCH_CHECK(0 <= start && start + n <= N, "q4_rows_into: rows ", start, "..", start + n, " out of range");
+  const uint8_t* qp = qs.data_ptr<uint8_t>();
+  const at::Half *dp = d.data_ptr<at::Half>(), *mp = m.data_ptr<at::Half>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t o = start + i;
+      for (int64_t g = 0; g < nb; ++g) {
+        // weights 0..15 of the group are the low nibbles of its 16 bytes, 16..31 the high ones
+        const __m128i q = _mm_loadu_si128((const __m128i*)(qp + o * (Kp / 2) + g * 16));
+        const __m256i v = _mm256_cvtepu8_epi16(q);
+        const __m256i halves[2] = {_mm256_and_si256(v, _mm256_set1_epi16(0x0F)), _mm256_srli_epi16(v, 4)};
+        const __m256 dv = _mm256_set1_ps((float)dp[o * nb + g]), mv = _mm256_set1_ps((float)mp[o * nb + g]);
+        float* r = op + i * Kp + g * QK;
+        for (int c = 0; c < 4; ++c) {
+          const __m128i h = c % 2 ? _mm256_extracti128_si256(halves[c / 2], 1) : _mm256_castsi256_si128(halves[c / 2]);
+          // q * d then + m: two roundings, as the torch dequantization (the empty asm keeps the
+          // compiler from fusing them into one FMA)
+          __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(h)), dv);
+          __asm__("" : "+x"(w));
+          _mm256_storeu_ps(r + 8 * c, _mm256_add_ps(w, mv));
+        }
+      }
+    }
+  });
+}
+
 }  // namespace llamarun

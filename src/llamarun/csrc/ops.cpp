@@ -36,6 +36,7 @@ std::string isa() {
 TORCH_LIBRARY(llamarun_cpu, lib) {
   lib.def("int8_linear(Tensor x, Tensor w, Tensor sw, bool amx=False) -> Tensor");
   lib.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
+  lib.def("q4_rows_into(Tensor qs, Tensor d, Tensor m, int start, Tensor(a!) out) -> ()");
   lib.def("amx_int8_linear(Tensor x, Tensor w, Tensor sw) -> Tensor");
   lib.def("f32_linear(Tensor x, Tensor w) -> Tensor");
   lib.def("gguf_linear(Tensor x, Tensor w, int type, int K) -> Tensor");
@@ -50,6 +51,7 @@ TORCH_LIBRARY(llamarun_cpu, lib) {
 TORCH_LIBRARY_IMPL(llamarun_cpu, CPU, lib) {
   lib.impl("int8_linear", &llamarun::int8_linear);
   lib.impl("q4_linear", &llamarun::q4_linear);
+  lib.impl("q4_rows_into", &llamarun::q4_rows_into);
   lib.impl("amx_int8_linear", &llamarun::amx_int8_linear);
   lib.impl("f32_linear", &llamarun::f32_linear);
   lib.impl("gguf_linear", &llamarun::gguf_linear);

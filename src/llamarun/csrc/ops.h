@@ -14,6 +14,8 @@ namespace llamarun {
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw, bool amx);
 at::Tensor amx_int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw);
 // matmul_q4.cpp
+// rows start .. start + out.size(0) of a 4-bit weight dequantized into out (n, padded width)
+void q4_rows_into(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t start, const at::Tensor& out);
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m);
 // matmul_f32.cpp
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w);

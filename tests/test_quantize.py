@@ -312,3 +312,15 @@ def test_a_prompts_tokens_multiply_dequantized_tiles_of_the_quantized_weight(mon
         tile = torch.empty(9, 96)
         cpu_kernels.ops().q4_rows_into(layer.qs, layer.d, layer.m, 20, tile)
         assert torch.equal(tile[:, :70], layer.dequantize()[20:29])
+
+
+def test_the_tile_buffer_made_under_inference_mode_serves_outside_it(monkeypatch):
+    if cpu_kernels.ops() is None:
+        pytest.skip("no CPU kernels on this machine (needs x86 AVX2 and a C++ compiler)")
+    monkeypatch.setattr(cpu_kernels, "_TILES", type(cpu_kernels._TILES)())
+    layer = Int8Linear.from_float(torch.randn(8, 64))  # its tiles are written by torch.mul(out=)
+    x = torch.randn(1, 3, 64)
+    with torch.inference_mode():  # an engine's prompt makes the buffer
+        inside = layer(x)
+
+    assert torch.equal(layer(x), inside)  # a plain call (a perplexity run, a test) writes it

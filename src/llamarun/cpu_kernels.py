@@ -151,7 +151,10 @@ def _tile_buffer(n: int) -> torch.Tensor:
     """This thread's float32 buffer for dequantized tiles, at least n floats."""
     buf = getattr(_TILES, "buf", None)
     if buf is None or buf.numel() < n:
-        buf = _TILES.buf = torch.empty(max(n, TILE_BYTES // 4))
+        # a normal tensor even when the first prompt runs under inference_mode (an engine's
+        # step): an inference tensor could not be written outside it afterwards
+        with torch.inference_mode(False):
+            buf = _TILES.buf = torch.empty(max(n, TILE_BYTES // 4))
     return buf
 
 

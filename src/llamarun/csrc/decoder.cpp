@@ -303,9 +303,7 @@ struct Decoder : torch::CustomClassHolder {
         for (int64_t o = lo; l.kind != LIN_INT8 && l.kind != LIN_GGUF && o < hi; ++o) {
           int64_t b0 = 0;
           if (l.kind == LIN_F32) {
-            const float* w = (const float*)l.a + o * K;
-            for (; b0 + TILE <= B; b0 += TILE) f32_rows<TILE>(w, K, x, b0, o_base, ld, o);
-            for (; b0 < B; ++b0) f32_rows<1>(w, K, x, b0, o_base, ld, o);
+            f32_row((const float*)l.a + o * K, K, x, B, o_base, ld, o);
           } else {
             const uint8_t* w = (const uint8_t*)l.a + o * (Kp / 2);
             const at::Half* d = (const at::Half*)l.b + o * nb;

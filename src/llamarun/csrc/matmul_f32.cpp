@@ -14,11 +14,7 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w) {
   const float* xp = x2d.data_ptr<float>();
   float* op = out.data_ptr<float>();
   parallel_rows(N, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      int64_t b0 = 0;
-      for (; b0 + TILE <= B; b0 += TILE) f32_rows<TILE>(wp + o * K, K, xp, b0, op, N, o);
-      for (; b0 < B; ++b0) f32_rows<1>(wp + o * K, K, xp, b0, op, N, o);
-    }
+    for (int64_t o = begin; o < end; ++o) f32_row(wp + o * K, K, xp, B, op, N, o);
   });
   return reshape_output(out, x);
 }

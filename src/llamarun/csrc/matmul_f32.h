@@ -35,4 +35,17 @@ inline void f32_rows(const float* w, int64_t K, const float* x, int64_t b0, floa
   }
 }
 
+// All B activation rows against weight row o: TILE rows per pass over the weight row, then the
+// rest in one pass (a pass per leftover row was load-bound: two loads per multiply-add)
+inline void f32_row(const float* w, int64_t K, const float* x, int64_t B, float* out, int64_t N, int64_t o) {
+  int64_t b0 = 0;
+  for (; b0 + TILE <= B; b0 += TILE) f32_rows<TILE>(w, K, x, b0, out, N, o);
+  switch (B - b0) {
+    case 3: return f32_rows<3>(w, K, x, b0, out, N, o);
+    case 2: return f32_rows<2>(w, K, x, b0, out, N, o);
+    case 1: return f32_rows<1>(w, K, x, b0, out, N, o);
+    default: return;
+  }
+}
+
 }  // namespace llamarun

@@ -279,3 +279,30 @@ def test_a_draft_larger_than_the_model_warns(tmp_path, caplog):
         llm = llamarun.load(path, draft=str(larger), speculate_k=2)
     assert "is larger than the model" in caplog.text
     assert tokens_of(llm) == tokens_of(llamarun.load(path))
+
+
+def test_a_quantized_draft_costs_what_its_integer_products_cost_not_its_bytes():
+    import copy
+
+    from llamarun.quantize import quantize_
+    from llamarun.speculate import CPU_QUANTIZED_BYTES_PER_WEIGHT, relative_cost
+    from llamarun.weights import weight_bytes_per_step
+
+    target = tiny()
+    for mode in ("int4", "int8"):
+        draft = quantize_(copy.deepcopy(target), mode)
+        by_bytes = weight_bytes_per_step(draft) / weight_bytes_per_step(target)
+        weights = sum(
+            m.in_features * m.out_features
+            for m in target.modules()
+            if isinstance(m, torch.nn.Linear)
+        )
+        others = weight_bytes_per_step(target) - 4 * weights  # the norms stay float32
+
+        cost = relative_cost(draft, target)
+
+        assert cost > by_bytes
+        expected = (CPU_QUANTIZED_BYTES_PER_WEIGHT * weights + others) / weight_bytes_per_step(
+            target
+        )
+        assert cost == pytest.approx(expected, rel=1e-6), mode

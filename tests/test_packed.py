@@ -153,3 +153,17 @@ def test_gguf_rows_into_writes_the_dequantized_rows_in_place(qtype):
     assert torch.equal(out, reference(data, qtype)[20:29])
     with pytest.raises(RuntimeError, match="out of range"):
         ops.gguf_rows_into(torch.from_numpy(data), TYPE_IDS[qtype], K, OUT - 8, out)
+
+
+def test_a_prompts_gradient_survives_the_shared_tile_buffer(path, monkeypatch):
+    K = width("Q4_K")
+    monkeypatch.setattr(cpu_kernels, "TILE_BYTES", 4 * K * 5)  # several tiles, one buffer
+    monkeypatch.setattr(cpu_kernels, "_TILES", type(cpu_kernels._TILES)())
+    first, second = (random_blocks("Q4_K", OUT, K, seed=s) for s in (1, 2))
+    layers = [PackedLinear("Q4_K", K, OUT, torch.from_numpy(b)) for b in (first, second)]
+    x = torch.randn(1, 4, K, requires_grad=True)
+
+    (layers[0](x).sum() + layers[1](x).sum()).backward()  # the second overwrites the buffer
+
+    w = reference(first, "Q4_K") + reference(second, "Q4_K")
+    assert torch.allclose(x.grad[0], w.sum(0).expand(4, K), rtol=1e-5, atol=1e-5)

@@ -19,7 +19,8 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
     wrote every page at load (75 ms and 190 MB resident for SmolLM2's 4096 positions). The
     slots beyond a row's length must still be finite zeros, not garbage: masked attention
     weights of 0 times a NaN would be NaN."""
-    if torch.device(device or "cpu").type == "cpu" and dtype in _NUMPY:
+    place = torch.device(device) if device is not None else torch.get_default_device()
+    if place.type == "cpu" and dtype in _NUMPY:
         return torch.from_numpy(np.zeros(shape, dtype=_NUMPY[dtype]))
     return torch.zeros(shape, dtype=dtype, device=device)
 
@@ -61,7 +62,7 @@ class KVCache(nn.Module):
         if rows.numel() == 1 and rows.device.type == "cpu" and not torch.compiler.is_compiling():
             # one row (a prompt, a verification): a view. Gathering copied all max_seq_len slots
             # of every layer per forward, 190 MB on SmolLM2 at 4096, for the L that are read.
-            r = int(rows)
+            r = int(rows) % self.k.shape[0]  # as the write above reads a negative row
             return self.k[r : r + 1, :, cut], self.v[r : r + 1, :, cut]
         return self.k[rows, :, cut], self.v[rows, :, cut]  # gathers only slots 0..length-1
 

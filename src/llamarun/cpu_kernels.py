@@ -154,7 +154,9 @@ def _tile_buffer(n: int) -> torch.Tensor:
         # a normal tensor even when the first prompt runs under inference_mode (an engine's
         # step): an inference tensor could not be written outside it afterwards
         with torch.inference_mode(False):
-            buf = _TILES.buf = torch.empty(max(n, TILE_BYTES // 4))
+            buf = _TILES.buf = torch.empty(
+                max(n, TILE_BYTES // 4), dtype=torch.float32, device="cpu"
+            )
     return buf
 
 
@@ -178,6 +180,8 @@ def tiled_linear(
         n = min(step, rows - start)
         tile = buf[: n * width].view(n, width)
         fill(start, tile)
+        if x.requires_grad and torch.is_grad_enabled():
+            tile = tile.clone()  # autograd keeps the tile for backward: the next fill overwrites it
         parts.append(F.linear(x, tile[:, :in_features]))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 

@@ -4,8 +4,9 @@ Int4Linear (groups of 32, w = d * q + m with q in 0..15, like GGUF Q4_1; Q4_0 is
 `quantize_(model, mode)` swaps the model's nn.Linear layers in place after loading (GGUF files'
 own blocks are packed.py's PackedLinear, not these layers).
 Kernels: on x86 CPUs the C++ ones in csrc/, built by cpu_kernels.py (int8 activations x int8/4-bit
-weights, as llama.cpp does); on CUDA torch's int4 tile-packed matmul and a fused int8 dequant; elsewhere a
-plain dequantize-then-matmul.
+weights, as llama.cpp does) for one token per row, and a prompt's tokens on float32 tiles of the
+dequantized rows (cpu_kernels.tiled_linear); on CUDA torch's int4 tile-packed matmul and a fused int8
+dequant; elsewhere a plain dequantize-then-matmul.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 // GGUF block weights in their own bytes: the 16-bit activation quantization, the product of
-// unpacked blocks (gguf_blocks.h) with it, and the gguf_linear / gguf_rows ops.
+// unpacked blocks (gguf_blocks.h) with it, and the gguf_linear / gguf_rows / gguf_rows_into ops.
 //
 // One arithmetic for every batch size: each output (weight row o, activation row j) keeps one
 // 8-lane accumulator and adds float(W . X) * (s * dx) for each group of 32 in K order, then
@@ -223,8 +223,9 @@ at::Tensor gguf_rows(const at::Tensor& w, int64_t type, int64_t K, const at::Ten
 
 void gguf_rows_into(const at::Tensor& w, int64_t type, int64_t K, int64_t start, const at::Tensor& out) {
   checked_width(w, type, K);
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(1) == K,
-              "gguf_rows_into: out must be a contiguous float32 (n, K) tensor");
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 &&
+                  out.size(1) == K,
+              "gguf_rows_into: out must be a contiguous float32 (n, K) CPU tensor");
   const int64_t n = out.size(0);
   TORCH_CHECK(0 <= start && start + n <= w.size(0), "gguf_rows_into: rows ", start, "..", start + n, " out of range");
   const uint8_t* wp = w.data_ptr<uint8_t>() + start * w.size(1);

@@ -33,11 +33,14 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
 
 void q4_rows_into(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t start, const at::Tensor& out) {
   const int64_t N = qs.size(0), Kp = qs.size(1) * 2, nb = Kp / QK, n = out.size(0);
-  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.is_contiguous() && d.is_contiguous() && m.is_contiguous() &&
-                  d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf && d.size(1) == nb && m.size(1) == nb,
+  TORCH_CHECK(qs.device().is_cpu() && d.device().is_cpu() && m.device().is_cpu() && qs.scalar_type() == at::kByte &&
+                  qs.is_contiguous() && d.is_contiguous() && m.is_contiguous() && d.scalar_type() == at::kHalf &&
+                  m.scalar_type() == at::kHalf && Kp % QK == 0 && d.size(0) == N && m.size(0) == N &&
+                  d.size(1) == nb && m.size(1) == nb,
               "q4_rows_into: bad weight layout");
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(1) == Kp,
-              "q4_rows_into: out must be a contiguous float32 (n, padded width) tensor");
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 &&
+                  out.size(1) == Kp,
+              "q4_rows_into: out must be a contiguous float32 (n, padded width) CPU tensor");
   TORCH_CHECK(0 <= start && start + n <= N, "q4_rows_into: rows ", start, "..", start + n, " out of range");
   const uint8_t* qp = qs.data_ptr<uint8_t>();
   const at::Half *dp = d.data_ptr<at::Half>(), *mp = m.data_ptr<at::Half>();

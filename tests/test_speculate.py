@@ -306,3 +306,23 @@ def test_a_quantized_draft_costs_what_its_integer_products_cost_not_its_bytes():
             target
         )
         assert cost == pytest.approx(expected, rel=1e-6), mode
+
+
+def test_prompt_lookup_picks_the_copy_up_where_it_stopped_agreeing():
+    from types import SimpleNamespace
+
+    from llamarun.speculate import LookupDrafter, _NgramIndex
+
+    text = [5, 1, 2, 7, 8, 3, 1, 2, 9, 4]  # the suffix (1, 2) is followed by 7, later by 9
+    index = _NgramIndex((3, 2))
+    assert index.find([*text, 1, 2]) == 8  # no copy under way: the latest occurrence
+    assert index.find([*text, 1, 2], near=2) == 3  # the copy stood at 2: the one there
+    assert _NgramIndex((3, 2)).find([*text, 6, 8]) is None  # a lone token: only near a copy
+    assert _NgramIndex((3, 2)).find([*text, 6, 8], near=3) == 5  # the 8 at 4, continuing at 5
+
+    drafter, state = LookupDrafter(), SimpleNamespace(tokens=[*text, 7, 8])
+    assert drafter.propose(0, state, 2).tokens == [3, 1]  # what followed (7, 8)
+    drafter.sync(0, state, len(state.tokens) + 1)  # 3 kept; the model said 6 for the 1
+    state.tokens += [3, 6, 2]  # ... and then 2: (6, 2) is nowhere in the text
+    assert drafter.propose(0, state, 2).tokens == [9, 4]  # the 2 near where the copy stood
+    assert LookupDrafter().propose(0, state, 2).tokens == []  # without that, nothing

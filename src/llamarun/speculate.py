@@ -47,6 +47,7 @@ from .weights import weight_bytes_per_step
 MAX_K = 16  # the largest --speculate-k
 ADAPTIVE_MAX_K = 10  # the largest k the adaptive choice takes
 LOOKUP_NGRAMS = (3, 2)  # n-gram lengths prompt lookup matches, longest first
+NEAR = 4  # how far from where a copy stopped agreeing a match counts as picking it up
 MIN_GAIN = 1.05  # speculate only when the estimate promises 5% more tokens per unit of cost
 DECAY = 0.85  # weight of past rounds in the acceptance estimate, per round
 SKIP_DECAY = 0.93  # per skipped chance: the estimate drifts back to its prior
@@ -211,52 +212,74 @@ def choose(
 
 
 class _NgramIndex:
-    """For each n, the n-grams of a row's tokens -> where the latest one ended, for the n-grams
-    ending before the last token (so the row's own suffix finds an earlier occurrence)."""
+    """For each n, the n-grams of a row's tokens -> where each occurrence ended (in order), for
+    the n-grams ending before the last token (so the row's own suffix finds an earlier one)."""
 
     def __init__(self, ngrams: tuple[int, ...]):
         self.ngrams = ngrams
-        self.tables: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in ngrams}
+        self.sizes = tuple(sorted({*ngrams, 1}, reverse=True))  # 1-grams: only near a copy
+        self.tables: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in self.sizes}
         self.upto = 0  # ends 1..upto are indexed
 
-    def find(self, tokens: list[int]) -> int | None:
-        """Where the continuation of the longest matched suffix starts, or None."""
+    def find(self, tokens: list[int], near: int | None = None) -> int | None:
+        """Where the continuation of the row's suffix starts, or None. With `near` (where a copy
+        stopped agreeing), first the longest suffix, down to the last token alone, with an
+        occurrence ending within NEAR of near + 1: a model copying a text that inserts or
+        swaps a word picks the copy up there. Otherwise the latest occurrence of the longest
+        suffix of LOOKUP_NGRAMS' lengths."""
         for end in range(self.upto + 1, len(tokens)):
-            for n in self.ngrams:
+            for n in self.sizes:
                 if end >= n:
-                    self.tables[n][tuple(tokens[end - n : end])] = end
+                    self.tables[n].setdefault(tuple(tokens[end - n : end]), []).append(end)
         self.upto = max(self.upto, len(tokens) - 1)
+        if near is not None:
+            for n in self.sizes:
+                if len(tokens) > n:
+                    ends = self.tables[n].get(tuple(tokens[-n:]), ())
+                    close = [e for e in ends if abs(e - near - 1) <= NEAR]
+                    if close:
+                        return min(close, key=lambda e: (abs(e - near - 1), -e))
         for n in self.ngrams:
             if len(tokens) > n:
-                end = self.tables[n].get(tuple(tokens[-n:]))
-                if end is not None:
-                    return end
+                ends = self.tables[n].get(tuple(tokens[-n:]))
+                if ends:
+                    return ends[-1]
         return None
 
 
 class LookupDrafter:
-    """Prompt lookup: propose what followed the latest earlier occurrence of the row's last
-    n-gram. A match close to the end continues periodically (a repeated phrase repeats on)."""
+    """Prompt lookup: propose what followed an earlier occurrence of the row's last n-gram. A
+    match close to the end continues periodically (a repeated phrase repeats on).
+
+    Of several occurrences it takes the one nearest where the last draft stopped agreeing: a
+    model copying a text that departs from it by a word ("glass, and" for "glass and") picks
+    the copy up there, where the latest ", and" elsewhere in the text proposed the wrong words.
+    Without an earlier draft, the latest occurrence."""
 
     free = True  # proposing costs no forward, so it is tried even when the estimate says skip
 
     def __init__(self, ngrams: tuple[int, ...] = LOOKUP_NGRAMS):
         self.ngrams = ngrams
-        self._rows: dict[int, tuple[object, _NgramIndex]] = {}
+        # per slot: the state, its index, and where the copy stands in the row (or None)
+        self._rows: dict[int, list] = {}
 
     def propose(self, slot: int, state, k: int) -> Draft:
         held = self._rows.get(slot)
         if held is None or held[0] is not state:  # a new request in this row
-            held = self._rows[slot] = (state, _NgramIndex(self.ngrams))
+            held = self._rows[slot] = [state, _NgramIndex(self.ngrams), None, None]
         tokens = state.tokens
-        start = held[1].find(tokens)
+        start = held[1].find(tokens, held[2])
         if start is None:
             return Draft([])
+        held[3] = (start, len(tokens))  # draft token i is tokens[start + i] (before wrapping)
         period = len(tokens) - start
         return Draft([tokens[start + i % period] for i in range(k)])
 
     def sync(self, slot: int, state, agreed: int) -> None:
-        pass  # nothing drafted is kept anywhere
+        held = self._rows.get(slot)
+        if held is not None and held[0] is state and held[3] is not None:
+            start, n = held[3]
+            held[2] = start + max(agreed - n, 0)  # the source position of the first disagreement
 
 
 class ModelDrafter:

@@ -86,8 +86,8 @@ class PackedLinear(nn.Module):
         # A prompt's tokens (and every product where the kernels are not built): float32 on
         # dequantized tiles of rows, through torch's GEMM; on CPU faster than the 16-bit kernel
         # there (2304 x 768 at 128 rows: MKL's ~125 GFLOP/s against ~80), and the float32
-        # reference itself. One token per row,
-        # however many rows, always takes the kernel (batch invariance).
+        # reference itself. One token per row, however many rows, always takes the kernel
+        # (batch invariance).
         K = self.in_features
         if ops is not None and x.dtype == torch.float32:
             fill = partial(ops.gguf_rows_into, self.data, TYPE_IDS[self.qtype], K)

@@ -102,12 +102,12 @@ class Int8Linear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The float32 (out, in) weight these integers stand for."""
-        groups = self.scales.shape[1]
-        w = self.weight.float().view(self.out_features, groups, -1) * self.scales[:, :, None]
-        return w.view(self.out_features, -1)[:, : self.in_features]
+        w = self.weight.new_empty(self.weight.shape, dtype=torch.float32)
+        self._dequantize_into(0, w)
+        return w[:, : self.in_features]
 
     def _dequantize_into(self, start: int, tile: torch.Tensor) -> None:
-        """Rows start.. of dequantize() (padded width) into tile, as the same one multiply."""
+        """Rows start.. of the float32 weight (padded width) into tile: weight * scale."""
         n, groups = tile.shape[0], self.scales.shape[1]
         rows = slice(start, start + n)
         torch.mul(

@@ -260,26 +260,35 @@ class LookupDrafter:
 
     def __init__(self, ngrams: tuple[int, ...] = LOOKUP_NGRAMS):
         self.ngrams = ngrams
-        # per slot: the state, its index, and where the copy stands in the row (or None)
-        self._rows: dict[int, list] = {}
+        self._rows: dict[int, _LookupRow] = {}
 
     def propose(self, slot: int, state, k: int) -> Draft:
-        held = self._rows.get(slot)
-        if held is None or held[0] is not state:  # a new request in this row
-            held = self._rows[slot] = [state, _NgramIndex(self.ngrams), None, None]
+        row = self._rows.get(slot)
+        if row is None or row.state is not state:  # a new request in this row
+            row = self._rows[slot] = _LookupRow(state, _NgramIndex(self.ngrams))
         tokens = state.tokens
-        start = held[1].find(tokens, held[2])
+        start = row.index.find(tokens, row.near)
         if start is None:
             return Draft([])
-        held[3] = (start, len(tokens))  # draft token i is tokens[start + i] (before wrapping)
+        row.drafted = (start, len(tokens))
         period = len(tokens) - start
         return Draft([tokens[start + i % period] for i in range(k)])
 
     def sync(self, slot: int, state, agreed: int) -> None:
-        held = self._rows.get(slot)
-        if held is not None and held[0] is state and held[3] is not None:
-            start, n = held[3]
-            held[2] = start + max(agreed - n, 0)  # the source position of the first disagreement
+        row = self._rows.get(slot)
+        if row is not None and row.state is state and row.drafted is not None:
+            start, n = row.drafted
+            row.near = start + max(agreed - n, 0)  # the text position of the first disagreement
+
+
+@dataclass
+class _LookupRow:
+    """What prompt lookup keeps of a slot's request."""
+
+    state: object
+    index: _NgramIndex
+    near: int | None = None  # where the copy stopped agreeing, in the row's tokens
+    drafted: tuple[int, int] | None = None  # (start, n): draft token i was tokens[start + i]
 
 
 class ModelDrafter:
@@ -408,9 +417,12 @@ def verify_cost(model: torch.nn.Module) -> float:
     next to nothing on a GPU."""
     if model.norm.weight.device.type != "cpu":
         return 0.02
-    # int8 (scales), int4 (qs) and GGUF-block (qtype) layers
-    quantized = any(hasattr(m, a) for m in model.modules() for a in ("qs", "scales", "qtype"))
-    return 0.25 if quantized else 0.1
+    return 0.25 if any(map(_integer_kernel, model.modules())) else 0.1
+
+
+def _integer_kernel(m: torch.nn.Module) -> bool:
+    """An int8 (scales), int4 (qs) or GGUF-block (qtype) layer."""
+    return any(hasattr(m, a) for a in ("qs", "scales", "qtype"))
 
 
 def relative_cost(draft: torch.nn.Module, target: torch.nn.Module) -> float:
@@ -427,9 +439,7 @@ def step_cost(model: torch.nn.Module) -> float:
     if model.norm.weight.device.type != "cpu":
         return total
     for m in model.modules():
-        if not any(hasattr(m, a) for a in ("qs", "scales", "qtype")) or not hasattr(
-            m, "in_features"
-        ):
+        if not _integer_kernel(m) or not hasattr(m, "in_features"):
             continue  # not an integer linear (a packed embedding is looked up, not multiplied)
         stored = sum(t.numel() * t.element_size() for t in m.buffers(recurse=False))
         total += max(0.0, CPU_QUANTIZED_BYTES_PER_WEIGHT * m.in_features * m.out_features - stored)

@@ -66,6 +66,23 @@ inline W32 nibbles16(const uint8_t* p, int16_t offset = 0) {
   return {_mm256_sub_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x0F)), o), _mm256_sub_epi16(_mm256_srli_epi16(v, 4), o)};
 }
 
+// dst[0..32) = scale * W, plus m[i / MG] for weight i when MG > 0 (m: the group's minimums, one
+// per MG weights): a product then a sum, two roundings as gguf-py's and torch's dequantization
+// (the empty asm keeps the compiler from fusing them into one FMA)
+template <int MG>
+inline void store_dequantized(const W32& w, float scale, const float* m, float* dst) {
+  const __m256i halves[2] = {w.lo, w.hi};
+  for (int c = 0; c < 4; ++c) {  // weights 8c .. 8c + 7
+    const __m128i h = c % 2 ? _mm256_extracti128_si256(halves[c / 2], 1) : _mm256_castsi256_si128(halves[c / 2]);
+    __m256 v = _mm256_mul_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(h)));
+    if constexpr (MG > 0) {
+      __asm__("" : "+x"(v));
+      v = _mm256_add_ps(v, _mm256_set1_ps(m[8 * c / MG]));
+    }
+    _mm256_storeu_ps(dst + 8 * c, v);
+  }
+}
+
 // 32 bits (little-endian at p) -> 32 bytes, 0x10 where bit i is set (the 5th bit of Q5_0/Q5_1)
 inline __m256i bit16_of(const uint8_t* p) {
   uint32_t bits;

@@ -136,16 +136,11 @@ void rows_fused(const uint8_t* w, int64_t row_bytes, const X16& x, float* out, i
   }
 }
 
-template <class T>
-void range_of(const uint8_t* w, int64_t row_bytes, const X16& x, float* out, int64_t ld, int64_t lo, int64_t hi) {
-  rows_fused<T>(w, row_bytes, x, out, ld, lo, hi);
-}
-
 }  // namespace
 
 void gguf_range(int64_t type, const uint8_t* w, int64_t row_bytes, const X16& x, float* out, int64_t ld, int64_t lo,
                 int64_t hi) {
-  const bool known = with_block_type(type, [&](auto t) { range_of<decltype(t)>(w, row_bytes, x, out, ld, lo, hi); });
+  const bool known = with_block_type(type, [&](auto t) { rows_fused<decltype(t)>(w, row_bytes, x, out, ld, lo, hi); });
   TORCH_CHECK(known, "gguf: unknown block type ", type);
 }
 
@@ -158,19 +153,8 @@ void gguf_dequantize_rows(int64_t type, const uint8_t* w, int64_t row_bytes, int
       const uint8_t* row = w + (ids ? ids[i] : i) * row_bytes;
       for (int64_t b = 0; b < K / T::QK; ++b) {
         float* r = dst + i * K + b * T::QK;
-        // w = scale * W (+ m): a product then a sum, two roundings as gguf-py's (the empty asm
-        // keeps the compiler from fusing them into one FMA)
         T::unpack(row + b * T::BYTES, scale, m, [&](int g, const W32& wv) {
-          const __m256i halves[2] = {wv.lo, wv.hi};
-          for (int c = 0; c < 4; ++c) {  // weights 8c .. 8c + 7 of group g
-            const __m128i h = c % 2 ? _mm256_extracti128_si256(halves[c / 2], 1) : _mm256_castsi256_si128(halves[c / 2]);
-            __m256 v = _mm256_mul_ps(_mm256_set1_ps(scale[g]), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(h)));
-            if constexpr (T::MG > 0) {
-              __asm__("" : "+x"(v));
-              v = _mm256_add_ps(v, _mm256_set1_ps(m[(QK * g + 8 * c) / T::MG]));
-            }
-            _mm256_storeu_ps(r + QK * g + 8 * c, v);
-          }
+          store_dequantized<T::MG>(wv, scale[g], m + QK * g / std::max(T::MG, 1), r + QK * g);
         });
       }
     }

@@ -1,6 +1,7 @@
 // The q4_linear op: 4-bit weights (matmul_q4.h) against all activation rows.
 #include "matmul_q4.h"
 
+#include "gguf_blocks.h"
 #include "ops.h"
 #include "quantize_act.h"
 
@@ -48,21 +49,9 @@ void q4_rows_into(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t o = start + i;
-      for (int64_t g = 0; g < nb; ++g) {
-        // weights 0..15 of the group are the low nibbles of its 16 bytes, 16..31 the high ones
-        const __m128i q = _mm_loadu_si128((const __m128i*)(qp + o * (Kp / 2) + g * 16));
-        const __m256i v = _mm256_cvtepu8_epi16(q);
-        const __m256i halves[2] = {_mm256_and_si256(v, _mm256_set1_epi16(0x0F)), _mm256_srli_epi16(v, 4)};
-        const __m256 dv = _mm256_set1_ps((float)dp[o * nb + g]), mv = _mm256_set1_ps((float)mp[o * nb + g]);
-        float* r = op + i * Kp + g * QK;
-        for (int c = 0; c < 4; ++c) {
-          const __m128i h = c % 2 ? _mm256_extracti128_si256(halves[c / 2], 1) : _mm256_castsi256_si128(halves[c / 2]);
-          // q * d then + m: two roundings, as the torch dequantization (the empty asm keeps the
-          // compiler from fusing them into one FMA)
-          __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(h)), dv);
-          __asm__("" : "+x"(w));
-          _mm256_storeu_ps(r + 8 * c, _mm256_add_ps(w, mv));
-        }
+      for (int64_t g = 0; g < nb; ++g) {  // q * d then + m, as the torch dequantization
+        const float mv = (float)mp[o * nb + g];
+        store_dequantized<QK>(nibbles16(qp + o * (Kp / 2) + g * 16), (float)dp[o * nb + g], &mv, op + i * Kp + g * QK);
       }
     }
   });

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import cpu_kernels
 from .blocks import TYPE_IDS
-from .model import Transformer, TransformerBlock
+from .model import FeedForward, Transformer, TransformerBlock
 from .packed import PackedEmbedding, PackedLinear
 from .quantize import Int4Linear, Int8Linear
 
@@ -50,10 +50,14 @@ class CpuLinear(nn.Linear):
 
 def use_cpu_kernels_(model: nn.Module) -> nn.Module:
     """Route the float32 nn.Linear layers of a CPU model through CpuLinear, sharing their weights
-    (a tied classifier stays tied); in place. No-op where the CPU kernels are unavailable."""
+    (a tied classifier stays tied), and their SwiGLU through the kernels' row-by-row silu_mul (it
+    falls back to torch for tensors elsewhere); in place. No-op where the CPU kernels are
+    unavailable."""
     if cpu_kernels.ops() is None:
         return model
     for module in list(model.modules()):
+        if isinstance(module, FeedForward):
+            module.act = cpu_kernels.silu_mul
         for name, child in list(module.named_children()):
             if (
                 type(child) is nn.Linear

@@ -12,7 +12,8 @@ one row. GGUF block weights (packed.py) have their own kernels, matmul_gguf.cpp.
 Threads: torch's intra-op pool.
 
 Also here: `Decoder`, the whole one-token decode step in C++ (used through cpu.py; at batch 1
-the eager step's ~40 torch ops per layer cost more than its weight reads), and `argmax_rows`.
+the eager step's ~40 torch ops per layer cost more than its weight reads), `argmax_rows`, and the
+eager forward's row-by-row `silu_mul`.
 
 The C++ is in csrc/ as ordinary source files, one per concern (ops.cpp registers what Python
 sees), shipped in the wheel as package data: so compiler errors name the real file and line, editors
@@ -186,6 +187,22 @@ def tiled_linear(
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, each row (last dim) computed alone, so a row's values do not depend on
+    its batch: torch's element-wise loops run a flattened tensor's last numel % 32 values (AVX-512;
+    % 16 on AVX2) through other code than its body, which rounds them differently, so a width not
+    a multiple of that (stories260K's 172) made the eager forward's rows depend on their batch.
+    torch's ops where there is autograd to record or the tensors are not float32 on the CPU."""
+    if (
+        gate.dtype != torch.float32
+        or gate.device.type != "cpu"
+        or (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))
+        or ops() is None
+    ):
+        return F.silu(gate) * up
+    return torch.ops.llamarun_cpu.silu_mul(gate, up)
+
+
 def _register_fakes() -> None:
     # Shapes for torch.compile tracing; the kernels themselves are opaque to it.
     @torch.library.register_fake("llamarun_cpu::int8_linear")
@@ -207,6 +224,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("llamarun_cpu::gguf_rows")
     def _(w, qtype, width, ids):
         return ids.new_empty((*ids.shape, width), dtype=torch.float32)
+
+    @torch.library.register_fake("llamarun_cpu::silu_mul")
+    def _(gate, up):
+        return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("llamarun_cpu::q4_rows_into")
     def _(qs, d, m, start, out):

@@ -7,6 +7,8 @@ quantize.py swaps them (and its `fuse_` merges q/k/v and gate/up), cpu.py routes
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,9 +104,15 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
+        # silu(gate) * up; cpu.use_cpu_kernels_ swaps in a row-by-row kernel (batch invariance)
+        self.act: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = swiglu
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
@@ -115,7 +123,7 @@ class FeedForward(nn.Module):
             gate, up = self.w13(x).chunk(2, dim=-1)
         else:
             gate, up = self.w1(x), self.w3(x)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(self.act(gate, up))
 
 
 class TransformerBlock(nn.Module):

@@ -403,6 +403,25 @@ struct Decoder : torch::CustomClassHolder {
 
 }  // namespace
 
+at::Tensor silu_mul_rows(const at::Tensor& gate, const at::Tensor& up) {
+  TORCH_CHECK(gate.scalar_type() == at::kFloat && up.scalar_type() == at::kFloat, "silu_mul: float32 only");
+  TORCH_CHECK(gate.sizes() == up.sizes() && gate.dim() >= 1, "silu_mul: gate and up differ in shape");
+  const int64_t F = gate.size(-1);
+  // rows may be strided (gate and up as the halves of one fused product); the last dim must not be
+  const at::Tensor g = gate.stride(-1) == 1 ? gate.reshape({-1, F}) : gate.contiguous().reshape({-1, F});
+  const at::Tensor u = up.stride(-1) == 1 ? up.reshape({-1, F}) : up.contiguous().reshape({-1, F});
+  const int64_t R = g.size(0), gs = g.stride(0), us = u.stride(0);
+  at::Tensor y = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* gp = g.data_ptr<float>();
+  const float* upp = u.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // one row per call, so each row's last F % 8 values take the same (scalar) path in any batch
+  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) silu_mul(gp + r * gs, upp + r * us, F, yp + r * F);
+  });
+  return y;
+}
+
 // the Decoder class of the llamarun_cpu library (ops.cpp's TORCH_LIBRARY block calls this)
 void register_decoder(torch::Library& lib) {
   lib.class_<Decoder>("Decoder")

@@ -43,6 +43,7 @@ TORCH_LIBRARY(llamarun_cpu, lib) {
   lib.def("gguf_rows(Tensor w, int type, int K, Tensor ids) -> Tensor");
   lib.def("gguf_rows_into(Tensor w, int type, int K, int start, Tensor(a!) out) -> ()");
   lib.def("argmax_rows(Tensor logits) -> Tensor");
+  lib.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   lib.def("linear_kinds() -> str[]", &linear_kinds);
   lib.def("isa() -> str", &isa);
   llamarun::register_decoder(lib);
@@ -58,4 +59,5 @@ TORCH_LIBRARY_IMPL(llamarun_cpu, CPU, lib) {
   lib.impl("gguf_rows", &llamarun::gguf_rows);
   lib.impl("gguf_rows_into", &llamarun::gguf_rows_into);
   lib.impl("argmax_rows", &llamarun::argmax_rows);
+  lib.impl("silu_mul", &llamarun::silu_mul_rows);
 }

@@ -27,6 +27,9 @@ at::Tensor gguf_rows(const at::Tensor& w, int64_t type, int64_t K, const at::Ten
 void gguf_rows_into(const at::Tensor& w, int64_t type, int64_t K, int64_t start, const at::Tensor& out);
 // argmax.cpp
 at::Tensor argmax_rows(const at::Tensor& logits);
+// decoder.cpp: silu(gate) * up row by row (the eager forward's SwiGLU; torch's element-wise loops
+// round the tail of a flattened tensor differently from its body, tying a row to its batch)
+at::Tensor silu_mul_rows(const at::Tensor& gate, const at::Tensor& up);
 // decoder.cpp: adds the Decoder class (the one-call decode step) to lib
 void register_decoder(torch::Library& lib);
 

@@ -64,10 +64,16 @@ inline float min_dot(const float* m, const float* xs, int64_t n) {
   return r;
 }
 
-// v = W . X over a group of 32 (16-bit pairs into 8 int32 lanes)
+// v = W . X over a group of 32 (16-bit pairs into 8 int32 lanes; VNNI's vpdpwssd adds the second
+// half's pairs in the same instruction: the same exact integers)
 inline __m256i dot32(const W32& w, const int16_t* x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(_mm256_madd_epi16(w.lo, _mm256_loadu_si256((const __m256i*)x)), w.hi,
+                             _mm256_loadu_si256((const __m256i*)(x + 16)));
+#else
   return _mm256_add_epi32(_mm256_madd_epi16(w.lo, _mm256_loadu_si256((const __m256i*)x)),
                           _mm256_madd_epi16(w.hi, _mm256_loadu_si256((const __m256i*)(x + 16))));
+#endif
 }
 
 // The one arithmetic of an output (weight row o, activation row j): acc (8 lanes) += float(v_g) *
@@ -102,9 +108,12 @@ inline void row_times(const uint8_t* row, const X16& x, int64_t j0, float* m, fl
     float scale[G];
     T::unpack(row + b * T::BYTES, scale, m + b * mins_per_block<T>(), [&](int g, const W32& wv) {
       const int64_t gi = b * G + g;
+      // scale * dx in all lanes: the group's scale broadcast once, each row's dx broadcast from
+      // memory (a load, not a shuffle), the same product as the scalar one
+      const __m256 sv = _mm256_set1_ps(scale[g]);
       for (int j = 0; j < NB; ++j)
         acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(wv, X[j] + gi * QK)),
-                                 _mm256_set1_ps(scale[g] * D[j][gi]), acc[j]);
+                                 _mm256_mul_ps(sv, _mm256_broadcast_ss(D[j] + gi)), acc[j]);
     });
   }
   for (int j = 0; j < NB; ++j) out[(j0 + j) * ld] = finish<T>(acc[j], m, x, j0 + j);

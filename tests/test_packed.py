@@ -132,9 +132,11 @@ def test_a_prompt_over_several_tiles_reuses_one_buffer_and_stays_exact(path, mon
         expected = (x.double() @ reference(blocks, qtype).double().T).float()
         assert ((out - expected).norm() / expected.norm()).item() < 1e-6
     if path == "kernel":
-        buf = cpu_kernels._TILES.buf
+        buf = cpu_kernels._TILES.bufs[torch.float32]
         layer(x)
-        assert cpu_kernels._TILES.buf is buf  # no new tile buffer for the next prompt
+        assert (
+            cpu_kernels._TILES.bufs[torch.float32] is buf
+        )  # no new tile buffer for the next prompt
 
 
 @pytest.mark.parametrize("qtype", BLOCK_TYPES)

@@ -150,16 +150,53 @@ TILE_BYTES = 8 * 2**20
 _TILES = threading.local()
 
 
-def _tile_buffer(n: int) -> torch.Tensor:
-    """This thread's float32 buffer for dequantized tiles, at least n floats."""
-    buf = getattr(_TILES, "buf", None)
+def _prompt_dtype() -> torch.dtype:
+    """float32, or bfloat16 where LLAMARUN_CPU_PROMPT_DTYPE=bfloat16 asks for it (see PROMPT_DTYPE)."""
+    choice = os.environ.get("LLAMARUN_CPU_PROMPT_DTYPE", "float32").strip().lower()
+    if choice not in ("float32", "bfloat16"):
+        log.warning(
+            "LLAMARUN_CPU_PROMPT_DTYPE=%s is neither float32 nor bfloat16; prompts stay float32",
+            choice,
+        )
+        return torch.float32
+    if choice == "bfloat16" and "amx_bf16" not in _cpu_flags():
+        log.warning(
+            "LLAMARUN_CPU_PROMPT_DTYPE=bfloat16 on a CPU without AMX-BF16: torch's bfloat16 GEMM "
+            "is slower than float32 here"
+        )
+    return getattr(torch, choice)
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return []
+
+
+# The dtype of a prompt's dequantized tiles and of the activations they meet (tiled_linear); the
+# product is returned in the input's dtype. float32 unless LLAMARUN_CPU_PROMPT_DTYPE=bfloat16: on
+# CPUs with AMX-BF16 (Intel Sapphire Rapids and later) torch's bfloat16 GEMM (oneDNN) runs
+# 3.5-4x MKL's float32 one, and GGUF prompts ran 1.4x faster (110M-shape Q4_K_M 850 -> 1228
+# tok/s, SmolLM2 Q4_K_M 576 -> 818). Opt-in because bfloat16 rounds the activations and the
+# products' outputs to 8 bits of mantissa: perplexity barely moves (SmolLM2 Q4_K_M on
+# benchmarks/text.txt, ctx 256: 9.6614 against float32's 9.6740, llama.cpp's 9.7002), but greedy
+# answers are no longer the float32 computation's token for token. One token per row keeps the
+# integer kernels whatever this is.
+PROMPT_DTYPE = _prompt_dtype()
+
+
+def _tile_buffer(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """This thread's buffer of `dtype` for dequantized tiles, at least n elements."""
+    bufs = getattr(_TILES, "bufs", None)
+    if bufs is None:
+        bufs = _TILES.bufs = {}
+    buf = bufs.get(dtype)
     if buf is None or buf.numel() < n:
         # a normal tensor even when the first prompt runs under inference_mode (an engine's
         # step): an inference tensor could not be written outside it afterwards
         with torch.inference_mode(False):
-            buf = _TILES.buf = torch.empty(
-                max(n, TILE_BYTES // 4), dtype=torch.float32, device="cpu"
-            )
+            buf = bufs[dtype] = torch.empty(max(n, TILE_BYTES // 4), dtype=dtype, device="cpu")
     return buf
 
 
@@ -171,21 +208,24 @@ def tiled_linear(
     in_features: int,
 ) -> torch.Tensor:
     """x @ W.T for a quantized W of `rows` rows of `width` (stored, padded) columns, through
-    torch's float32 GEMM: fill(start, tile) dequantizes rows start.. into tile (n, width), a view
-    of this thread's one buffer, and each tile is multiplied before the next overwrites it. A
-    prompt's many tokens run at the GEMM's speed this way (1.5x the int8-activation kernels on
-    128 rows here); a fresh tile per product came from new pages, whose faults cost as much as
-    the dequantization."""
+    torch's GEMM in PROMPT_DTYPE (float32 where autograd records): fill(start, tile) dequantizes
+    rows start.. into tile (n, width) of that dtype, a view of this thread's one buffer, and each
+    tile is multiplied before the next overwrites it. A prompt's many tokens run at the GEMM's
+    speed this way (1.5x the int8-activation kernels on 128 rows on an AMD EPYC); a fresh tile per
+    product came from new pages, whose faults cost as much as the dequantization."""
+    grad = x.requires_grad and torch.is_grad_enabled()
+    dtype = torch.float32 if grad else PROMPT_DTYPE
     step = max(1, TILE_BYTES // (4 * width))
-    buf = _tile_buffer(min(step, rows) * width)
+    buf = _tile_buffer(min(step, rows) * width, dtype)
+    xin = x.to(dtype)
     parts = []
     for start in range(0, rows, step):
         n = min(step, rows - start)
         tile = buf[: n * width].view(n, width)
         fill(start, tile)
-        if x.requires_grad and torch.is_grad_enabled():
+        if grad:
             tile = tile.clone()  # autograd keeps the tile for backward: the next fill overwrites it
-        parts.append(F.linear(x, tile[:, :in_features]))
+        parts.append(F.linear(xin, tile[:, :in_features]).to(x.dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 

@@ -68,6 +68,23 @@ inline void prefetch_row(const void* p, int64_t n) {
 
 constexpr int64_t TILE = 4;  // batch rows that share one read of a weight row
 
+// dst[0..n) = src rounded to bfloat16, to nearest even as torch's own conversion (prompt tiles on
+// CPUs whose bfloat16 GEMM is the fast one)
+inline void floats_to_bf16(const float* src, int64_t n, at::BFloat16* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256i h[2];
+    for (int c = 0; c < 2; ++c) {
+      const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(src + i + 8 * c));
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      h[c] = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    }
+    // packus interleaves 128-bit lanes; permute4x64 puts the 16 values back in order
+    _mm256_storeu_si256((__m256i*)(dst + i), _mm256_permute4x64_epi64(_mm256_packus_epi32(h[0], h[1]), 0xD8));
+  }
+  for (; i < n; ++i) dst[i] = at::BFloat16(src[i]);
+}
+
 inline at::Tensor flat_input(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu(), "llamarun cpu kernels need CPU tensors");
   return x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();

@@ -1,0 +1,83 @@
+"""LLAMARUN_CPU_PROMPT_DTYPE=bfloat16: a prompt's tiles are dequantized straight into bfloat16 (the
+kernels round each value to nearest even, as torch does) and meet bfloat16 activations in torch's
+GEMM; the result comes back in float32, close to the float32 product. The default stays float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+
+from test_packed import OUT, width  # noqa: E402
+from tiny import random_blocks  # noqa: E402
+
+from llamarun import cpu_kernels  # noqa: E402
+from llamarun.blocks import BLOCK_TYPES, TYPE_IDS  # noqa: E402
+from llamarun.packed import PackedLinear  # noqa: E402
+from llamarun.quantize import Int4Linear, Int8Linear  # noqa: E402
+
+kernels = pytest.mark.skipif(
+    cpu_kernels.ops() is None, reason="no CPU kernels here (needs x86 AVX2 and a C++ compiler)"
+)
+
+
+@kernels
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+def test_gguf_rows_into_bfloat16_is_the_float32_rows_rounded(qtype):
+    K = width(qtype)
+    w = torch.from_numpy(random_blocks(qtype, OUT, K, seed=3))
+    f32, bf16 = torch.empty(OUT - 5, K), torch.empty(OUT - 5, K, dtype=torch.bfloat16)
+
+    cpu_kernels.ops().gguf_rows_into(w, TYPE_IDS[qtype], K, 5, f32)
+    cpu_kernels.ops().gguf_rows_into(w, TYPE_IDS[qtype], K, 5, bf16)
+
+    assert torch.equal(bf16, f32.bfloat16())
+
+
+@kernels
+def test_q4_rows_into_bfloat16_is_the_float32_rows_rounded():
+    layer = Int4Linear.from_float(torch.randn(29, 70, generator=torch.Generator().manual_seed(0)))
+    f32, bf16 = torch.empty(20, 96), torch.empty(20, 96, dtype=torch.bfloat16)
+
+    cpu_kernels.ops().q4_rows_into(layer.qs, layer.d, layer.m, 9, f32)
+    cpu_kernels.ops().q4_rows_into(layer.qs, layer.d, layer.m, 9, bf16)
+
+    assert torch.equal(bf16, f32.bfloat16())
+
+
+def layers() -> dict[str, torch.nn.Module]:
+    w = torch.randn(OUT, 256, generator=torch.Generator().manual_seed(1))
+    data = torch.from_numpy(random_blocks("Q4_K", OUT, 256, seed=4))
+    return {
+        "Q4_K": PackedLinear("Q4_K", 256, OUT, data),
+        "int8": Int8Linear.from_float(w),
+        "int4": Int4Linear.from_float(w),
+    }
+
+
+@kernels
+@pytest.mark.parametrize("kind", ["Q4_K", "int8", "int4"])
+def test_a_bfloat16_prompt_is_close_to_the_float32_one_and_comes_back_float32(kind, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "TILE_BYTES", 4 * 256 * 8)  # several tiles of 8 rows
+    monkeypatch.setattr(cpu_kernels, "_TILES", type(cpu_kernels._TILES)())
+    layer = layers()[kind]
+    x = torch.randn(2, 9, 256, generator=torch.Generator().manual_seed(2))
+    exact = layer(x)  # float32 tiles: the default
+
+    monkeypatch.setattr(cpu_kernels, "PROMPT_DTYPE", torch.bfloat16)
+    got = layer(x)
+
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    rel = ((got - exact).norm() / exact.norm()).item()
+    assert 0 < rel < 1e-2  # rounded (so the bfloat16 path ran), to bfloat16's 8 bits
+    assert torch.bfloat16 in cpu_kernels._TILES.bufs
+
+
+def test_the_prompt_dtype_is_float32_unless_bfloat16_is_asked_for(monkeypatch):
+    monkeypatch.delenv("LLAMARUN_CPU_PROMPT_DTYPE", raising=False)
+    assert cpu_kernels._prompt_dtype() == torch.float32
+    monkeypatch.setenv("LLAMARUN_CPU_PROMPT_DTYPE", "bfloat16")
+    assert cpu_kernels._prompt_dtype() == torch.bfloat16
+    monkeypatch.setenv("LLAMARUN_CPU_PROMPT_DTYPE", "fp8")  # not a choice: float32, with a warning
+    assert cpu_kernels._prompt_dtype() == torch.float32

@@ -236,6 +236,12 @@ def write_results(text: str) -> None:
     path.write_text(f"{title}\n\n{text}\n{rest}")
 
 
+def env_prefix() -> str:
+    """The llamarun settings this run inherited from the environment, as a shell prefix."""
+    names = ("LLAMARUN_CPU_PROMPT_DTYPE",)
+    return "".join(f"{n}={shlex.quote(os.environ[n])} " for n in names if n in os.environ)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -278,7 +284,7 @@ def main() -> None:
     loads = f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
     text = (
         f"## {machine()}, {opts.threads} threads, {started}\n\n"
-        f"`python benchmarks/cpu_decode.py {shlex.join(sys.argv[1:])}`: medians of {opts.rounds} "
+        f"`{env_prefix()}python benchmarks/cpu_decode.py {shlex.join(sys.argv[1:])}`: medians of {opts.rounds} "
         f"alternating rounds; load average {loads} (a shared machine: read the ratios). Decode "
         f"tok/s: {GEN} steps from an empty context by both (llama-bench tg{GEN}; llamarun bench "
         f"--prompt-len 1 --gen-len {GEN + 1}); prefill: pp{PROMPT} and a {PROMPT}-token prompt. RSS: peak of the process "

@@ -1,6 +1,7 @@
 """LLAMARUN_CPU_PROMPT_DTYPE=bfloat16: a prompt's tiles are dequantized straight into bfloat16 (the
 kernels round each value to nearest even, as torch does) and meet bfloat16 activations in torch's
-GEMM; the result comes back in float32, close to the float32 product. The default stays float32."""
+GEMM; the result comes back in float32, close to the float32 product. int8 layers keep float32
+tiles. The default stays float32."""
 
 from __future__ import annotations
 
@@ -51,13 +52,13 @@ def layers() -> dict[str, torch.nn.Module]:
     data = torch.from_numpy(random_blocks("Q4_K", OUT, 256, seed=4))
     return {
         "Q4_K": PackedLinear("Q4_K", 256, OUT, data),
-        "int8": Int8Linear.from_float(w),
+        "int8": Int8Linear.from_float(w),  # keeps float32 tiles (below)
         "int4": Int4Linear.from_float(w),
     }
 
 
 @kernels
-@pytest.mark.parametrize("kind", ["Q4_K", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["Q4_K", "int4"])
 def test_a_bfloat16_prompt_is_close_to_the_float32_one_and_comes_back_float32(kind, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "TILE_BYTES", 4 * 256 * 8)  # several tiles of 8 rows
     monkeypatch.setattr(cpu_kernels, "_TILES", type(cpu_kernels._TILES)())
@@ -81,3 +82,16 @@ def test_the_prompt_dtype_is_float32_unless_bfloat16_is_asked_for(monkeypatch):
     assert cpu_kernels._prompt_dtype() == torch.bfloat16
     monkeypatch.setenv("LLAMARUN_CPU_PROMPT_DTYPE", "fp8")  # not a choice: float32, with a warning
     assert cpu_kernels._prompt_dtype() == torch.float32
+
+
+@kernels
+def test_int8_prompts_keep_float32_tiles_under_bfloat16(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_TILES", type(cpu_kernels._TILES)())
+    layer = layers()["int8"]
+    x = torch.randn(1, 5, 256)
+    exact = layer(x)
+
+    monkeypatch.setattr(cpu_kernels, "PROMPT_DTYPE", torch.bfloat16)
+
+    assert torch.equal(layer(x), exact)
+    assert set(cpu_kernels._TILES.bufs) == {torch.float32}

@@ -206,15 +206,17 @@ def tiled_linear(
     width: int,
     fill: Callable[[int, torch.Tensor], None],
     in_features: int,
+    bf16_fill: bool = True,
 ) -> torch.Tensor:
     """x @ W.T for a quantized W of `rows` rows of `width` (stored, padded) columns, through
     torch's GEMM in PROMPT_DTYPE (float32 where autograd records): fill(start, tile) dequantizes
     rows start.. into tile (n, width) of that dtype, a view of this thread's one buffer, and each
     tile is multiplied before the next overwrites it. A prompt's many tokens run at the GEMM's
     speed this way (1.5x the int8-activation kernels on 128 rows on an AMD EPYC); a fresh tile per
-    product came from new pages, whose faults cost as much as the dequantization."""
+    product came from new pages, whose faults cost as much as the dequantization. bf16_fill=False:
+    fill writes float32 only, and the product stays float32."""
     grad = x.requires_grad and torch.is_grad_enabled()
-    dtype = torch.float32 if grad else PROMPT_DTYPE
+    dtype = torch.float32 if grad or not bf16_fill else PROMPT_DTYPE
     step = max(1, TILE_BYTES // (4 * width))
     buf = _tile_buffer(min(step, rows) * width, dtype)
     xin = x.to(dtype)

@@ -119,8 +119,15 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = _cpu_ops(x)
         if ops is not None and _prompt(x) and not self.amx:
+            # float32 tiles even where prompts may take bfloat16 ones: torch.mul writing bfloat16
+            # made 110M-shape int8 prompts slower (716 -> 585 tok/s) instead of faster
             return cpu_kernels.tiled_linear(
-                x, self.out_features, self.weight.shape[1], self._dequantize_into, self.in_features
+                x,
+                self.out_features,
+                self.weight.shape[1],
+                self._dequantize_into,
+                self.in_features,
+                bf16_fill=False,
             )
         if ops is not None:
             return ops.int8_linear(x, self.weight, self.scales, self.amx)

@@ -85,6 +85,28 @@ inline void floats_to_bf16(const float* src, int64_t n, at::BFloat16* dst) {
   for (; i < n; ++i) dst[i] = at::BFloat16(src[i]);
 }
 
+// Rows of a prompt's tile: out (n, K) float32 or bfloat16, contiguous, on the CPU; row(i, dst)
+// writes row i as K floats into dst, out's own row or, for bfloat16, a row of scratch in L1 that
+// is then rounded (floats_to_bf16). One thread's share is `grain` rows or more.
+template <class Fn>
+void rows_into(const at::Tensor& out, int64_t K, int64_t grain, const char* op, Fn&& row) {
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(out.device().is_cpu() && (out.scalar_type() == at::kFloat || bf16) && out.is_contiguous() &&
+                  out.dim() == 2 && out.size(1) == K,
+              op, ": out must be a contiguous float32 or bfloat16 (n, ", K, ") CPU tensor");
+  at::parallel_for(0, out.size(0), grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(bf16 ? K : 0);
+    for (int64_t i = begin; i < end; ++i) {
+      if (!bf16) {
+        row(i, out.data_ptr<float>() + i * K);
+        continue;
+      }
+      row(i, scratch.data());
+      floats_to_bf16(scratch.data(), K, out.data_ptr<at::BFloat16>() + i * K);
+    }
+  });
+}
+
 inline at::Tensor flat_input(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu(), "llamarun cpu kernels need CPU tensors");
   return x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();

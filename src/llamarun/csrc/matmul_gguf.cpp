@@ -216,27 +216,11 @@ at::Tensor gguf_rows(const at::Tensor& w, int64_t type, int64_t K, const at::Ten
 
 void gguf_rows_into(const at::Tensor& w, int64_t type, int64_t K, int64_t start, const at::Tensor& out) {
   checked_width(w, type, K);
-  TORCH_CHECK(out.device().is_cpu() && (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) &&
-                  out.is_contiguous() && out.dim() == 2 && out.size(1) == K,
-              "gguf_rows_into: out must be a contiguous float32 or bfloat16 (n, K) CPU tensor");
   const int64_t n = out.size(0), rb = w.size(1);
   TORCH_CHECK(0 <= start && start + n <= w.size(0), "gguf_rows_into: rows ", start, "..", start + n, " out of range");
   const uint8_t* wp = w.data_ptr<uint8_t>() + start * rb;
-  if (out.scalar_type() == at::kBFloat16) {  // each row through float32 in L1, then rounded
-    at::BFloat16* op = out.data_ptr<at::BFloat16>();
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-      std::vector<float> row(K);
-      for (int64_t r = begin; r < end; ++r) {
-        gguf_dequantize_rows(type, wp + r * rb, rb, K, nullptr, 1, row.data());
-        floats_to_bf16(row.data(), K, op + r * K);
-      }
-    });
-    return;
-  }
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    gguf_dequantize_rows(type, wp + begin * rb, rb, K, nullptr, end - begin, op + begin * K);
-  });
+  rows_into(out, K, 64, "gguf_rows_into",
+            [&](int64_t i, float* dst) { gguf_dequantize_rows(type, wp + i * rb, rb, K, nullptr, 1, dst); });
 }
 
 }  // namespace llamarun

@@ -39,23 +39,14 @@ void q4_rows_into(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m
                   m.scalar_type() == at::kHalf && Kp % QK == 0 && d.size(0) == N && m.size(0) == N &&
                   d.size(1) == nb && m.size(1) == nb,
               "q4_rows_into: bad weight layout");
-  const bool bf16 = out.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(out.device().is_cpu() && (out.scalar_type() == at::kFloat || bf16) && out.is_contiguous() &&
-                  out.dim() == 2 && out.size(1) == Kp,
-              "q4_rows_into: out must be a contiguous float32 or bfloat16 (n, padded width) CPU tensor");
   TORCH_CHECK(0 <= start && start + n <= N, "q4_rows_into: rows ", start, "..", start + n, " out of range");
   const uint8_t* qp = qs.data_ptr<uint8_t>();
   const at::Half *dp = d.data_ptr<at::Half>(), *mp = m.data_ptr<at::Half>();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(bf16 ? Kp : 0);  // bfloat16: each row through float32 in L1, then rounded
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t o = start + i;
-      float* row = bf16 ? scratch.data() : out.data_ptr<float>() + i * Kp;
-      for (int64_t g = 0; g < nb; ++g) {  // q * d then + m, as the torch dequantization
-        const float mv = (float)mp[o * nb + g];
-        store_dequantized<QK>(nibbles16(qp + o * (Kp / 2) + g * 16), (float)dp[o * nb + g], &mv, row + g * QK);
-      }
-      if (bf16) floats_to_bf16(row, Kp, out.data_ptr<at::BFloat16>() + i * Kp);
+  rows_into(out, Kp, 16, "q4_rows_into", [&](int64_t i, float* dst) {
+    const int64_t o = start + i;
+    for (int64_t g = 0; g < nb; ++g) {  // q * d then + m, as the torch dequantization
+      const float mv = (float)mp[o * nb + g];
+      store_dequantized<QK>(nibbles16(qp + o * (Kp / 2) + g * 16), (float)dp[o * nb + g], &mv, dst + g * QK);
     }
   });
 }

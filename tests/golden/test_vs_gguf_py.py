@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 from tiny import hf_to_meta, random_blocks, tiny_hf_model, write_gguf  # noqa: E402
 
 import llamarun  # noqa: E402
+from llamarun import cpu_kernels  # noqa: E402
 from llamarun.blocks import BLOCK_TYPES  # noqa: E402
 from llamarun.config import ModelArgs, RopeScaling  # noqa: E402
 from llamarun.packed import PackedLinear  # noqa: E402
@@ -140,15 +141,27 @@ def test_quantized_gguf_matches_transformers_with_gguf_dequantized_weights(tmp_p
     torch.testing.assert_close(got, hf_logprobs(reference), atol=1e-4, rtol=1e-4)
 
 
+# gguf_blocks.h's byte-form types (BYTES8): Q2_K only where the kernels were built with VNNI
+_VNNI = cpu_kernels.ops() is not None and "VNNI" in cpu_kernels.ops().isa()
+EIGHT_BIT_LEVELS = {"Q3_K", "Q5_K"} | ({"Q2_K"} if _VNNI else set())
+
+
 @pytest.mark.parametrize("qtype", BLOCK_TYPES)
 def test_packed_layer_equals_gguf_dequantization_on_random_blocks(qtype):
     kind = gguf.GGMLQuantizationType[qtype]
     blocks = random_blocks(qtype, 96, 512)
     weight = torch.from_numpy(gguf.quants.dequantize(blocks, kind).copy())
-    # integer activations with 32767 in every block of 32: exact for the kernels, which quantize
-    # activations to 16 bits per block, so any difference comes from the weights
-    x = torch.randint(-32767, 32768, (3, 512), generator=torch.Generator().manual_seed(0)).float()
-    x[:, ::32] = 32767
+    # activations the kernels quantize without error, so any difference comes from the weights:
+    # per block of 32 they take 16 bits (x = d * X, d = max|x| / 32767): integers with 32767 in
+    # every block; or for the types unpacked to bytes, two 8-bit levels (x = d1 * q1 + d1 / 256 *
+    # q2, d1 = max|x| / 127, |q2| <= 127): integers with 127 * 256 in every block and none 128
+    # away from a multiple of 256
+    top = 127 * 256 if qtype in EIGHT_BIT_LEVELS else 32767
+    x = torch.randint(-top, top + 1, (3, 512), generator=torch.Generator().manual_seed(0))
+    if qtype in EIGHT_BIT_LEVELS:
+        x = torch.where(x % 256 == 128, x + 1, x)
+    x = x.float()
+    x[:, ::32] = top
 
     layer = PackedLinear(qtype, 512, 96, torch.from_numpy(blocks))
 

@@ -166,7 +166,8 @@ struct Decoder : torch::CustomClassHolder {
   std::vector<float> h, xn, qkv, att, tmp, gu, act;
   std::vector<int8_t> xq, xq4;  // activations in the plain and the paired (4-bit) layout
   std::vector<float> dx, xs, xcb, xc;
-  X16 x16;  // activations for the GGUF linears
+  X16 x16;  // activations for the GGUF linears (x8: for those of the byte-form types)
+  X8 x8;
   bool amx = false;  // per-channel int8 products of 2+ rows on AMX tiles (opt-in: not batch-invariant)
 
   // embed_type: -1 for a float32 embed_t, else the GGUF type of its uint8 block rows
@@ -277,7 +278,8 @@ struct Decoder : torch::CustomClassHolder {
   void matmul_avx(const Lin* g, int n, const float* x, int64_t B, int64_t K, int64_t Kp, int64_t ld, float* out) {
     const bool any8 = std::any_of(g, g + n, [](const Lin& l) { return l.kind == LIN_INT8; });
     const bool any4 = std::any_of(g, g + n, [](const Lin& l) { return l.kind == LIN_Q4; });
-    if (std::any_of(g, g + n, [](const Lin& l) { return l.kind == LIN_GGUF; })) x16.quantize(x, B, K);
+    if (std::any_of(g, g + n, [](const Lin& l) { return l.kind == LIN_GGUF && !gguf_takes_x8(l.G); })) x16.quantize(x, B, K);
+    if (std::any_of(g, g + n, [](const Lin& l) { return l.kind == LIN_GGUF && gguf_takes_x8(l.G); })) x8.quantize(x, B, K);
     dx.resize(B * Kp / QK), xs.resize(B * Kp / QK), xcb.resize(B * Kp / QK);
     if (any8) {
       xq.resize(B * 2 * Kp), xc.resize(B);
@@ -299,7 +301,7 @@ struct Decoder : torch::CustomClassHolder {
         if (l.kind == LIN_INT8 && lo < hi)  // two weight rows at a time
           int8_range((const int8_t*)l.a, (const float*)l.b, l.G, Kp, xq.data(), dx.data(), xcb.data(), xc.data(), B,
                      o_base, ld, lo, hi);
-        if (l.kind == LIN_GGUF && lo < hi) gguf_range(l.G, (const uint8_t*)l.a, l.row_bytes, x16, o_base, ld, lo, hi);
+        if (l.kind == LIN_GGUF && lo < hi) gguf_range(l.G, (const uint8_t*)l.a, l.row_bytes, x16, x8, o_base, ld, lo, hi);
         for (int64_t o = lo; l.kind != LIN_INT8 && l.kind != LIN_GGUF && o < hi; ++o) {
           int64_t b0 = 0;
           if (l.kind == LIN_F32) {

@@ -1,14 +1,23 @@
 // GGML's quantized blocks (ggml-common.h layouts), unpacked with AVX2 for the kernels of
-// matmul_gguf.cpp. Every type unpacks one block into the same form:
+// matmul_gguf.cpp, in one of two forms.
+// Most types unpack one block into 16-bit weights (met by 16-bit activations, X16):
 //   W        int16 weights in element order, handed on per group of 32 (W32), with the integer
-//            sub-scales that differ inside a group multiplied in (Q6_K, Q3_K, Q2_K: sc * q per
-//            16): |W| <= 4096, so a product with a 16-bit activation and four of them summed
-//            stay inside int32;
+//            sub-scales that differ inside a group multiplied in (Q6_K: sc * q per 16):
+//            |W| <= 4096, so a product with a 16-bit activation and four of them summed stay
+//            inside int32;
 //   scale[]  the float scale of each group of 32: d, or d * sc for the K-quants' sub-blocks of
 //            32 (exact in float: an 11-bit d times a 6-bit sc); w = scale * W + m;
 //   m[]      for the types with minimums, the float offset of each group of MG weights (-dmin *
 //            min of a K-quant sub-block, Q4_1's m), added through the activations' group sums.
-// The signed offsets (Q4_0's -8, Q6_K's -32, Q3_K's -4) are subtracted here, in integers, exactly.
+//   The signed offsets (Q4_0's -8, Q6_K's -32) are subtracted here, in integers, exactly.
+// Q3_K, Q5_K and, with VNNI, Q2_K (BYTES8) unpack into bytes instead (met by two 8-bit activation
+// levels, X8):
+//   U        the 32 weights of a group as unsigned bytes q in element order, w = scale * (q - OFF)
+//            + m, the offset (Q3_K's 4) taken through the activations' sums in the product;
+//   scale[]  per 32 weights, or per 16 (S16: Q2_K, Q3_K, whose sub-scales differ inside a group),
+//            d * sc, exact, so that scale * (q - OFF) is one rounding, as gguf-py's.
+//   Widening their 2- and 3-bit weights and multiplying the sub-scales in cost more than the
+//   product itself: 1.3-1.7x faster this way (the other types measured slower this way).
 // blocks.py is the same arithmetic in torch (checked against gguf-py); these are checked against it.
 #pragma once
 
@@ -83,6 +92,30 @@ inline void store_dequantized(const W32& w, float scale, const float* m, float* 
   }
 }
 
+// the scale of weights 16h .. 16h + 15 of a byte-form block (a scale per 32 serves both halves)
+template <class T>
+inline float half_scale(const float* scale, int h) {
+  return T::S16 ? scale[h] : scale[h / 2];
+}
+
+// dst[0..32) = group g (bytes u) of a byte-form block in float: scale * (q - OFF), plus m[i / MG]
+// for weight i when MG > 0, rounded as store_dequantized's
+template <class T>
+inline void store_dequantized_bytes(__m256i u, const float* scale, int g, const float* m, float* dst) {
+  const __m128i halves[2] = {_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)};
+  for (int c = 0; c < 4; ++c) {  // weights 8c .. 8c + 7
+    const __m128i h = c % 2 ? _mm_srli_si128(halves[c / 2], 8) : halves[c / 2];
+    __m256i q = _mm256_cvtepu8_epi32(h);
+    if constexpr (T::OFF != 0) q = _mm256_sub_epi32(q, _mm256_set1_epi32(T::OFF));
+    __m256 v = _mm256_mul_ps(_mm256_set1_ps(half_scale<T>(scale, 2 * g + c / 2)), _mm256_cvtepi32_ps(q));
+    if constexpr (T::MG > 0) {
+      __asm__("" : "+x"(v));
+      v = _mm256_add_ps(v, _mm256_set1_ps(m[(32 * g + 8 * c) / T::MG]));
+    }
+    _mm256_storeu_ps(dst + 8 * c, v);
+  }
+}
+
 // 32 bits (little-endian at p) -> 32 bytes, 0x10 where bit i is set (the 5th bit of Q5_0/Q5_1)
 inline __m256i bit16_of(const uint8_t* p) {
   uint32_t bits;
@@ -97,6 +130,15 @@ inline __m256i bit16_of(const uint8_t* p) {
 inline __m256i bit_to(__m256i v, int bit, char value) {
   const __m256i b = _mm256_set1_epi8((char)(1 << bit));
   return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, b), b), _mm256_set1_epi8(value));
+}
+
+// u + `value` in the bytes where bit `bit` of v is set (u's bytes are clear there)
+inline __m256i add_bit(__m256i u, __m256i v, int bit, char value) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  return _mm256_mask_add_epi8(u, _mm256_test_epi8_mask(v, _mm256_set1_epi8((char)(1 << bit))), u, _mm256_set1_epi8(value));
+#else
+  return _mm256_or_si256(u, bit_to(v, bit, value));
+#endif
 }
 
 inline __m128i iq4_lookup(__m128i idx) {
@@ -119,9 +161,9 @@ inline __m256 bytes_times(uint64_t bytes, float f) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((int64_t)bytes))), _mm256_set1_ps(f));
 }
 
-// One struct per type: QK weights per block, BYTES per block, MG weights per minimum (0: none).
-// unpack(b, scale, m, fn) sets the block's scale per group of 32 and its minimums m, then calls
-// fn(g, W32) for each group g.
+// One struct per type: QK weights per block, BYTES per block, MG weights per minimum (0: none);
+// BYTES8, OFF and S16 for the byte-form types. unpack(b, scale, m, fn) sets the block's scales
+// and its minimums m, then calls fn(g, W32), or for BYTES8 fn(g, U), for each group g.
 struct Q8_0 {
   static constexpr int QK = 32, BYTES = 34, MG = 0;
   template <class Fn> static void unpack(const uint8_t* b, float* scale, float*, Fn&& fn) {
@@ -192,7 +234,25 @@ struct IQ4_NL {
 };
 
 // K-quants: 256 weights, sub-blocks of 32 (Q4_K, Q5_K, IQ4_XS: their scales go into the float
-// scale of each group) or 16 (Q2_K, Q3_K, Q6_K: multiplied into the int16 weights)
+// scale of each group) or 16 (Q6_K, Q2_K without VNNI: multiplied into the int16 weights; Q3_K and
+// Q2_K with VNNI: a scale per 16)
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+// Q2_K: bytes where vpdpbusd takes them (1.3x the 16-bit form's speed); on AVX2 the two 8-bit
+// levels cost four multiply instructions a group and the 16-bit form below ran 1.4x faster
+struct Q2_K {
+  static constexpr int QK = 256, BYTES = 84, MG = 16, OFF = 0;
+  static constexpr bool BYTES8 = true, S16 = true;
+  template <class Fn> static void unpack(const uint8_t* b, float* scale, float* m, Fn&& fn) {
+    const uint8_t* sc = b;
+    const float d = fp16(b + 80), dmin = fp16(b + 82);
+    for (int i = 0; i < 16; ++i) scale[i] = d * (float)(sc[i] & 15), m[i] = -dmin * (float)(sc[i] >> 4);
+    for (int n = 0; n < 2; ++n) {  // weight 128n + 32j + l is bits 2j..2j+1 of qs[32n + l]
+      const __m256i q = _mm256_loadu_si256((const __m256i*)(b + 16 + 32 * n));
+      for (int j = 0; j < 4; ++j) fn(4 * n + j, _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), _mm256_set1_epi8(3)));
+    }
+  }
+};
+#else
 struct Q2_K {
   static constexpr int QK = 256, BYTES = 84, MG = 16;
   template <class Fn> static void unpack(const uint8_t* b, float* scale, float* m, Fn&& fn) {
@@ -210,23 +270,23 @@ struct Q2_K {
     }
   }
 };
+#endif
 
 struct Q3_K {
-  static constexpr int QK = 256, BYTES = 110, MG = 0;
+  static constexpr int QK = 256, BYTES = 110, MG = 0, OFF = 4;
+  static constexpr bool BYTES8 = true, S16 = true;
   template <class Fn> static void unpack(const uint8_t* b, float* scale, float*, Fn&& fn) {
     const uint8_t* sb = b + 96;
-    int16_t sc[16];
+    const float d = fp16(b + 108);
     for (int i = 0; i < 16; ++i)
-      sc[i] = (int16_t)((((i < 8 ? sb[i] : sb[i - 8] >> 4) & 15) | (((sb[8 + i % 4] >> (2 * (i / 4))) & 3) << 4)) - 32);
-    _mm256_storeu_ps(scale, _mm256_set1_ps(fp16(b + 108)));
+      scale[i] = d * (float)((((i < 8 ? sb[i] : sb[i - 8] >> 4) & 15) | (((sb[8 + i % 4] >> (2 * (i / 4))) & 3) << 4)) - 32);
     const __m256i hmask = _mm256_loadu_si256((const __m256i*)b);
     for (int n = 0; n < 2; ++n) {  // weight 128n + 32j + l: bits 2j.. of qs[32n + l], bit 4n + j of hmask[l]
       const __m256i q = _mm256_loadu_si256((const __m256i*)(b + 32 + 32 * n));
       for (int j = 0; j < 4; ++j) {
         const int g = 4 * n + j;
-        const __m256i low = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), _mm256_set1_epi8(3));
         // the high bit *clear* means minus 4: q + 4 * bit is 0..7, offset 4
-        fn(g, widen_scaled(_mm256_or_si256(low, bit_to(hmask, g, 4)), 4, sc[2 * g], sc[2 * g + 1]));
+        fn(g, add_bit(_mm256_and_si256(_mm256_srli_epi16(q, 2 * j), _mm256_set1_epi8(3)), hmask, g, 4));
       }
     }
   }
@@ -253,16 +313,15 @@ struct Q4_K {
 };
 
 struct Q5_K {
-  static constexpr int QK = 256, BYTES = 176, MG = 32;
+  static constexpr int QK = 256, BYTES = 176, MG = 32, OFF = 0;
+  static constexpr bool BYTES8 = true, S16 = false;
   template <class Fn> static void unpack(const uint8_t* b, float* scale, float* m, Fn&& fn) {
     k_scales_and_mins(b, scale, m);
     const __m256i qh = _mm256_loadu_si256((const __m256i*)(b + 16)), m4 = _mm256_set1_epi8(0x0F);
     for (int j = 0; j < 4; ++j) {  // as Q4_K; the 5th bit of sub-block g's weight l is bit g of qh[l]
       const __m256i q = _mm256_loadu_si256((const __m256i*)(b + 48 + 32 * j));
-      const __m256i lo = _mm256_or_si256(_mm256_and_si256(q, m4), bit_to(qh, 2 * j, 16));
-      const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), bit_to(qh, 2 * j + 1, 16));
-      fn(2 * j, widen(lo));
-      fn(2 * j + 1, widen(hi));
+      fn(2 * j, add_bit(_mm256_and_si256(q, m4), qh, 2 * j, 16));
+      fn(2 * j + 1, add_bit(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), qh, 2 * j + 1, 16));
     }
   }
 };
@@ -301,6 +360,13 @@ struct IQ4_XS {
     }
   }
 };
+
+// whether T unpacks into bytes (the 8-bit activation levels' kernel) rather than W32
+template <class T>
+constexpr bool bytes8() {
+  if constexpr (requires { T::BYTES8; }) return T::BYTES8;
+  else return false;
+}
 
 // fn(T{}) for the block struct of ggml type `type`; false when there is none
 template <class Fn>

@@ -1,5 +1,6 @@
 // GGUF block weights in their own bytes: the 16-bit activation quantization, the product of
-// unpacked blocks (gguf_blocks.h) with it, and the gguf_linear / gguf_rows / gguf_rows_into ops.
+// unpacked blocks (gguf_blocks.h) with it (with two 8-bit levels, X8, for the byte-form types:
+// row_times8), and the gguf_linear / gguf_rows / gguf_rows_into ops.
 //
 // One arithmetic for every batch size: each output (weight row o, activation row j) keeps one
 // 8-lane accumulator and adds float(W . X) * (s * dx) for each group of 32 in K order, then
@@ -14,6 +15,7 @@
 
 #include "gguf_blocks.h"
 #include "ops.h"
+#include "quantize_act.h"
 
 namespace llamarun {
 
@@ -52,16 +54,34 @@ void X16::quantize(const float* x, int64_t rows, int64_t width) {
   else parallel_rows(B * ng, groups);
 }
 
+void X8::quantize(const float* x, int64_t rows, int64_t width) {
+  TORCH_CHECK(width % QK == 0, "GGUF linears need an input width that is a multiple of 32");
+  B = rows, K = width, ng = K / QK;
+  xq.resize(B * 2 * K), dx.resize(B * ng), xs.resize(B * ng), xcb.resize(B * ng), xs16.resize(B * 2 * ng),
+      xs32.resize(B * ng);
+  quantize_rows(x, B, K, K, xq.data(), dx.data(), xs.data(), xcb.data(), false, xs16.data(), xs32.data());
+}
+
+bool gguf_takes_x8(int64_t type) {
+  bool r = false;
+  with_block_type(type, [&](auto t) { r = bytes8<decltype(t)>(); });
+  return r;
+}
+
 namespace {
 
-// sum over n of m[i] * xs[i], in 8-lane order then the tail
+// sum over n of m[i] * xs[i] in 8 lanes, the tail in masked lanes: all in intrinsics, so no
+// instantiation is compiled another way (a scalar tail loop was, vectorized across the 8 rows of
+// one row_times instance and not another: a row's bits then depended on its batch)
 inline float min_dot(const float* m, const float* xs, int64_t n) {
   __m256 a = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(m + i), _mm256_loadu_ps(xs + i), a);
-  float r = hsum(a);
-  for (; i < n; ++i) r += m[i] * xs[i];
-  return r;
+  if (i < n) {
+    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - i)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    a = _mm256_fmadd_ps(_mm256_maskload_ps(m + i, lanes), _mm256_maskload_ps(xs + i, lanes), a);
+  }
+  return hsum(a);
 }
 
 // v = W . X over a group of 32 (16-bit pairs into 8 int32 lanes; VNNI's vpdpwssd adds the second
@@ -119,27 +139,97 @@ inline void row_times(const uint8_t* row, const X16& x, int64_t j0, float* m, fl
   for (int j = 0; j < NB; ++j) out[(j0 + j) * ld] = finish<T>(acc[j], m, x, j0 + j);
 }
 
+// ---- the byte-form types (BYTES8) against X8. Their minimums' term per 16 (S16) or 32 weights:
+// the type's minimums and -OFF * scale (exact: OFF is a power of 2), one entry per min_group.
+template <class T>
+constexpr int min_group() {
+  return T::S16 ? 16 : 32;
+}
+template <class T>
+constexpr bool has_min_term() {
+  return T::MG > 0 || T::OFF != 0;
+}
+template <class T>
+constexpr int terms_per_block() {
+  return has_min_term<T>() ? T::QK / min_group<T>() : 0;
+}
+
+// the 8 lanes of a group's product: lanes 0-3 sum weights 0..15, 4-7 weights 16..31
+template <class T>
+inline __m256 group_scale(const float* scale, int g) {
+  if constexpr (T::S16) return _mm256_setr_m128(_mm_set1_ps(scale[2 * g]), _mm_set1_ps(scale[2 * g + 1]));
+  else return _mm256_set1_ps(scale[g]);
+}
+
+// row_times for a byte-form type: acc (8 lanes) += float(U . X) * (scale * dx) per group, U . X =
+// 256 (U . q1) + U . q2 exact in int32 (two vpdpbusd, no widening); then the minimums' term. The
+// same operations for every NB (batch invariance).
+template <class T, int NB>
+inline void row_times8(const uint8_t* row, const X8& x, int64_t j0, float* me, float* out, int64_t ld) {
+  static_assert(T::QK == 256, "byte-form types are K-quants");
+  constexpr int G = T::QK / QK;
+  const int64_t nblk = x.K / T::QK;
+  const int8_t* X[NB];  // row j's group gi at X[j] + gi * 64, its dx at D[j][gi]
+  const float* D[NB];
+  for (int j = 0; j < NB; ++j) X[j] = x.at(j0 + j, 0), D[j] = x.dx_at(j0 + j, 0);
+  __m256 acc[NB];
+  for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nblk; ++b) {
+    float scale[T::S16 ? 16 : 8], m[T::MG > 0 ? T::QK / T::MG : 1];
+    T::unpack(row + b * T::BYTES, scale, m, [&](int g, __m256i u) {
+      const int64_t gi = b * G + g;
+      const __m256 sv = group_scale<T>(scale, g);
+      for (int j = 0; j < NB; ++j) {
+        const __m256i q1 = _mm256_loadu_si256((const __m256i*)(X[j] + gi * 2 * QK));
+        const __m256i q2 = _mm256_loadu_si256((const __m256i*)(X[j] + gi * 2 * QK + QK));
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2_u8s8(u, q1, q2)),
+                                 _mm256_mul_ps(sv, _mm256_broadcast_ss(D[j] + gi)), acc[j]);
+      }
+    });
+    if constexpr (has_min_term<T>()) {
+      float* e = me + b * terms_per_block<T>();
+      for (int i = 0; i < terms_per_block<T>(); ++i) {
+        const float mi = T::MG > 0 ? m[i * min_group<T>() / std::max(T::MG, 1)] : 0.f;
+        e[i] = T::OFF != 0 ? mi - (float)T::OFF * scale[i] : mi;
+      }
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    float r = hsum(acc[j]);
+    if constexpr (has_min_term<T>()) {
+      const int64_t n = x.K / min_group<T>();
+      r += min_dot(me, (min_group<T>() == 16 ? x.xs16 : x.xs32).data() + (j0 + j) * n, n);
+    }
+    out[(j0 + j) * ld] = r;
+  }
+}
+
 // Weight rows [lo, hi) times all B activation rows: each weight row is unpacked once per 8
 // activation rows, which meet it in registers. The same additions in the same order for every
 // row whatever B and wherever the row is (batch invariance).
-template <class T>
-void rows_fused(const uint8_t* w, int64_t row_bytes, const X16& x, float* out, int64_t ld, int64_t lo, int64_t hi) {
+template <class T, class XT>
+void rows_fused(const uint8_t* w, int64_t row_bytes, const XT& x, float* out, int64_t ld, int64_t lo, int64_t hi) {
   constexpr int64_t NBMAX = 8;
   thread_local std::vector<float> m;
-  m.resize(std::max<int64_t>(1, x.K / T::QK * mins_per_block<T>()));
+  if constexpr (bytes8<T>()) m.resize(std::max<int64_t>(1, x.K / T::QK * terms_per_block<T>()));
+  else m.resize(std::max<int64_t>(1, x.K / T::QK * mins_per_block<T>()));
+  auto times = [&]<int NB>(const uint8_t* row, int64_t j0, float* po) {
+    if constexpr (bytes8<T>()) row_times8<T, NB>(row, x, j0, m.data(), po, ld);
+    else row_times<T, NB>(row, x, j0, m.data(), po, ld);
+  };
   for (int64_t o = lo; o < hi; ++o) {
     const uint8_t* row = w + o * row_bytes;
     for (int64_t j0 = 0; j0 < x.B; j0 += NBMAX) {
       float* po = out + o;
       switch (std::min(NBMAX, x.B - j0)) {
-        case 1: row_times<T, 1>(row, x, j0, m.data(), po, ld); break;
-        case 2: row_times<T, 2>(row, x, j0, m.data(), po, ld); break;
-        case 3: row_times<T, 3>(row, x, j0, m.data(), po, ld); break;
-        case 4: row_times<T, 4>(row, x, j0, m.data(), po, ld); break;
-        case 5: row_times<T, 5>(row, x, j0, m.data(), po, ld); break;
-        case 6: row_times<T, 6>(row, x, j0, m.data(), po, ld); break;
-        case 7: row_times<T, 7>(row, x, j0, m.data(), po, ld); break;
-        default: row_times<T, 8>(row, x, j0, m.data(), po, ld); break;
+        case 1: times.template operator()<1>(row, j0, po); break;
+        case 2: times.template operator()<2>(row, j0, po); break;
+        case 3: times.template operator()<3>(row, j0, po); break;
+        case 4: times.template operator()<4>(row, j0, po); break;
+        case 5: times.template operator()<5>(row, j0, po); break;
+        case 6: times.template operator()<6>(row, j0, po); break;
+        case 7: times.template operator()<7>(row, j0, po); break;
+        default: times.template operator()<8>(row, j0, po); break;
       }
     }
   }
@@ -147,9 +237,13 @@ void rows_fused(const uint8_t* w, int64_t row_bytes, const X16& x, float* out, i
 
 }  // namespace
 
-void gguf_range(int64_t type, const uint8_t* w, int64_t row_bytes, const X16& x, float* out, int64_t ld, int64_t lo,
-                int64_t hi) {
-  const bool known = with_block_type(type, [&](auto t) { rows_fused<decltype(t)>(w, row_bytes, x, out, ld, lo, hi); });
+void gguf_range(int64_t type, const uint8_t* w, int64_t row_bytes, const X16& x16, const X8& x8, float* out, int64_t ld,
+                int64_t lo, int64_t hi) {
+  const bool known = with_block_type(type, [&](auto t) {
+    using T = decltype(t);
+    if constexpr (bytes8<T>()) rows_fused<T>(w, row_bytes, x8, out, ld, lo, hi);
+    else rows_fused<T>(w, row_bytes, x16, out, ld, lo, hi);
+  });
   TORCH_CHECK(known, "gguf: unknown block type ", type);
 }
 
@@ -157,13 +251,14 @@ void gguf_dequantize_rows(int64_t type, const uint8_t* w, int64_t row_bytes, int
                           float* dst) {
   const bool known = with_block_type(type, [&](auto t) {
     using T = decltype(t);
-    float m[16] = {0}, scale[8] = {0};
+    float m[16] = {0}, scale[16] = {0};
     for (int64_t i = 0; i < n; ++i) {
       const uint8_t* row = w + (ids ? ids[i] : i) * row_bytes;
       for (int64_t b = 0; b < K / T::QK; ++b) {
         float* r = dst + i * K + b * T::QK;
-        T::unpack(row + b * T::BYTES, scale, m, [&](int g, const W32& wv) {
-          store_dequantized<T::MG>(wv, scale[g], m + QK * g / std::max(T::MG, 1), r + QK * g);
+        T::unpack(row + b * T::BYTES, scale, m, [&](int g, const auto& wv) {
+          if constexpr (bytes8<T>()) store_dequantized_bytes<T>(wv, scale, g, m, r + QK * g);
+          else store_dequantized<T::MG>(wv, scale[g], m + QK * g / std::max(T::MG, 1), r + QK * g);
         });
       }
     }
@@ -187,13 +282,15 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, i
   checked_width(w, type, K);
   const auto x2d = flat_input(x);
   TORCH_CHECK(x2d.size(1) == K, "gguf_linear: input width ", x2d.size(1), " but the weight takes ", K);
-  X16 q;
-  q.quantize(x2d.data_ptr<float>(), x2d.size(0), K);
+  X16 q16;
+  X8 q8;
+  if (gguf_takes_x8(type)) q8.quantize(x2d.data_ptr<float>(), x2d.size(0), K);
+  else q16.quantize(x2d.data_ptr<float>(), x2d.size(0), K);
   const int64_t N = w.size(0);
   auto out = at::empty({x2d.size(0), N}, x2d.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  parallel_rows(N, [&](int64_t begin, int64_t end) { gguf_range(type, wp, w.size(1), q, op, N, begin, end); });
+  parallel_rows(N, [&](int64_t begin, int64_t end) { gguf_range(type, wp, w.size(1), q16, q8, op, N, begin, end); });
   return reshape_output(out, x);
 }
 

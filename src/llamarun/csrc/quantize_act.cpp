@@ -4,7 +4,7 @@
 namespace llamarun {
 
 void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq, float* dx, float* xs,
-                   float* xcb, bool paired) {
+                   float* xcb, bool paired, float* xs16, float* xs32) {
   const int64_t nb = Kp / QK;
   auto rows = [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -27,14 +27,14 @@ void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq,
       int8_t* dst = xq + (b * nb + blk) * 2 * QK;
       int8_t q[2 * QK];
       __m256i q1i[4], q2i[4];
-      __m256 vi = _mm256_setzero_ps();
+      __m256 vh[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // 256 q1 + q2 summed per 16
       constexpr int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
       for (int c = 0; c < 4; ++c) {
         const __m256 q1 = _mm256_round_ps(_mm256_mul_ps(v[c], _mm256_set1_ps(id1)), round);
         const __m256 r = _mm256_sub_ps(v[c], _mm256_mul_ps(q1, _mm256_set1_ps(d1)));
         __m256 q2 = _mm256_round_ps(_mm256_mul_ps(r, _mm256_set1_ps(id2)), round);
         q2 = _mm256_min_ps(_mm256_max_ps(q2, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f));
-        vi = _mm256_add_ps(vi, _mm256_fmadd_ps(q1, _mm256_set1_ps(256.f), q2));  // exact: |sum| < 2^24
+        vh[c / 2] = _mm256_add_ps(vh[c / 2], _mm256_fmadd_ps(q1, _mm256_set1_ps(256.f), q2));  // exact: |sum| < 2^24
         q1i[c] = _mm256_cvtps_epi32(q1), q2i[c] = _mm256_cvtps_epi32(q2);
       }
       const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo the packs' lane interleave
@@ -44,7 +44,10 @@ void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq,
       };
       _mm256_storeu_si256((__m256i*)q, pack(q1i));
       _mm256_storeu_si256((__m256i*)(q + QK), pack(q2i));
-      xcb[b * nb + blk] = 128.f * (d1 / 256.f) * hsum(vi);
+      const float h0 = hsum(vh[0]), h1 = hsum(vh[1]);  // exact integers
+      xcb[b * nb + blk] = 128.f * (d1 / 256.f) * (h0 + h1);
+      if (xs16) xs16[2 * (b * nb + blk)] = d1 / 256.f * h0, xs16[2 * (b * nb + blk) + 1] = d1 / 256.f * h1;
+      if (xs32) xs32[b * nb + blk] = d1 / 256.f * (h0 + h1);
       if (!paired || (blk % 2 == 0 && blk + 1 == nb)) {
         std::memcpy(dst, q, 2 * QK);
       } else {

@@ -13,9 +13,11 @@ namespace llamarun {
 // `paired` lays blocks out for 4-bit weights (q4_rows): blocks 2p and 2p+1 (A, B) share 128 bytes,
 // per level [A0..15 B0..15][A16..31 B16..31], the order of their nibbles in one 32-byte load; an
 // unpaired last block keeps the plain order.
-// xcb (B, Kp/32) = 128 * the block's dequantized sum (what int8_tile's weight offset adds).
+// xcb (B, Kp/32) = 128 * the block's dequantized sum (what int8_tile's weight offset adds);
+// xs16 (B, Kp/16) and xs32 (B, Kp/32), where given: d * the exact sum of 256 q1 + q2 over each 16
+// and 32 (what the GGUF kernels' minimums and offsets multiply).
 void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq, float* dx, float* xs,
-                   float* xcb, bool paired = false);
+                   float* xcb, bool paired = false, float* xs16 = nullptr, float* xs32 = nullptr);
 
 struct QuantizedX {
   at::Tensor xq, dx, xs, xcb;

@@ -7,8 +7,8 @@ twice under `/usr/bin/time` for its peak RSS, measuring what llama-bench does: p
 tokens, and 128 greedy decode steps from an empty context.
 
 Files: random models of tinyllamas shapes (untied classifier, Llama 2 vocabulary) written as GGUF
-f32, Q8_0, Q4_0 with gguf-py, and Q4_K_M made from the f32 file with `llama-quantize`; the shared
-SmolLM2-135M-Instruct Q4_1 and Q4_K_M files. Rows `f32 --quantize int8 / Q8_0` and `--quantize
+f32, Q8_0, Q4_0 with gguf-py, and Q4_K_M (or the --mixes given) made from the f32 file with
+`llama-quantize`; the shared SmolLM2-135M-Instruct Q4_1 and Q4_K_M files. Rows `f32 --quantize int8 / Q8_0` and `--quantize
 int4 / Q4_0` run llamarun's own quantizers on the f32 file against llama.cpp's file of those bits
 (--no-quantize-rows leaves them out). Every figure is a median over --rounds rounds that
 alternate the engines, one process per run; the machine is shared, so the load average is
@@ -43,14 +43,15 @@ sys.path.insert(0, str(HERE.parent / "tests"))  # the test suite's checkpoint wr
 import tiny  # noqa: E402
 
 
-def write_models(shape: str, out: Path, llamacpp: Path) -> dict[str, Path]:
-    """GGUF f32/Q8_0/Q4_0 files of one random model, and Q4_K_M from llama-quantize; reused."""
+def write_models(shape: str, out: Path, llamacpp: Path, mixes: list[str]) -> dict[str, Path]:
+    """GGUF f32/Q8_0/Q4_0 files of one random model, and the llama-quantize `mixes` of it
+    (Q4_K_M, Q5_K_M, Q3_K_M, Q2_K, ...) made from the f32 file; reused."""
     import torch
 
     from llamarun.config import ModelArgs
     from llamarun.model import Transformer
 
-    paths = {q: out / f"{shape}-{q}.gguf" for q in ("f32", "Q8_0", "Q4_0", "Q4_K_M")}
+    paths = {q: out / f"{shape}-{q}.gguf" for q in ("f32", "Q8_0", "Q4_0", *mixes)}
     args = ModelArgs(
         **SHAPES[shape], n_kv_heads=SHAPES[shape]["n_heads"], vocab_size=VOCAB, max_seq_len=1024
     )
@@ -64,9 +65,10 @@ def write_models(shape: str, out: Path, llamacpp: Path) -> dict[str, Path]:
         }
         for qtype in ("f32", "Q8_0", "Q4_0"):
             write_gguf(state, args, paths[qtype], qtype.upper())
-    if not paths["Q4_K_M"].exists():
-        quantize = [str(llamacpp / "llama-quantize"), str(paths["f32"]), str(paths["Q4_K_M"])]
-        subprocess.run([*quantize, "Q4_K_M", "2"], check=True, capture_output=True)
+    for mix in mixes:
+        if not paths[mix].exists():
+            quantize = [str(llamacpp / "llama-quantize"), str(paths["f32"]), str(paths[mix])]
+            subprocess.run([*quantize, mix, "2"], check=True, capture_output=True)
     return paths
 
 
@@ -250,6 +252,11 @@ def main() -> None:
         "--llamacpp", type=Path, default=Path("/tmp/llamacpp/bin"), help="llama.cpp's bin/"
     )
     p.add_argument("--shapes", default="110M,15M")
+    p.add_argument(
+        "--mixes",
+        default="Q4_K_M",
+        help="llama-quantize types made from each shape's f32 file (e.g. Q4_K_M,Q5_K_M,Q3_K_M,Q2_K)",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", type=Path, default=Path("/tmp/llamarun-bench"), help="model files")
@@ -266,7 +273,7 @@ def main() -> None:
     opts.out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Row] = {}
     for shape in filter(None, opts.shapes.split(",")):  # --shapes "": the shared files only
-        paths = write_models(shape, opts.out, opts.llamacpp)
+        paths = write_models(shape, opts.out, opts.llamacpp, opts.mixes.split(","))
         for qtype, path in paths.items():
             files[f"{shape}-shape {qtype}"] = Row(path, path)
         if opts.quantize_rows:  # llamarun's own quantizers on the float file, against the same bits

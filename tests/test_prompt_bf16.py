@@ -84,6 +84,20 @@ def test_the_prompt_dtype_is_float32_unless_bfloat16_is_asked_for(monkeypatch):
     assert cpu_kernels._prompt_dtype() == torch.float32
 
 
+@pytest.mark.parametrize(
+    "flags, slower",
+    [(["avx2", "amx_bf16"], False), (["avx2", "avx512_bf16"], False), (["avx2", "avx512f"], True)],
+)
+def test_bfloat16_prompts_warn_only_where_no_bfloat16_dot_product_is(
+    monkeypatch, caplog, flags, slower
+):
+    monkeypatch.setenv("LLAMARUN_CPU_PROMPT_DTYPE", "bfloat16")
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: flags)
+    with caplog.at_level("WARNING", logger=cpu_kernels.log.name):
+        assert cpu_kernels._prompt_dtype() == torch.bfloat16
+    assert ("slower than float32" in caplog.text) == slower
+
+
 @kernels
 def test_int8_prompts_keep_float32_tiles_under_bfloat16(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_TILES", type(cpu_kernels._TILES)())

@@ -4,8 +4,8 @@ build.py puts them in place of nn.Linear / nn.Embedding (as quantize.py's layers
 nn.Linear), so the model file knows nothing of formats. Each holds its matrix as the file's raw
 block rows, a uint8 view of the memory-mapped file: no copy, and only the pages read are
 resident. On x86 CPUs the C++ kernels compute on those bytes for one token per row, however
-many rows (csrc/matmul_gguf.cpp: 16-bit activations, or two 8-bit levels for Q2_K, Q3_K and
-Q5_K, one reduction order for every batch size);
+many rows (csrc/matmul_gguf.cpp: 16-bit activations, or two 8-bit levels for Q2_K, Q3_K, Q5_K and
+Q6_K, one reduction order for every batch size);
 a prompt's tokens, and everything where the kernels are not built, multiply float32 tiles of
 cpu_kernels.TILE_BYTES of rows dequantized at a time (by the kernels, or blocks.py's torch
 reference). An embedding dequantizes only the rows it looks up; a classifier tied to it reads

@@ -141,9 +141,9 @@ def test_quantized_gguf_matches_transformers_with_gguf_dequantized_weights(tmp_p
     torch.testing.assert_close(got, hf_logprobs(reference), atol=1e-4, rtol=1e-4)
 
 
-# gguf_blocks.h's byte-form types (BYTES8): Q2_K only where the kernels were built with VNNI
+# gguf_blocks.h's byte-form types (BYTES8): Q2_K only where the kernels have VNNI
 _VNNI = cpu_kernels.ops() is not None and "VNNI" in cpu_kernels.ops().isa()
-EIGHT_BIT_LEVELS = {"Q3_K", "Q5_K"} | ({"Q2_K"} if _VNNI else set())
+EIGHT_BIT_LEVELS = {"Q3_K", "Q5_K", "Q6_K"} | ({"Q2_K"} if _VNNI else set())
 
 
 @pytest.mark.parametrize("qtype", BLOCK_TYPES)

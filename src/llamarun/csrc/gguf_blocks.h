@@ -1,23 +1,26 @@
 // GGML's quantized blocks (ggml-common.h layouts), unpacked with AVX2 for the kernels of
 // matmul_gguf.cpp, in one of two forms.
-// Most types unpack one block into 16-bit weights (met by 16-bit activations, X16):
+// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS, Q4_K and, without VNNI, Q2_K unpack one block into
+// 16-bit weights (met by 16-bit activations, X16):
 //   W        int16 weights in element order, handed on per group of 32 (W32), with the integer
-//            sub-scales that differ inside a group multiplied in (Q6_K: sc * q per 16):
+//            sub-scales that differ inside a group multiplied in (Q2_K: sc * q per 16):
 //            |W| <= 4096, so a product with a 16-bit activation and four of them summed stay
 //            inside int32;
 //   scale[]  the float scale of each group of 32: d, or d * sc for the K-quants' sub-blocks of
 //            32 (exact in float: an 11-bit d times a 6-bit sc); w = scale * W + m;
 //   m[]      for the types with minimums, the float offset of each group of MG weights (-dmin *
 //            min of a K-quant sub-block, Q4_1's m), added through the activations' group sums.
-//   The signed offsets (Q4_0's -8, Q6_K's -32) are subtracted here, in integers, exactly.
-// Q3_K, Q5_K and, with VNNI, Q2_K (BYTES8) unpack into bytes instead (met by two 8-bit activation
-// levels, X8):
+//   The signed offsets (Q4_0's -8) are subtracted here, in integers, exactly.
+// Q3_K, Q5_K, Q6_K and, with VNNI, Q2_K (BYTES8) unpack into bytes instead (met by two 8-bit
+// activation levels, X8):
 //   U        the 32 weights of a group as unsigned bytes q in element order, w = scale * (q - OFF)
-//            + m, the offset (Q3_K's 4) taken through the activations' sums in the product;
-//   scale[]  per 32 weights, or per 16 (S16: Q2_K, Q3_K, whose sub-scales differ inside a group),
-//            d * sc, exact, so that scale * (q - OFF) is one rounding, as gguf-py's.
-//   Widening their 2- and 3-bit weights and multiplying the sub-scales in cost more than the
-//   product itself: 1.3-1.7x faster this way (the other types measured slower this way).
+//            + m, the offset (Q3_K's 4, Q6_K's 32) taken through the activations' sums in the product;
+//   scale[]  per 32 weights, or per 16 (S16: Q2_K, Q3_K, Q6_K, whose sub-scales differ inside a
+//            group), d * sc, exact, so that scale * (q - OFF) is one rounding, as gguf-py's.
+//   Widening their 2-, 3- and 6-bit weights and multiplying the sub-scales in cost more than the
+//   product itself: a 768 x 2048 row product ran 1.2x (Q6_K), 1.3x (Q5_K), 1.8x (Q2_K, Q3_K)
+//   faster this way with VNNI; the other types measured as fast or slower this way, and Q2_K
+//   without VNNI (four multiply instructions a group for the two levels) 1.2x slower.
 // blocks.py is the same arithmetic in torch (checked against gguf-py); these are checked against it.
 #pragma once
 
@@ -234,11 +237,11 @@ struct IQ4_NL {
 };
 
 // K-quants: 256 weights, sub-blocks of 32 (Q4_K, Q5_K, IQ4_XS: their scales go into the float
-// scale of each group) or 16 (Q6_K, Q2_K without VNNI: multiplied into the int16 weights; Q3_K and
+// scale of each group) or 16 (Q2_K without VNNI: multiplied into the int16 weights; Q3_K, Q6_K and
 // Q2_K with VNNI: a scale per 16)
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-// Q2_K: bytes where vpdpbusd takes them (1.3x the 16-bit form's speed); on AVX2 the two 8-bit
-// levels cost four multiply instructions a group and the 16-bit form below ran 1.4x faster
+// Q2_K: bytes where vpdpbusd takes them (1.8x the 16-bit form's speed); on AVX2 the two 8-bit
+// levels cost four multiply instructions a group and the 16-bit form below ran 1.2x faster
 struct Q2_K {
   static constexpr int QK = 256, BYTES = 84, MG = 16, OFF = 0;
   static constexpr bool BYTES8 = true, S16 = true;
@@ -327,11 +330,14 @@ struct Q5_K {
 };
 
 struct Q6_K {
-  static constexpr int QK = 256, BYTES = 210, MG = 0;
+  static constexpr int QK = 256, BYTES = 210, MG = 0, OFF = 32;
+  static constexpr bool BYTES8 = true, S16 = true;
   template <class Fn> static void unpack(const uint8_t* b, float* scale, float*, Fn&& fn) {
-    const int8_t* sc = (const int8_t*)(b + 192);
-    _mm256_storeu_ps(scale, _mm256_set1_ps(fp16(b + 208)));
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+    const __m128i sc = _mm_loadu_si128((const __m128i*)(b + 192));
+    const __m256 d = _mm256_set1_ps(fp16(b + 208));
+    _mm256_storeu_ps(scale, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
+    _mm256_storeu_ps(scale + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
     for (int n = 0; n < 2; ++n) {  // weight 128n + r: nibble r / 64 of ql[64n + r % 64], bits 2 (r / 32).. of qh[32n + r % 32]
       const __m256i l0 = _mm256_loadu_si256((const __m256i*)(b + 64 * n));
       const __m256i l1 = _mm256_loadu_si256((const __m256i*)(b + 64 * n + 32));
@@ -339,9 +345,9 @@ struct Q6_K {
       const __m256i low[4] = {_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
                               _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
       for (int j = 0; j < 4; ++j) {
-        const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * j), m2), 4);
-        const int g = 4 * n + j;
-        fn(g, widen_scaled(_mm256_or_si256(low[j], high), 32, sc[2 * g], sc[2 * g + 1]));
+        // bits 2j, 2j + 1 of each qh byte to bits 4, 5 (16-bit shifts: what crosses bytes is masked off)
+        const __m256i t = j < 2 ? _mm256_slli_epi16(h, 4 - 2 * j) : j == 2 ? h : _mm256_srli_epi16(h, 2);
+        fn(4 * n + j, _mm256_or_si256(low[j], _mm256_and_si256(t, m2)));
       }
     }
   }

@@ -157,8 +157,12 @@ constexpr int terms_per_block() {
 // the 8 lanes of a group's product: lanes 0-3 sum weights 0..15, 4-7 weights 16..31
 template <class T>
 inline __m256 group_scale(const float* scale, int g) {
-  if constexpr (T::S16) return _mm256_setr_m128(_mm_set1_ps(scale[2 * g]), _mm_set1_ps(scale[2 * g + 1]));
-  else return _mm256_set1_ps(scale[g]);
+  if constexpr (T::S16) {  // scales 2g, 2g + 1 of the 8 at scale + 8 (g / 4): one permute
+    const __m256i idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    return _mm256_permutevar8x32_ps(_mm256_loadu_ps(scale + 8 * (g / 4)), _mm256_add_epi32(idx, _mm256_set1_epi32(2 * (g % 4))));
+  } else {
+    return _mm256_set1_ps(scale[g]);
+  }
 }
 
 // row_times for a byte-form type: acc (8 lanes) += float(U . X) * (scale * dx) per group, U . X =

@@ -57,9 +57,8 @@ void X16::quantize(const float* x, int64_t rows, int64_t width) {
 void X8::quantize(const float* x, int64_t rows, int64_t width) {
   TORCH_CHECK(width % QK == 0, "GGUF linears need an input width that is a multiple of 32");
   B = rows, K = width, ng = K / QK;
-  xq.resize(B * 2 * K), dx.resize(B * ng), xs.resize(B * ng), xcb.resize(B * ng), xs16.resize(B * 2 * ng),
-      xs32.resize(B * ng);
-  quantize_rows(x, B, K, K, xq.data(), dx.data(), xs.data(), xcb.data(), false, xs16.data(), xs32.data());
+  xq.resize(B * 2 * K), dx.resize(B * ng), xs16.resize(B * 2 * ng), xs32.resize(B * ng);
+  quantize_rows(x, B, K, K, xq.data(), dx.data(), nullptr, nullptr, false, xs16.data(), xs32.data());
 }
 
 bool gguf_takes_x8(int64_t type) {

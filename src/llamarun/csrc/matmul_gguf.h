@@ -27,7 +27,7 @@ struct X16 {
 // 256 q1 + q2 over each group of 16 / 32 (what the minimums and offsets multiply).
 struct X8 {
   std::vector<int8_t> xq;  // (B, K/32, 64): q1 then q2 of each group
-  std::vector<float> dx, xs, xcb;  // (B, K/32); xs and xcb unused here (quantize_rows writes them)
+  std::vector<float> dx;  // (B, K/32)
   std::vector<float> xs16, xs32;  // (B, K/16), (B, K/32)
   int64_t B = 0, K = 0, ng = 0;
   void quantize(const float* x, int64_t rows, int64_t width);

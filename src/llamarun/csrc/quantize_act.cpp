@@ -45,7 +45,7 @@ void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq,
       _mm256_storeu_si256((__m256i*)q, pack(q1i));
       _mm256_storeu_si256((__m256i*)(q + QK), pack(q2i));
       const float h0 = hsum(vh[0]), h1 = hsum(vh[1]);  // exact integers
-      xcb[b * nb + blk] = 128.f * (d1 / 256.f) * (h0 + h1);
+      if (xcb) xcb[b * nb + blk] = 128.f * (d1 / 256.f) * (h0 + h1);
       if (xs16) xs16[2 * (b * nb + blk)] = d1 / 256.f * h0, xs16[2 * (b * nb + blk) + 1] = d1 / 256.f * h1;
       if (xs32) xs32[b * nb + blk] = d1 / 256.f * (h0 + h1);
       if (!paired || (blk % 2 == 0 && blk + 1 == nb)) {
@@ -58,7 +58,7 @@ void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq,
         }
       }
       dx[b * nb + blk] = d1 / 256.f;
-      xs[b * nb + blk] = sum;
+      if (xs) xs[b * nb + blk] = sum;
     }
   };
   if (B * nb < 512) rows(0, B * nb);

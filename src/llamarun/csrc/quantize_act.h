@@ -15,7 +15,8 @@ namespace llamarun {
 // unpaired last block keeps the plain order.
 // xcb (B, Kp/32) = 128 * the block's dequantized sum (what int8_tile's weight offset adds);
 // xs16 (B, Kp/16) and xs32 (B, Kp/32), where given: d * the exact sum of 256 q1 + q2 over each 16
-// and 32 (what the GGUF kernels' minimums and offsets multiply).
+// and 32 (what the GGUF kernels' minimums and offsets multiply). xs and xcb may be null (the GGUF
+// kernels take neither).
 void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq, float* dx, float* xs,
                    float* xcb, bool paired = false, float* xs16 = nullptr, float* xs32 = nullptr);
 

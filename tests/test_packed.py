@@ -103,7 +103,8 @@ def test_rows_of_the_wrong_size_are_refused():
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q5_0", "Q6_K", "Q8_0"])
-def test_a_prompts_tokens_multiply_float32_tiles_of_the_dequantized_rows(path, qtype):
+def test_a_prompts_tokens_multiply_float32_tiles_of_the_dequantized_rows(path, monkeypatch, qtype):
+    monkeypatch.setattr(cpu_kernels, "PROMPT", "float32")  # (the integer GEMM: test_prompt_gemm.py)
     K = width(qtype)
     data = random_blocks(qtype, OUT, K)
     layer = PackedLinear(qtype, K, OUT, torch.from_numpy(data))
@@ -118,6 +119,7 @@ def test_a_prompts_tokens_multiply_float32_tiles_of_the_dequantized_rows(path, q
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q6_K"])
 def test_a_prompt_over_several_tiles_reuses_one_buffer_and_stays_exact(path, monkeypatch, qtype):
+    monkeypatch.setattr(cpu_kernels, "PROMPT", "float32")
     K = width(qtype)
     monkeypatch.setattr(cpu_kernels, "TILE_BYTES", 4 * K * 5)  # 5 rows a tile: 8, the last of 2
     monkeypatch.setattr(cpu_kernels, "_TILES", type(cpu_kernels._TILES)())  # this test's own

@@ -1,7 +1,7 @@
 """LLAMARUN_CPU_PROMPT_DTYPE=bfloat16: a prompt's tiles are dequantized straight into bfloat16 (the
 kernels round each value to nearest even, as torch does) and meet bfloat16 activations in torch's
 GEMM; the result comes back in float32, close to the float32 product. int8 layers keep float32
-tiles. The default stays float32."""
+tiles. The default is the integer GEMM (test_prompt_gemm.py); float32 tiles are its reference."""
 
 from __future__ import annotations
 
@@ -64,9 +64,10 @@ def test_a_bfloat16_prompt_is_close_to_the_float32_one_and_comes_back_float32(ki
     monkeypatch.setattr(cpu_kernels, "_TILES", type(cpu_kernels._TILES)())
     layer = layers()[kind]
     x = torch.randn(2, 9, 256, generator=torch.Generator().manual_seed(2))
-    exact = layer(x)  # float32 tiles: the default
+    monkeypatch.setattr(cpu_kernels, "PROMPT", "float32")
+    exact = layer(x)  # float32 tiles
 
-    monkeypatch.setattr(cpu_kernels, "PROMPT_DTYPE", torch.bfloat16)
+    monkeypatch.setattr(cpu_kernels, "PROMPT", "bfloat16")
     got = layer(x)
 
     assert got.dtype == torch.float32 and got.shape == exact.shape
@@ -75,13 +76,16 @@ def test_a_bfloat16_prompt_is_close_to_the_float32_one_and_comes_back_float32(ki
     assert torch.bfloat16 in cpu_kernels._TILES.bufs
 
 
-def test_the_prompt_dtype_is_float32_unless_bfloat16_is_asked_for(monkeypatch):
+def test_prompts_are_int16_unless_another_choice_is_asked_for(monkeypatch, caplog):
     monkeypatch.delenv("LLAMARUN_CPU_PROMPT_DTYPE", raising=False)
-    assert cpu_kernels._prompt_dtype() == torch.float32
-    monkeypatch.setenv("LLAMARUN_CPU_PROMPT_DTYPE", "bfloat16")
-    assert cpu_kernels._prompt_dtype() == torch.bfloat16
-    monkeypatch.setenv("LLAMARUN_CPU_PROMPT_DTYPE", "fp8")  # not a choice: float32, with a warning
-    assert cpu_kernels._prompt_dtype() == torch.float32
+    assert cpu_kernels._prompt_choice() == "int16"
+    for choice in ("bfloat16", "float32", "int8", " INT16 "):
+        monkeypatch.setenv("LLAMARUN_CPU_PROMPT_DTYPE", choice)
+        assert cpu_kernels._prompt_choice() == choice.strip().lower()
+    monkeypatch.setenv("LLAMARUN_CPU_PROMPT_DTYPE", "fp8")  # not a choice: int16, with a warning
+    with caplog.at_level("WARNING", logger=cpu_kernels.log.name):
+        assert cpu_kernels._prompt_choice() == "int16"
+    assert "LLAMARUN_CPU_PROMPT_DTYPE=fp8 is not one of" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -94,7 +98,7 @@ def test_bfloat16_prompts_warn_only_where_no_bfloat16_dot_product_is(
     monkeypatch.setenv("LLAMARUN_CPU_PROMPT_DTYPE", "bfloat16")
     monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: flags)
     with caplog.at_level("WARNING", logger=cpu_kernels.log.name):
-        assert cpu_kernels._prompt_dtype() == torch.bfloat16
+        assert cpu_kernels._prompt_choice() == "bfloat16"
     assert ("slower than float32" in caplog.text) == slower
 
 
@@ -105,7 +109,7 @@ def test_int8_prompts_keep_float32_tiles_under_bfloat16(monkeypatch):
     x = torch.randn(1, 5, 256)
     exact = layer(x)
 
-    monkeypatch.setattr(cpu_kernels, "PROMPT_DTYPE", torch.bfloat16)
+    monkeypatch.setattr(cpu_kernels, "PROMPT", "bfloat16")
 
     assert torch.equal(layer(x), exact)
     assert set(cpu_kernels._TILES.bufs) == {torch.float32}

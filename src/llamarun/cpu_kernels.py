@@ -109,6 +109,7 @@ def ops():
             )
             return None
         _register_fakes()
+        _state["prompt_gemm"] = bool(torch.ops.llamarun_cpu.gguf_prompt_available())
         _state["library"] = library
         _state["ops"] = torch.ops.llamarun_cpu
         return _state["ops"]
@@ -150,21 +151,25 @@ TILE_BYTES = 8 * 2**20
 _TILES = threading.local()
 
 
-def _prompt_dtype() -> torch.dtype:
-    """float32, or bfloat16 where LLAMARUN_CPU_PROMPT_DTYPE=bfloat16 asks for it (see PROMPT_DTYPE)."""
-    choice = os.environ.get("LLAMARUN_CPU_PROMPT_DTYPE", "float32").strip().lower()
-    if choice not in ("float32", "bfloat16"):
+PROMPT_CHOICES = ("int16", "int8", "float32", "bfloat16")
+
+
+def _prompt_choice() -> str:
+    """How a prompt's tokens meet quantized weights: LLAMARUN_CPU_PROMPT_DTYPE (see PROMPT)."""
+    choice = os.environ.get("LLAMARUN_CPU_PROMPT_DTYPE", "int16").strip().lower()
+    if choice not in PROMPT_CHOICES:
         log.warning(
-            "LLAMARUN_CPU_PROMPT_DTYPE=%s is neither float32 nor bfloat16; prompts stay float32",
+            "LLAMARUN_CPU_PROMPT_DTYPE=%s is not one of %s; prompts stay int16",
             choice,
+            ", ".join(PROMPT_CHOICES),
         )
-        return torch.float32
+        return "int16"
     if choice == "bfloat16" and not {"amx_bf16", "avx512_bf16"} & set(_cpu_flags()):
         log.warning(
             "LLAMARUN_CPU_PROMPT_DTYPE=bfloat16 on a CPU without AMX-BF16 or AVX512-BF16: torch's "
             "bfloat16 GEMM is slower than float32 here"
         )
-    return getattr(torch, choice)
+    return choice
 
 
 def _cpu_flags() -> list[str]:
@@ -174,18 +179,36 @@ def _cpu_flags() -> list[str]:
         return []
 
 
-# The dtype of a prompt's dequantized tiles and of the activations they meet (tiled_linear); the
-# product is returned in the input's dtype. float32 unless LLAMARUN_CPU_PROMPT_DTYPE=bfloat16: on
-# CPUs with AMX-BF16 (Intel Sapphire Rapids and later) torch's bfloat16 GEMM (oneDNN) runs
-# 3.5-4x MKL's float32 one, and GGUF prompts ran 1.4x faster (110M-shape Q4_K_M 850 -> 1228
-# tok/s, SmolLM2 Q4_K_M 576 -> 818); with AVX512-BF16 (an AMD Zen 4) 2.3-3.2x (256 x 768 by
-# 768 x 2304: 346-352 GFLOP/s against 107-151), and prompts 1.7-2.4x (110M-shape Q4_K_M 565 ->
-# 981, Q4_0 380 -> 906, SmolLM2 Q4_K_M 296 -> 595; medians of 3 alternating runs). Opt-in because bfloat16 rounds the activations and the
-# products' outputs to 8 bits of mantissa: perplexity barely moves (SmolLM2 Q4_K_M on
-# benchmarks/text.txt, ctx 256: 9.6614 against float32's 9.6740, llama.cpp's 9.7002), but greedy
-# answers are no longer the float32 computation's token for token. One token per row keeps the
-# integer kernels whatever this is.
-PROMPT_DTYPE = _prompt_dtype()
+# How a prompt's tokens (more than one per row) meet GGUF block weights on the CPU:
+# - "int16" (the default): the 8-bit integer GEMM of csrc/gemm_gguf.cpp, activations in two int8
+#   levels per 32 (about 15 bits, the one-token kernels' precision): 2-2.4x MKL's float32 GEMM on
+#   dequantized tiles here (an AMD Zen 4: 256 x 768 by 768 x 2048 Q4_0 in 2.9 ms against 7.0).
+# - "int8": the same GEMM with one int8 level, as llama.cpp's Q8_0 / Q8_K activations: another
+#   1.7-2x faster, at 8 bits (perplexity moves; greedy answers may change).
+# - "float32": float32 tiles dequantized by the kernels through torch's GEMM (tiled_linear), the
+#   float32 computation itself; also what runs where the GEMM is not built (no AVX-512 VNNI).
+# - "bfloat16": those tiles in bfloat16, met by bfloat16 activations: on CPUs with AMX-BF16 (Intel
+#   Sapphire Rapids and later) torch's bfloat16 GEMM (oneDNN) runs 3.5-4x MKL's float32 one, and
+#   GGUF prompts ran 1.4x faster (110M-shape Q4_K_M 850 -> 1228 tok/s, SmolLM2 Q4_K_M 576 -> 818);
+#   with AVX512-BF16 (an AMD Zen 4) 2.3-3.2x (346-352 GFLOP/s against 107-151). Rounds the
+#   activations and the products' outputs to 8 bits of mantissa: perplexity barely moves
+#   (SmolLM2 Q4_K_M on benchmarks/text.txt, ctx 256: 9.6614 against float32's 9.6740), but greedy
+#   answers are no longer the float32 computation's token for token. llamarun's own int8/int4
+#   layers take float32 or bfloat16 tiles (int16 and int8 mean float32 tiles for them).
+# One token per row keeps the one-token kernels whatever this is.
+PROMPT = _prompt_choice()
+
+
+def prompt_levels() -> int:
+    """The int8 levels of a GGUF prompt's activations in the integer GEMM (2 for PROMPT int16, 1
+    for int8), or 0 where prompts take dequantized tiles (tiled_linear)."""
+    if PROMPT not in ("int16", "int8") or ops() is None or not _state.get("prompt_gemm"):
+        return 0
+    return 2 if PROMPT == "int16" else 1
+
+
+def _tile_dtype() -> torch.dtype:
+    return torch.bfloat16 if PROMPT == "bfloat16" else torch.float32
 
 
 def _tile_buffer(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -211,14 +234,14 @@ def tiled_linear(
     bf16_fill: bool = True,
 ) -> torch.Tensor:
     """x @ W.T for a quantized W of `rows` rows of `width` (stored, padded) columns, through
-    torch's GEMM in PROMPT_DTYPE (float32 where autograd records): fill(start, tile) dequantizes
+    torch's GEMM in float32, or bfloat16 where PROMPT asks for it and no autograd records: fill(start, tile) dequantizes
     rows start.. into tile (n, width) of that dtype, a view of this thread's one buffer, and each
     tile is multiplied before the next overwrites it. A prompt's many tokens run at the GEMM's
     speed this way (1.5x the int8-activation kernels on 128 rows on an AMD EPYC); a fresh tile per
     product came from new pages, whose faults cost as much as the dequantization. bf16_fill=False:
     fill writes float32 only, and the product stays float32."""
     grad = x.requires_grad and torch.is_grad_enabled()
-    dtype = torch.float32 if grad or not bf16_fill else PROMPT_DTYPE
+    dtype = torch.float32 if grad or not bf16_fill else _tile_dtype()
     step = max(1, TILE_BYTES // (4 * width))
     buf = _tile_buffer(min(step, rows) * width, dtype)
     xin = x.to(dtype)
@@ -265,6 +288,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("llamarun_cpu::gguf_linear")
     def _(x, w, qtype, in_features):
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    @torch.library.register_fake("llamarun_cpu::gguf_prompt_linear")
+    def _(x, w, qtype, in_features, levels):
         return x.new_empty((*x.shape[:-1], w.shape[0]))
 
     @torch.library.register_fake("llamarun_cpu::gguf_rows")

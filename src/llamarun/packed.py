@@ -6,9 +6,10 @@ block rows, a uint8 view of the memory-mapped file: no copy, and only the pages 
 resident. On x86 CPUs the C++ kernels compute on those bytes for one token per row, however
 many rows (csrc/matmul_gguf.cpp: 16-bit activations, or two 8-bit levels for Q2_K, Q3_K, Q5_K and
 Q6_K, one reduction order for every batch size);
-a prompt's tokens, and everything where the kernels are not built, multiply float32 tiles of
-cpu_kernels.TILE_BYTES of rows dequantized at a time (by the kernels, or blocks.py's torch
-reference). An embedding dequantizes only the rows it looks up; a classifier tied to it reads
+a prompt's tokens meet panels of 32 weight rows unpacked once into bytes, in an 8-bit integer
+GEMM (csrc/gemm_gguf.cpp, AVX-512 VNNI; cpu_kernels.PROMPT), and everything else (no VNNI, no
+kernels, autograd, PROMPT float32 or bfloat16) multiplies float32 tiles of cpu_kernels.TILE_BYTES
+of rows dequantized at a time (by the kernels, or blocks.py's torch reference). An embedding dequantizes only the rows it looks up; a classifier tied to it reads
 the same bytes.
 """
 
@@ -84,12 +85,17 @@ class PackedLinear(nn.Module):
         prompt = x.dim() == 3 and x.shape[1] > 1
         if ops is not None and not prompt:
             return ops.gguf_linear(x, self.data, TYPE_IDS[self.qtype], self.in_features)
-        # A prompt's tokens (and every product where the kernels are not built): float32 on
-        # dequantized tiles of rows, through torch's GEMM; on CPU faster than the 16-bit kernel
-        # there (2304 x 768 at 128 rows: MKL's ~125 GFLOP/s against ~80), and the float32
-        # reference itself. One token per row, however many rows, always takes the kernel
-        # (batch invariance).
+        # A prompt's tokens: the 8-bit integer GEMM (each weight panel unpacked once for all the
+        # prompt's rows, cpu_kernels.PROMPT), else (and for every product where the kernels are
+        # not built, or autograd records) float32 on dequantized tiles of rows through torch's
+        # GEMM, the float32 reference itself. One token per row, however many rows, always takes
+        # the one-token kernel (batch invariance): which path runs depends on the prompt's
+        # length, never on the batch beside it.
         K = self.in_features
+        levels = cpu_kernels.prompt_levels() if ops is not None else 0
+        grad = x.requires_grad and torch.is_grad_enabled()
+        if levels and x.dtype == torch.float32 and not grad:
+            return ops.gguf_prompt_linear(x, self.data, TYPE_IDS[self.qtype], K, levels)
         if ops is not None and x.dtype == torch.float32:
             fill = partial(ops.gguf_rows_into, self.data, TYPE_IDS[self.qtype], K)
             return cpu_kernels.tiled_linear(x, self.out_features, K, fill, K)

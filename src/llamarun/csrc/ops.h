@@ -25,6 +25,10 @@ at::Tensor gguf_rows(const at::Tensor& w, int64_t type, int64_t K, const at::Ten
 // rows start .. start + out.size(0) of w dequantized into out (n, K) float32: a prompt's tiles
 // reuse one buffer instead of fresh pages each
 void gguf_rows_into(const at::Tensor& w, int64_t type, int64_t K, int64_t start, const at::Tensor& out);
+// gemm_gguf.cpp: a prompt's rows times a GGUF matrix in 8-bit integers, activations in `levels`
+// (1 or 2) int8 levels; only where gguf_prompt_available() (AVX-512 VNNI)
+at::Tensor gguf_prompt_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t K, int64_t levels);
+bool gguf_prompt_available();
 // argmax.cpp
 at::Tensor argmax_rows(const at::Tensor& logits);
 // decoder.cpp: silu(gate) * up row by row (the eager forward's SwiGLU; torch's element-wise loops

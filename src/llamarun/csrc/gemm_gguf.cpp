@@ -1,0 +1,275 @@
+// A prompt's product with GGUF block weights (gguf_prompt_linear): matrix times matrix in 8-bit
+// integers, as llama.cpp's repacked kernels do, where the one-token kernels (matmul_gguf.cpp)
+// would unpack every weight row once per 8 prompt rows.
+//
+// Each thread takes panels of 32 weight rows. A panel is unpacked once (gguf_blocks.h) into
+// unsigned bytes interleaved 4 at a time across its 32 rows, [group][k/4][row][4], with one
+// float scale and one minimum per row and group (GS = 16 weights for the types whose scales
+// differ per 16, else 32). Then every prompt row meets it: one vpdpbusd (AVX-512 VNNI) adds 4
+// weights x 4 activations for 16 rows at once, the activations' 4 bytes broadcast. Per group,
+// in int32: a = U . q (q: the activations, one 8-bit level or two, 256 q1 + q2, about 15 bits as
+// the one-token kernels'), minus OFF * sum(q) for the types with a signed offset (exact); then
+// in float: out += float(a) * (scale * dx) (+ minimum * dx * sum(q)). Each output's operations
+// are the same wherever its row sits in the prompt or batch (batch invariance), so a prompt's
+// row does not depend on what runs beside it.
+//
+// Only with AVX-512 VNNI (the panel's 16 int32 lanes): elsewhere gguf_prompt_available() is
+// false and prompts keep float32 tiles through torch's GEMM (cpu_kernels.tiled_linear).
+#include "gguf_blocks.h"
+#include "matmul_gguf.h"
+#include "ops.h"
+
+#include <type_traits>
+
+namespace llamarun {
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+
+bool gguf_prompt_available() { return true; }
+
+namespace {
+
+constexpr int PR = 32;  // weight rows per panel: two zmm of int32 lanes
+
+// the activations of a prompt for groups of GS: xq (M, K/32, L*32) int8, each 32 as its levels;
+// dx (M, K/GS) the scale of each GS (its 32's), qs (M, K/GS) int32 sum of the (combined) q
+struct PromptX {
+  std::vector<int8_t> xq;
+  std::vector<float> dx;
+  std::vector<int32_t> qs;
+  int64_t M = 0, K = 0, L = 1, GS = 32;
+  const int8_t* at(int64_t r, int64_t k) const { return xq.data() + (r * (K / QK) + k / QK) * L * QK + k % QK; }
+};
+
+void quantize_prompt(const float* x, int64_t M, int64_t K, int L, int GS, PromptX& p) {
+  p.M = M, p.K = K, p.L = L, p.GS = GS;
+  const int64_t ng = K / QK;
+  p.xq.resize(M * ng * L * QK), p.dx.resize(M * K / GS), p.qs.resize(M * K / GS);
+  parallel_rows(M * ng, [&](int64_t begin, int64_t end) {
+    constexpr int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    for (int64_t i = begin; i < end; ++i) {
+      const float* src = x + i * QK;  // group i % ng of row i / ng
+      const __m512 v0 = _mm512_loadu_ps(src), v1 = _mm512_loadu_ps(src + 16);
+      const float amax = std::max(_mm512_reduce_max_ps(_mm512_abs_ps(v0)), _mm512_reduce_max_ps(_mm512_abs_ps(v1)));
+      const float d1 = amax / 127.f, id1 = d1 ? 1.f / d1 : 0.f;
+      int8_t* dst = p.xq.data() + i * L * QK;
+      const __m512 q1[2] = {_mm512_roundscale_ps(_mm512_mul_ps(v0, _mm512_set1_ps(id1)), round),
+                            _mm512_roundscale_ps(_mm512_mul_ps(v1, _mm512_set1_ps(id1)), round)};
+      int32_t sums[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m512i a = _mm512_cvtps_epi32(q1[h]);
+        _mm_storeu_si128((__m128i*)(dst + 16 * h), _mm512_cvtsepi32_epi8(a));
+        sums[h] = _mm512_reduce_add_epi32(a);
+      }
+      float d = d1;
+      if (L == 2) {  // q2 quantizes what q1 leaves: x ~ (d1 / 256) (256 q1 + q2)
+        const __m512 v[2] = {v0, v1};
+        for (int h = 0; h < 2; ++h) {
+          const __m512 r = _mm512_sub_ps(v[h], _mm512_mul_ps(q1[h], _mm512_set1_ps(d1)));
+          __m512 q2 = _mm512_roundscale_ps(_mm512_mul_ps(r, _mm512_set1_ps(id1 * 256.f)), round);
+          q2 = _mm512_min_ps(_mm512_max_ps(q2, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f));
+          const __m512i b = _mm512_cvtps_epi32(q2);
+          _mm_storeu_si128((__m128i*)(dst + QK + 16 * h), _mm512_cvtsepi32_epi8(b));
+          sums[h] = 256 * sums[h] + _mm512_reduce_add_epi32(b);
+        }
+        d = d1 / 256.f;
+      }
+      const int64_t r = i / ng, g = i % ng;
+      if (GS == 16) {
+        for (int h = 0; h < 2; ++h) p.dx[r * (K / 16) + 2 * g + h] = d, p.qs[r * (K / 16) + 2 * g + h] = sums[h];
+      } else {
+        p.dx[r * ng + g] = d, p.qs[r * ng + g] = sums[0] + sums[1];
+      }
+    }
+  });
+}
+
+// A panel: rows [o0, o0 + 32) of the weight, unpacked. u (K/GS, GS/4, 32, 4) bytes; s, m (K/GS, 32)
+struct Panel {
+  std::vector<uint8_t> u;
+  std::vector<float> s, m;
+};
+
+// the signed offset a W32 type's int16 weights take to become bytes (its weights' minimum)
+template <class T>
+constexpr int w32_offset() {
+  if constexpr (std::is_same_v<T, Q8_0> || std::is_same_v<T, IQ4_NL> || std::is_same_v<T, IQ4_XS>) return 128;
+  else if constexpr (std::is_same_v<T, Q4_0>) return 8;
+  else if constexpr (std::is_same_v<T, Q5_0>) return 16;
+  else return 0;
+}
+
+template <class T>
+constexpr int group_size() {
+  if constexpr (bytes8<T>()) return T::S16 ? 16 : 32;
+  else return 32;
+}
+
+// the offset the product subtracts through sum(q): OFF of a byte-form type, else w32_offset
+template <class T>
+constexpr int offset_of() {
+  if constexpr (bytes8<T>()) return T::OFF;
+  else return w32_offset<T>();
+}
+
+// group of 32 bytes u (weights 32 g32 ..) of panel row p into the interleaved layout
+template <int GS>
+inline void scatter(Panel& P, int64_t g32, int p, __m256i u) {
+  alignas(32) uint32_t d[8];
+  _mm256_store_si256((__m256i*)d, u);
+  for (int c = 0; c < 8; ++c) {  // bytes 4c .. 4c + 3: group (32 g32 + 4c) / GS, step (4c % GS) / 4
+    const int64_t gs = (32 * g32 + 4 * c) / GS, k4 = (4 * c % GS) / 4;
+    std::memcpy(P.u.data() + ((gs * (GS / 4) + k4) * PR + p) * 4, &d[c], 4);
+  }
+}
+
+template <class T>
+void pack_panel(const uint8_t* w, int64_t row_bytes, int64_t N, int64_t K, int64_t o0, Panel& P) {
+  constexpr int GS = group_size<T>();
+  const int64_t ngs = K / GS, nblk = K / T::QK;
+  P.u.assign(ngs * GS * PR, 0), P.s.assign(ngs * PR, 0.f), P.m.assign(ngs * PR, 0.f);
+  for (int p = 0; p < PR && o0 + p < N; ++p) {
+    const uint8_t* row = w + (o0 + p) * row_bytes;
+    for (int64_t b = 0; b < nblk; ++b) {
+      float scale[16] = {0}, m[16] = {0};
+      const int64_t g0 = b * (T::QK / QK);  // the block's first group of 32
+      T::unpack(row + b * T::BYTES, scale, m, [&](int g, const auto& wv) {
+        if constexpr (bytes8<T>()) {
+          scatter<GS>(P, g0 + g, p, wv);
+        } else {
+          const __m256i o = _mm256_set1_epi16(w32_offset<T>());
+          const __m256i packed = _mm256_packus_epi16(_mm256_add_epi16(wv.lo, o), _mm256_add_epi16(wv.hi, o));
+          scatter<GS>(P, g0 + g, p, _mm256_permute4x64_epi64(packed, 0xD8));  // undo the lane interleave
+        }
+      });
+      for (int i = 0; i < T::QK / GS; ++i) {
+        const int64_t gs = b * (T::QK / GS) + i;
+        if constexpr (bytes8<T>()) P.s[gs * PR + p] = scale[i];
+        else P.s[gs * PR + p] = scale[i * GS / QK];
+        if constexpr (T::MG > 0) P.m[gs * PR + p] = m[i * GS / T::MG];
+      }
+    }
+  }
+}
+
+// prompt rows r0 .. r0 + R - 1 against panel P (weight rows o0 ..): out (M, N)
+template <int GS, int L, int R, int OFF, bool MINS>
+void panel_times(const Panel& P, const PromptX& x, int64_t r0, int64_t o0, int64_t N, float* out) {
+  const int64_t ngs = x.K / GS;
+  __m512 f[R][2];
+  for (int r = 0; r < R; ++r) f[r][0] = f[r][1] = _mm512_setzero_ps();
+  const int8_t* xr[R];
+  for (int r = 0; r < R; ++r) xr[r] = x.at(r0 + r, 0);
+  for (int64_t g = 0; g < ngs; ++g) {
+    __m512i a[R][2];
+    for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_si512();
+    const uint8_t* wp = P.u.data() + g * (GS / 4) * PR * 4;
+    // the group's first activation byte within its 32 (of level 0)
+    const int64_t xo = (g * GS / QK) * L * QK + (g * GS) % QK;
+    for (int lv = 0; lv < L; ++lv) {
+      if (lv == 1)
+        for (int r = 0; r < R; ++r) a[r][0] = _mm512_slli_epi32(a[r][0], 8), a[r][1] = _mm512_slli_epi32(a[r][1], 8);
+      for (int k4 = 0; k4 < GS / 4; ++k4) {
+        const __m512i w0 = _mm512_loadu_si512(wp + k4 * PR * 4), w1 = _mm512_loadu_si512(wp + k4 * PR * 4 + 64);
+        for (int r = 0; r < R; ++r) {
+          int32_t q4;
+          std::memcpy(&q4, xr[r] + xo + lv * QK + 4 * k4, 4);
+          const __m512i xb = _mm512_set1_epi32(q4);
+          a[r][0] = _mm512_dpbusd_epi32(a[r][0], w0, xb);
+          a[r][1] = _mm512_dpbusd_epi32(a[r][1], w1, xb);
+        }
+      }
+    }
+    const __m512 s0 = _mm512_loadu_ps(P.s.data() + g * PR), s1 = _mm512_loadu_ps(P.s.data() + g * PR + 16);
+    for (int r = 0; r < R; ++r) {
+      const int64_t gi = (r0 + r) * ngs + g;
+      const float dx = x.dx[gi];
+      const int32_t qs = x.qs[gi];
+      if constexpr (OFF != 0) {
+        const __m512i c = _mm512_set1_epi32(OFF * qs);  // exact: |OFF * sum| < 2^31
+        a[r][0] = _mm512_sub_epi32(a[r][0], c), a[r][1] = _mm512_sub_epi32(a[r][1], c);
+      }
+      const __m512 dv = _mm512_set1_ps(dx);
+      f[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r][0]), _mm512_mul_ps(s0, dv), f[r][0]);
+      f[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r][1]), _mm512_mul_ps(s1, dv), f[r][1]);
+      if constexpr (MINS) {
+        const __m512 xs = _mm512_set1_ps(dx * (float)qs);
+        f[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(P.m.data() + g * PR), xs, f[r][0]);
+        f[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(P.m.data() + g * PR + 16), xs, f[r][1]);
+      }
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    const int64_t o = o0 + 16 * h, n = std::clamp<int64_t>(N - o, 0, 16);
+    if (n == 0) break;
+    const __mmask16 mask = (__mmask16)((1u << n) - 1);
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + (r0 + r) * N + o, mask, f[r][h]);
+  }
+}
+
+constexpr int RT = 4;  // prompt rows per pass over a panel's group
+// prompt rows per sweep over a thread's panels: their activations stay in L2 (with two levels a
+// 2048-wide row is 4 KB) while every panel meets them; a 768 x 2048 product of 256 rows ran 1.2x
+// faster in sweeps of 64 than streaming all 256 past each panel
+constexpr int64_t MB = 64;
+
+template <class T, int L>
+void prompt_product(const uint8_t* w, int64_t row_bytes, int64_t N, const PromptX& x, float* out) {
+  constexpr int GS = group_size<T>(), OFF = offset_of<T>();
+  constexpr bool MINS = T::MG > 0;
+  const int64_t npanels = (N + PR - 1) / PR;
+  at::parallel_for(0, npanels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Panel> panels(end - begin);  // this thread's panels, each unpacked once
+    for (int64_t pi = begin; pi < end; ++pi) pack_panel<T>(w, row_bytes, N, x.K, pi * PR, panels[pi - begin]);
+    for (int64_t m0 = 0; m0 < x.M; m0 += MB) {
+      const int64_t m1 = std::min(x.M, m0 + MB);
+      for (int64_t pi = begin; pi < end; ++pi) {
+        const Panel& P = panels[pi - begin];
+        const int64_t o0 = pi * PR;
+        int64_t r0 = m0;
+        for (; r0 + RT <= m1; r0 += RT) panel_times<GS, L, RT, OFF, MINS>(P, x, r0, o0, N, out);
+        switch (m1 - r0) {
+          case 3: panel_times<GS, L, 3, OFF, MINS>(P, x, r0, o0, N, out); break;
+          case 2: panel_times<GS, L, 2, OFF, MINS>(P, x, r0, o0, N, out); break;
+          case 1: panel_times<GS, L, 1, OFF, MINS>(P, x, r0, o0, N, out); break;
+          default: break;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor gguf_prompt_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t K, int64_t levels) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
+              "gguf_prompt_linear: weights must be a contiguous uint8 (rows, row_bytes) CPU tensor");
+  TORCH_CHECK(K > 0 && block_row_bytes(type, K) == w.size(1), "gguf_prompt_linear: ", w.size(1),
+              " bytes per row do not hold ", K, " weights of type ", type);
+  TORCH_CHECK(levels == 1 || levels == 2, "gguf_prompt_linear: levels must be 1 or 2, got ", levels);
+  const auto x2d = flat_input(x);
+  TORCH_CHECK(x2d.size(1) == K, "gguf_prompt_linear: input width ", x2d.size(1), " but the weight takes ", K);
+  const int64_t M = x2d.size(0), N = w.size(0);
+  auto out = at::empty({M, N}, x2d.options());
+  const bool known = with_block_type(type, [&](auto t) {
+    using T = decltype(t);
+    PromptX px;
+    quantize_prompt(x2d.data_ptr<float>(), M, K, (int)levels, group_size<T>(), px);
+    if (levels == 2) prompt_product<T, 2>(w.data_ptr<uint8_t>(), w.size(1), N, px, out.data_ptr<float>());
+    else prompt_product<T, 1>(w.data_ptr<uint8_t>(), w.size(1), N, px, out.data_ptr<float>());
+  });
+  TORCH_CHECK(known, "gguf_prompt_linear: unknown block type ", type);
+  return reshape_output(out, x);
+}
+
+#else
+
+bool gguf_prompt_available() { return false; }
+
+at::Tensor gguf_prompt_linear(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t) {
+  TORCH_CHECK(false, "gguf_prompt_linear needs AVX-512 VNNI (gguf_prompt_available() is false here)");
+}
+
+#endif
+
+}  // namespace llamarun

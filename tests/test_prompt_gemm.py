@@ -126,3 +126,19 @@ def test_without_the_gemm_prompts_take_float32_tiles(monkeypatch):
     assert cpu_kernels.prompt_levels() == 0
     monkeypatch.setattr(cpu_kernels, "PROMPT", "float32")
     assert cpu_kernels.prompt_levels() == 0
+
+
+@gemm
+def test_describe_names_the_prompt_path(monkeypatch):
+    assert cpu_kernels.describe().endswith("; GGUF prompts: the integer GEMM, int16")
+    monkeypatch.setattr(cpu_kernels, "PROMPT", "int8")
+    assert cpu_kernels.describe().endswith("; GGUF prompts: the integer GEMM, int8")
+    monkeypatch.setattr(cpu_kernels, "PROMPT", "bfloat16")
+    assert cpu_kernels.describe().endswith("; GGUF prompts: bfloat16 tiles")
+
+
+@gemm
+def test_an_empty_prompt_gives_an_empty_product():
+    w = torch.from_numpy(random_blocks("Q4_0", OUT, 64, seed=1))
+    got = cpu_kernels.ops().gguf_prompt_linear(torch.empty(0, 64), w, TYPE_IDS["Q4_0"], 64, 2)
+    assert got.shape == (0, OUT)

@@ -8,7 +8,8 @@ VNNI), one pass over each weight row shared by every batch row, each output summ
 order whatever the batch (batch invariance). On CPUs with AMX (Intel Sapphire Rapids and later)
 per-channel int8 products of two or more rows can run on AMX tiles instead (`load(amx=True)`:
 activations quantized per row, so not batch-invariant), which makes a batch nearly as cheap as
-one row. GGUF block weights (packed.py) have their own kernels, matmul_gguf.cpp.
+one row. GGUF block weights (packed.py) have their own kernels: matmul_gguf.cpp for one token per
+row, gemm_gguf.cpp for a prompt's many (PROMPT).
 Threads: torch's intra-op pool.
 
 Also here: `Decoder`, the whole one-token decode step in C++ (used through cpu.py; at batch 1
@@ -128,7 +129,12 @@ def describe() -> str:
     if ops() is None:
         return f"torch fallback: {_state.get('reason', 'the C++ kernels are switched off')}"
     where = f", loaded from {_state['library']}" if isinstance(_state.get("library"), str) else ""
-    return f"C++ kernels from {CSRC} ({torch.ops.llamarun_cpu.isa()}){where}"
+    prompts = {2: "the integer GEMM, int16", 1: "the integer GEMM, int8"}.get(
+        prompt_levels(), f"{_tile_dtype()} tiles".replace("torch.", "")
+    )
+    return (
+        f"C++ kernels from {CSRC} ({torch.ops.llamarun_cpu.isa()}){where}; GGUF prompts: {prompts}"
+    )
 
 
 def linear_kinds() -> dict[str, int]:

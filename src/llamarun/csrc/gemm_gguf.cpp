@@ -251,6 +251,7 @@ at::Tensor gguf_prompt_linear(const at::Tensor& x, const at::Tensor& w, int64_t 
   TORCH_CHECK(x2d.size(1) == K, "gguf_prompt_linear: input width ", x2d.size(1), " but the weight takes ", K);
   const int64_t M = x2d.size(0), N = w.size(0);
   auto out = at::empty({M, N}, x2d.options());
+  if (M == 0) return reshape_output(out, x);
   const bool known = with_block_type(type, [&](auto t) {
     using T = decltype(t);
     PromptX px;

@@ -187,10 +187,14 @@ def _cpu_flags() -> list[str]:
 
 # How a prompt's tokens (more than one per row) meet GGUF block weights on the CPU:
 # - "int16" (the default): the 8-bit integer GEMM of csrc/gemm_gguf.cpp, activations in two int8
-#   levels per 32 (about 15 bits, the one-token kernels' precision): 2-2.4x MKL's float32 GEMM on
-#   dequantized tiles here (an AMD Zen 4: 256 x 768 by 768 x 2048 Q4_0 in 2.9 ms against 7.0).
-# - "int8": the same GEMM with one int8 level, as llama.cpp's Q8_0 / Q8_K activations: another
-#   1.7-2x faster, at 8 bits (perplexity moves; greedy answers may change).
+#   levels per 32 (about 15 bits, the one-token kernels' precision): a 256-token prefill ran
+#   1.6-2x faster than on float32 tiles (an AMD Zen 4, 2 threads: 110M-shape Q4_0 1112-1230
+#   tok/s against 617-657, SmolLM2 Q4_K_M 738 against 447). One product alone, its weights and
+#   tiles warm in L3, ran from even (2.9 against 3.0 ms for 256 x 768 by 768 x 2048 Q4_0) to
+#   2.4x; in a forward every tile is dequantized from fresh weights, which this GEMM never writes.
+# - "int8": the same GEMM with one int8 level, as llama.cpp's Q8_0 / Q8_K activations: prefill
+#   another 1.3-1.45x faster, at 8 bits (SmolLM2 Q4_1's perplexity +0.31%; greedy answers may
+#   change).
 # - "float32": float32 tiles dequantized by the kernels through torch's GEMM (tiled_linear), the
 #   float32 computation itself; also what runs where the GEMM is not built (no AVX-512 VNNI).
 # - "bfloat16": those tiles in bfloat16, met by bfloat16 activations: on CPUs with AMX-BF16 (Intel

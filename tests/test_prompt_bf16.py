@@ -107,6 +107,7 @@ def test_int8_prompts_keep_float32_tiles_under_bfloat16(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_TILES", type(cpu_kernels._TILES)())
     layer = layers()["int8"]
     x = torch.randn(1, 5, 256)
+    monkeypatch.setattr(cpu_kernels, "PROMPT", "float32")
     exact = layer(x)
 
     monkeypatch.setattr(cpu_kernels, "PROMPT", "bfloat16")

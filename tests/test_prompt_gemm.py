@@ -1,6 +1,6 @@
 """A prompt's tokens against GGUF block weights: the 8-bit integer GEMM (csrc/gemm_gguf.cpp,
 cpu_kernels.PROMPT int16 / int8) against gguf-py's dequantization and a float64 matmul, for every
-block type, prompt lengths around its row tiles and widths that are not whole panels; each
+block type and llamarun's own int8 / int4 layers, prompt lengths around its row tiles and widths that are not whole panels; each
 prompt row's result the same bit for bit alone and among others; and which path PackedLinear
 takes for which choice."""
 
@@ -16,6 +16,7 @@ from tiny import random_blocks  # noqa: E402
 from llamarun import cpu_kernels  # noqa: E402
 from llamarun.blocks import BLOCK_SIZES, BLOCK_TYPES, TYPE_IDS  # noqa: E402
 from llamarun.packed import PackedLinear  # noqa: E402
+from llamarun.quantize import Int4Linear, Int8Linear  # noqa: E402
 
 gemm = pytest.mark.skipif(
     cpu_kernels.ops() is None or not cpu_kernels._state.get("prompt_gemm"),
@@ -142,3 +143,41 @@ def test_an_empty_prompt_gives_an_empty_product():
     w = torch.from_numpy(random_blocks("Q4_0", OUT, 64, seed=1))
     got = cpu_kernels.ops().gguf_prompt_linear(torch.empty(0, 64), w, TYPE_IDS["Q4_0"], 64, 2)
     assert got.shape == (0, OUT)
+
+
+def own_layers(K: int) -> dict[str, torch.nn.Module]:
+    """llamarun's own int8 (per channel and per block of 32) and 4-bit layers of width K."""
+    g = torch.Generator().manual_seed(K)
+    w = torch.randn(OUT, K, generator=g)
+    per_block = Int8Linear(K, OUT, per_block=True)
+    per_block.weight = torch.randint(-127, 128, per_block.weight.shape, generator=g).to(torch.int8)
+    per_block.scales = torch.rand(per_block.scales.shape, generator=g) / 100
+    return {
+        "int8": Int8Linear.from_float(w),
+        "int8 per block": per_block,
+        "int4": Int4Linear.from_float(w),
+    }
+
+
+@gemm
+@pytest.mark.parametrize("K", [70, 256])  # 70: padded to 96 columns
+@pytest.mark.parametrize("kind", ["int8", "int8 per block", "int4"])
+def test_own_int8_and_int4_prompts_take_the_gemm(monkeypatch, K, kind):
+    layer = own_layers(K)[kind]
+    x = torch.randn(2, 9, K, generator=torch.Generator().manual_seed(1))
+    expected = x.double() @ layer.dequantize()[:, :K].double().T
+
+    monkeypatch.setattr(cpu_kernels, "PROMPT", "float32")
+    tiles = layer(x)
+    monkeypatch.setattr(cpu_kernels, "PROMPT", "int16")
+    two = layer(x)
+    monkeypatch.setattr(cpu_kernels, "PROMPT", "int8")
+    one = layer(x)
+
+    assert rel(tiles, expected) < 1e-6
+    assert 1e-7 < rel(two, expected) < 1e-4
+    assert 1e-3 < rel(one, expected) < 2e-2
+    monkeypatch.setattr(cpu_kernels, "PROMPT", "int16")  # each row alone, in prompts of 2
+    for b in range(2):
+        for t in (0, 7):
+            assert torch.equal(layer(x[b : b + 1, t : t + 2]), two[b : b + 1, t : t + 2])

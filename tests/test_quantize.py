@@ -289,6 +289,7 @@ def test_a_stale_kernel_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
 def test_a_prompts_tokens_multiply_dequantized_tiles_of_the_quantized_weight(monkeypatch, mode):
     if cpu_kernels.ops() is None:
         pytest.skip("no CPU kernels on this machine (needs x86 AVX2 and a C++ compiler)")
+    monkeypatch.setattr(cpu_kernels, "PROMPT", "float32")  # (the integer GEMM: test_prompt_gemm.py)
     monkeypatch.setattr(
         cpu_kernels, "TILE_BYTES", 4 * 96 * 7
     )  # 7 rows a tile: 6 tiles, the last of 2

@@ -203,8 +203,9 @@ def _cpu_flags() -> list[str]:
 #   with AVX512-BF16 (an AMD Zen 4) 2.3-3.2x (346-352 GFLOP/s against 107-151). Rounds the
 #   activations and the products' outputs to 8 bits of mantissa: perplexity barely moves
 #   (SmolLM2 Q4_K_M on benchmarks/text.txt, ctx 256: 9.6614 against float32's 9.6740), but greedy
-#   answers are no longer the float32 computation's token for token. llamarun's own int8/int4
-#   layers take float32 or bfloat16 tiles (int16 and int8 mean float32 tiles for them).
+#   answers are no longer the float32 computation's token for token (llamarun's own int8 layers
+#   keep float32 tiles under it).
+# llamarun's own int8/int4 layers (--quantize) take the same GEMM for int16 and int8.
 # One token per row keeps the one-token kernels whatever this is.
 PROMPT = _prompt_choice()
 
@@ -303,6 +304,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake("llamarun_cpu::gguf_prompt_linear")
     def _(x, w, qtype, in_features, levels):
         return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    @torch.library.register_fake("llamarun_cpu::int8_prompt_linear")
+    def _(x, w, sw, levels):
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    @torch.library.register_fake("llamarun_cpu::q4_prompt_linear")
+    def _(x, qs, d, m, levels):
+        return x.new_empty((*x.shape[:-1], qs.shape[0]))
 
     @torch.library.register_fake("llamarun_cpu::gguf_rows")
     def _(w, qtype, width, ids):

@@ -54,10 +54,16 @@ def quantized_bytes(
 
 
 def _prompt(x: torch.Tensor) -> bool:
-    """A prompt's tokens (B, T > 1, C) in float32: they multiply dequantized float32 tiles on the
-    CPU (cpu_kernels.tiled_linear), at the GEMM's speed and with no activation rounding; one
-    token per row, however many rows, takes the integer kernels (batch invariance)."""
+    """A prompt's tokens (B, T > 1, C) in float32: on the CPU they meet the integer prompt GEMM
+    (csrc/gemm_gguf.cpp, where cpu_kernels.prompt_levels() says so), else dequantized float32
+    tiles (cpu_kernels.tiled_linear) at torch's GEMM's speed and with no activation rounding; one
+    token per row, however many rows, takes the one-token integer kernels (batch invariance)."""
     return x.dim() == 3 and x.shape[1] > 1 and x.dtype == torch.float32
+
+
+def _records(x: torch.Tensor) -> bool:
+    """Whether autograd records a product with x (the integer GEMM has no backward)."""
+    return x.requires_grad and torch.is_grad_enabled()
 
 
 def _cpu_ops(x: torch.Tensor):
@@ -118,6 +124,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = _cpu_ops(x)
+        levels = cpu_kernels.prompt_levels() if ops is not None else 0
+        if levels and _prompt(x) and not self.amx and not _records(x):
+            return ops.int8_prompt_linear(x, self.weight, self.scales, levels)
         if ops is not None and _prompt(x) and not self.amx:
             # float32 tiles even where prompts may take bfloat16 ones: torch.mul writing bfloat16
             # made 110M-shape int8 prompts slower (716 -> 585 tok/s) instead of faster
@@ -213,6 +222,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = _cpu_ops(x)
+        levels = cpu_kernels.prompt_levels() if ops is not None else 0
+        if levels and _prompt(x) and not _records(x):
+            return ops.q4_prompt_linear(x, self.qs, self.d, self.m, levels)
         if ops is not None and _prompt(x):
             fill = partial(ops.q4_rows_into, self.qs, self.d, self.m)
             return cpu_kernels.tiled_linear(

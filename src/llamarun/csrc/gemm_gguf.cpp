@@ -19,6 +19,8 @@
 #include "matmul_gguf.h"
 #include "ops.h"
 
+#include <ATen/ops/constant_pad_nd.h>
+
 #include <type_traits>
 
 namespace llamarun {
@@ -123,22 +125,30 @@ inline void scatter(Panel& P, int64_t g32, int p, __m256i u) {
   }
 }
 
-template <class T>
-void pack_panel(const uint8_t* w, int64_t row_bytes, int64_t N, int64_t K, int64_t o0, Panel& P) {
-  constexpr int GS = group_size<T>();
-  const int64_t ngs = K / GS, nblk = K / T::QK;
+// panel P for weight rows o0 .. o0 + 31: row(o, p) writes weight row o < N into its row p (its
+// bytes through scatter, P.s and P.m); the rows past N stay zero
+template <int GS, class Row>
+void pack_panel(int64_t N, int64_t K, int64_t o0, Panel& P, Row&& row) {
+  const int64_t ngs = K / GS;
   P.u.assign(ngs * GS * PR, 0), P.s.assign(ngs * PR, 0.f), P.m.assign(ngs * PR, 0.f);
-  for (int p = 0; p < PR && o0 + p < N; ++p) {
-    const uint8_t* row = w + (o0 + p) * row_bytes;
-    for (int64_t b = 0; b < nblk; ++b) {
+  for (int p = 0; p < PR && o0 + p < N; ++p) row(o0 + p, p, P);
+}
+
+// the row writer of a GGUF matrix of type T
+template <class T>
+auto gguf_row(const uint8_t* w, int64_t row_bytes, int64_t K) {
+  return [=](int64_t o, int p, Panel& P) {
+    constexpr int GS = group_size<T>();
+    const uint8_t* row = w + o * row_bytes;
+    for (int64_t b = 0; b < K / T::QK; ++b) {
       float scale[16] = {0}, m[16] = {0};
       const int64_t g0 = b * (T::QK / QK);  // the block's first group of 32
       T::unpack(row + b * T::BYTES, scale, m, [&](int g, const auto& wv) {
         if constexpr (bytes8<T>()) {
           scatter<GS>(P, g0 + g, p, wv);
         } else {
-          const __m256i o = _mm256_set1_epi16(w32_offset<T>());
-          const __m256i packed = _mm256_packus_epi16(_mm256_add_epi16(wv.lo, o), _mm256_add_epi16(wv.hi, o));
+          const __m256i off = _mm256_set1_epi16(w32_offset<T>());
+          const __m256i packed = _mm256_packus_epi16(_mm256_add_epi16(wv.lo, off), _mm256_add_epi16(wv.hi, off));
           scatter<GS>(P, g0 + g, p, _mm256_permute4x64_epi64(packed, 0xD8));  // undo the lane interleave
         }
       });
@@ -149,7 +159,7 @@ void pack_panel(const uint8_t* w, int64_t row_bytes, int64_t N, int64_t K, int64
         if constexpr (T::MG > 0) P.m[gs * PR + p] = m[i * GS / T::MG];
       }
     }
-  }
+  };
 }
 
 // prompt rows r0 .. r0 + R - 1 against panel P (weight rows o0 ..): out (M, N)
@@ -213,14 +223,12 @@ constexpr int RT = 4;  // prompt rows per pass over a panel's group
 // faster in sweeps of 64 than streaming all 256 past each panel
 constexpr int64_t MB = 64;
 
-template <class T, int L>
-void prompt_product(const uint8_t* w, int64_t row_bytes, int64_t N, const PromptX& x, float* out) {
-  constexpr int GS = group_size<T>(), OFF = offset_of<T>();
-  constexpr bool MINS = T::MG > 0;
+template <int GS, int L, int OFF, bool MINS, class Row>
+void prompt_product(int64_t N, const PromptX& x, float* out, const Row& row) {
   const int64_t npanels = (N + PR - 1) / PR;
   at::parallel_for(0, npanels, 1, [&](int64_t begin, int64_t end) {
     std::vector<Panel> panels(end - begin);  // this thread's panels, each unpacked once
-    for (int64_t pi = begin; pi < end; ++pi) pack_panel<T>(w, row_bytes, N, x.K, pi * PR, panels[pi - begin]);
+    for (int64_t pi = begin; pi < end; ++pi) pack_panel<GS>(N, x.K, pi * PR, panels[pi - begin], row);
     for (int64_t m0 = 0; m0 < x.M; m0 += MB) {
       const int64_t m1 = std::min(x.M, m0 + MB);
       for (int64_t pi = begin; pi < end; ++pi) {
@@ -239,6 +247,23 @@ void prompt_product(const uint8_t* w, int64_t row_bytes, int64_t N, const Prompt
   });
 }
 
+// out (M, N) = x (M, K: zero-padded to Kp) times the N weight rows row() writes, in `levels`
+template <int GS, int OFF, bool MINS, class Row>
+at::Tensor prompt_linear(const at::Tensor& x, int64_t Kp, int64_t N, int64_t levels, const char* op, const Row& row) {
+  TORCH_CHECK(levels == 1 || levels == 2, op, ": levels must be 1 or 2, got ", levels);
+  auto x2d = flat_input(x);
+  TORCH_CHECK(x2d.size(1) <= Kp && Kp % QK == 0, op, ": input width ", x2d.size(1), " but the weight takes ", Kp);
+  if (x2d.size(1) < Kp) x2d = at::constant_pad_nd(x2d, {0, Kp - x2d.size(1)});
+  const int64_t M = x2d.size(0);
+  auto out = at::empty({M, N}, x2d.options());
+  if (M == 0) return reshape_output(out, x);
+  PromptX px;
+  quantize_prompt(x2d.data_ptr<float>(), M, Kp, (int)levels, GS, px);
+  if (levels == 2) prompt_product<GS, 2, OFF, MINS>(N, px, out.data_ptr<float>(), row);
+  else prompt_product<GS, 1, OFF, MINS>(N, px, out.data_ptr<float>(), row);
+  return reshape_output(out, x);
+}
+
 }  // namespace
 
 at::Tensor gguf_prompt_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t K, int64_t levels) {
@@ -246,21 +271,59 @@ at::Tensor gguf_prompt_linear(const at::Tensor& x, const at::Tensor& w, int64_t 
               "gguf_prompt_linear: weights must be a contiguous uint8 (rows, row_bytes) CPU tensor");
   TORCH_CHECK(K > 0 && block_row_bytes(type, K) == w.size(1), "gguf_prompt_linear: ", w.size(1),
               " bytes per row do not hold ", K, " weights of type ", type);
-  TORCH_CHECK(levels == 1 || levels == 2, "gguf_prompt_linear: levels must be 1 or 2, got ", levels);
-  const auto x2d = flat_input(x);
-  TORCH_CHECK(x2d.size(1) == K, "gguf_prompt_linear: input width ", x2d.size(1), " but the weight takes ", K);
-  const int64_t M = x2d.size(0), N = w.size(0);
-  auto out = at::empty({M, N}, x2d.options());
-  if (M == 0) return reshape_output(out, x);
+  TORCH_CHECK(x.size(-1) == K, "gguf_prompt_linear: input width ", x.size(-1), " but the weight takes ", K);
+  at::Tensor out;
   const bool known = with_block_type(type, [&](auto t) {
     using T = decltype(t);
-    PromptX px;
-    quantize_prompt(x2d.data_ptr<float>(), M, K, (int)levels, group_size<T>(), px);
-    if (levels == 2) prompt_product<T, 2>(w.data_ptr<uint8_t>(), w.size(1), N, px, out.data_ptr<float>());
-    else prompt_product<T, 1>(w.data_ptr<uint8_t>(), w.size(1), N, px, out.data_ptr<float>());
+    out = prompt_linear<group_size<T>(), offset_of<T>(), (T::MG > 0)>(
+        x, K, w.size(0), levels, "gguf_prompt_linear", gguf_row<T>(w.data_ptr<uint8_t>(), w.size(1), K));
   });
   TORCH_CHECK(known, "gguf_prompt_linear: unknown block type ", type);
-  return reshape_output(out, x);
+  return out;
+}
+
+// llamarun's own int8 layers (quantize.py Int8Linear): w (N, Kp) int8, sw (N, 1 | Kp/32) float
+// scales; the bytes are w + 128, the offset leaving through the activations' sums
+at::Tensor int8_prompt_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw, int64_t levels) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous() &&
+                  w.size(1) % QK == 0,
+              "int8_prompt_linear: weights must be a contiguous int8 (rows, width padded to 32) CPU tensor");
+  const int64_t N = w.size(0), Kp = w.size(1), G = sw.size(-1);
+  TORCH_CHECK(sw.scalar_type() == at::kFloat && sw.is_contiguous() && sw.numel() == N * G && (G == 1 || G == Kp / QK),
+              "int8_prompt_linear: scales must be float32 (rows, 1) or (rows, width / 32)");
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = sw.data_ptr<float>();
+  auto row = [=](int64_t o, int p, Panel& P) {
+    for (int64_t g = 0; g < Kp / QK; ++g) {
+      const __m256i q = _mm256_loadu_si256((const __m256i*)(wp + o * Kp + g * QK));
+      scatter<32>(P, g, p, _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80)));  // q + 128 as bytes
+      P.s[g * PR + p] = sp[o * G + (G == 1 ? 0 : g)];
+    }
+  };
+  return prompt_linear<32, 128, false>(x, Kp, N, levels, "int8_prompt_linear", row);
+}
+
+// llamarun's own 4-bit layers (quantize.py Int4Linear): qs (N, Kp/2) nibbles in GGUF Q4 order,
+// w = d * q + m per group of 32 with d, m (N, Kp/32) float16
+at::Tensor q4_prompt_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m,
+                            int64_t levels) {
+  TORCH_CHECK(qs.device().is_cpu() && qs.dim() == 2 && qs.scalar_type() == at::kByte && qs.is_contiguous() &&
+                  qs.size(1) % (QK / 2) == 0,
+              "q4_prompt_linear: qs must be a contiguous uint8 (rows, width / 2) CPU tensor");
+  const int64_t N = qs.size(0), Kp = 2 * qs.size(1), nb = Kp / QK;
+  for (const at::Tensor* t : {&d, &m})
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == N * nb,
+                "q4_prompt_linear: d and m must be float16 (rows, width / 32)");
+  const uint8_t* qp = qs.data_ptr<uint8_t>();
+  const at::Half *dp = d.data_ptr<at::Half>(), *mp = m.data_ptr<at::Half>();
+  auto row = [=](int64_t o, int p, Panel& P) {
+    for (int64_t g = 0; g < nb; ++g) {
+      const Nibbles q = nibbles(qp + o * (Kp / 2) + g * 16);  // elements 0..15, 16..31
+      scatter<32>(P, g, p, _mm256_set_m128i(q.hi, q.lo));
+      P.s[g * PR + p] = (float)dp[o * nb + g], P.m[g * PR + p] = (float)mp[o * nb + g];
+    }
+  };
+  return prompt_linear<32, 0, true>(x, Kp, N, levels, "q4_prompt_linear", row);
 }
 
 #else
@@ -269,6 +332,12 @@ bool gguf_prompt_available() { return false; }
 
 at::Tensor gguf_prompt_linear(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t) {
   TORCH_CHECK(false, "gguf_prompt_linear needs AVX-512 VNNI (gguf_prompt_available() is false here)");
+}
+at::Tensor int8_prompt_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t) {
+  TORCH_CHECK(false, "int8_prompt_linear needs AVX-512 VNNI (gguf_prompt_available() is false here)");
+}
+at::Tensor q4_prompt_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t) {
+  TORCH_CHECK(false, "q4_prompt_linear needs AVX-512 VNNI (gguf_prompt_available() is false here)");
 }
 
 #endif

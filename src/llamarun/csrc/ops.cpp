@@ -43,6 +43,8 @@ TORCH_LIBRARY(llamarun_cpu, lib) {
   lib.def("gguf_rows(Tensor w, int type, int K, Tensor ids) -> Tensor");
   lib.def("gguf_rows_into(Tensor w, int type, int K, int start, Tensor(a!) out) -> ()");
   lib.def("gguf_prompt_linear(Tensor x, Tensor w, int type, int K, int levels) -> Tensor");
+  lib.def("int8_prompt_linear(Tensor x, Tensor w, Tensor sw, int levels) -> Tensor");
+  lib.def("q4_prompt_linear(Tensor x, Tensor qs, Tensor d, Tensor m, int levels) -> Tensor");
   lib.def("gguf_prompt_available() -> bool", &llamarun::gguf_prompt_available);
   lib.def("argmax_rows(Tensor logits) -> Tensor");
   lib.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
@@ -61,6 +63,8 @@ TORCH_LIBRARY_IMPL(llamarun_cpu, CPU, lib) {
   lib.impl("gguf_rows", &llamarun::gguf_rows);
   lib.impl("gguf_rows_into", &llamarun::gguf_rows_into);
   lib.impl("gguf_prompt_linear", &llamarun::gguf_prompt_linear);
+  lib.impl("int8_prompt_linear", &llamarun::int8_prompt_linear);
+  lib.impl("q4_prompt_linear", &llamarun::q4_prompt_linear);
   lib.impl("argmax_rows", &llamarun::argmax_rows);
   lib.impl("silu_mul", &llamarun::silu_mul_rows);
 }

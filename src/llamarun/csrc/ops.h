@@ -29,6 +29,10 @@ void gguf_rows_into(const at::Tensor& w, int64_t type, int64_t K, int64_t start,
 // (1 or 2) int8 levels; only where gguf_prompt_available() (AVX-512 VNNI)
 at::Tensor gguf_prompt_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t K, int64_t levels);
 bool gguf_prompt_available();
+// the same GEMM for llamarun's own int8 (quantize.py Int8Linear) and 4-bit (Int4Linear) layers
+at::Tensor int8_prompt_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw, int64_t levels);
+at::Tensor q4_prompt_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m,
+                            int64_t levels);
 // argmax.cpp
 at::Tensor argmax_rows(const at::Tensor& logits);
 // decoder.cpp: silu(gate) * up row by row (the eager forward's SwiGLU; torch's element-wise loops

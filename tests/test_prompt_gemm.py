@@ -181,3 +181,15 @@ def test_own_int8_and_int4_prompts_take_the_gemm(monkeypatch, K, kind):
     for b in range(2):
         for t in (0, 7):
             assert torch.equal(layer(x[b : b + 1, t : t + 2]), two[b : b + 1, t : t + 2])
+
+
+@gemm
+def test_prompt_levels_refuse_inputs_the_gemm_cannot_take(monkeypatch):
+    x = torch.randn(1, 4, 64)
+    assert cpu_kernels.prompt_levels(x) == 2
+    assert cpu_kernels.prompt_levels(x.bfloat16()) == 0
+    assert cpu_kernels.prompt_levels(x.requires_grad_(True)) == 0  # no backward
+    with torch.no_grad():
+        assert cpu_kernels.prompt_levels(x) == 2
+    monkeypatch.setattr(cpu_kernels, "PROMPT", "int8")
+    assert cpu_kernels.prompt_levels(x.detach()) == 1

@@ -210,10 +210,18 @@ def _cpu_flags() -> list[str]:
 PROMPT = _prompt_choice()
 
 
-def prompt_levels() -> int:
-    """The int8 levels of a GGUF prompt's activations in the integer GEMM (2 for PROMPT int16, 1
-    for int8), or 0 where prompts take dequantized tiles (tiled_linear)."""
+def prompt_levels(x: torch.Tensor | None = None) -> int:
+    """The int8 levels of a prompt's activations in the integer GEMM (2 for PROMPT int16, 1 for
+    int8), or 0 where prompts take dequantized tiles (tiled_linear): PROMPT float32 or bfloat16,
+    no GEMM built here, or an input x that is not float32 on the CPU or that autograd records
+    (the GEMM has no backward)."""
     if PROMPT not in ("int16", "int8") or ops() is None or not _state.get("prompt_gemm"):
+        return 0
+    if x is not None and (
+        x.dtype != torch.float32
+        or x.device.type != "cpu"
+        or (x.requires_grad and torch.is_grad_enabled())
+    ):
         return 0
     return 2 if PROMPT == "int16" else 1
 

@@ -8,8 +8,9 @@ many rows (csrc/matmul_gguf.cpp: 16-bit activations, or two 8-bit levels for Q2_
 Q6_K, one reduction order for every batch size);
 a prompt's tokens meet panels of 32 weight rows unpacked once into bytes, in an 8-bit integer
 GEMM (csrc/gemm_gguf.cpp, AVX-512 VNNI; cpu_kernels.PROMPT), and everything else (no VNNI, no
-kernels, autograd, PROMPT float32 or bfloat16) multiplies float32 tiles of cpu_kernels.TILE_BYTES
-of rows dequantized at a time (by the kernels, or blocks.py's torch reference). An embedding dequantizes only the rows it looks up; a classifier tied to it reads
+kernels, autograd, PROMPT float32 or bfloat16) multiplies float32 tiles of
+cpu_kernels.TILE_BYTES of rows dequantized at a time (by the kernels, or blocks.py's torch
+reference). An embedding dequantizes only the rows it looks up; a classifier tied to it reads
 the same bytes.
 """
 
@@ -92,9 +93,8 @@ class PackedLinear(nn.Module):
         # the one-token kernel (batch invariance): which path runs depends on the prompt's
         # length, never on the batch beside it.
         K = self.in_features
-        levels = cpu_kernels.prompt_levels() if ops is not None else 0
-        grad = x.requires_grad and torch.is_grad_enabled()
-        if levels and x.dtype == torch.float32 and not grad:
+        levels = cpu_kernels.prompt_levels(x) if ops is not None else 0
+        if levels:
             return ops.gguf_prompt_linear(x, self.data, TYPE_IDS[self.qtype], K, levels)
         if ops is not None and x.dtype == torch.float32:
             fill = partial(ops.gguf_rows_into, self.data, TYPE_IDS[self.qtype], K)

@@ -61,11 +61,6 @@ def _prompt(x: torch.Tensor) -> bool:
     return x.dim() == 3 and x.shape[1] > 1 and x.dtype == torch.float32
 
 
-def _records(x: torch.Tensor) -> bool:
-    """Whether autograd records a product with x (the integer GEMM has no backward)."""
-    return x.requires_grad and torch.is_grad_enabled()
-
-
 def _cpu_ops(x: torch.Tensor):
     return cpu_kernels.ops() if x.device.type == "cpu" else None
 
@@ -124,8 +119,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = _cpu_ops(x)
-        levels = cpu_kernels.prompt_levels() if ops is not None else 0
-        if levels and _prompt(x) and not self.amx and not _records(x):
+        levels = cpu_kernels.prompt_levels(x) if ops is not None else 0
+        if levels and _prompt(x) and not self.amx:
             return ops.int8_prompt_linear(x, self.weight, self.scales, levels)
         if ops is not None and _prompt(x) and not self.amx:
             # float32 tiles even where prompts may take bfloat16 ones: torch.mul writing bfloat16
@@ -222,8 +217,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = _cpu_ops(x)
-        levels = cpu_kernels.prompt_levels() if ops is not None else 0
-        if levels and _prompt(x) and not _records(x):
+        levels = cpu_kernels.prompt_levels(x) if ops is not None else 0
+        if levels and _prompt(x):
             return ops.q4_prompt_linear(x, self.qs, self.d, self.m, levels)
         if ops is not None and _prompt(x):
             fill = partial(ops.q4_rows_into, self.qs, self.d, self.m)

@@ -18,6 +18,7 @@
 #include "gguf_blocks.h"
 #include "matmul_gguf.h"
 #include "ops.h"
+#include "quantize_act.h"
 
 #include <ATen/ops/constant_pad_nd.h>
 
@@ -33,54 +34,37 @@ namespace {
 
 constexpr int PR = 32;  // weight rows per panel: two zmm of int32 lanes
 
-// the activations of a prompt for groups of GS: xq (M, K/32, L*32) int8, each 32 as its levels;
-// dx (M, K/GS) the scale of each GS (its 32's), qs (M, K/GS) int32 sum of the (combined) q
+// the activations of a prompt for groups of GS, quantized by quantize_rows (quantize_act.h: two
+// int8 levels per 32, x ~ (d1 / 256) (256 q1 + q2)), of which L levels are used: xq (M, K/32, 64)
+// q1 then q2 of each 32; dx (M, K/GS) the scale of each GS (its 32's: d1 for one level, d1 / 256
+// for two), qs (M, K/GS) the int32 sum of its q1 (one level) or of its 256 q1 + q2 (two)
 struct PromptX {
   std::vector<int8_t> xq;
   std::vector<float> dx;
   std::vector<int32_t> qs;
-  int64_t M = 0, K = 0, L = 1, GS = 32;
-  const int8_t* at(int64_t r, int64_t k) const { return xq.data() + (r * (K / QK) + k / QK) * L * QK + k % QK; }
+  int64_t M = 0, K = 0, L = 1;
+  const int8_t* at(int64_t r, int64_t k) const { return xq.data() + (r * (K / QK) + k / QK) * 2 * QK + k % QK; }
 };
 
+inline int32_t sum16(const int8_t* q) { return _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q))); }
+
 void quantize_prompt(const float* x, int64_t M, int64_t K, int L, int GS, PromptX& p) {
-  p.M = M, p.K = K, p.L = L, p.GS = GS;
+  p.M = M, p.K = K, p.L = L;
   const int64_t ng = K / QK;
-  p.xq.resize(M * ng * L * QK), p.dx.resize(M * K / GS), p.qs.resize(M * K / GS);
+  std::vector<float> d(M * ng);
+  p.xq.resize(M * ng * 2 * QK), p.dx.resize(M * K / GS), p.qs.resize(M * K / GS);
+  quantize_rows(x, M, K, K, p.xq.data(), d.data(), nullptr, nullptr);
   parallel_rows(M * ng, [&](int64_t begin, int64_t end) {
-    constexpr int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    for (int64_t i = begin; i < end; ++i) {
-      const float* src = x + i * QK;  // group i % ng of row i / ng
-      const __m512 v0 = _mm512_loadu_ps(src), v1 = _mm512_loadu_ps(src + 16);
-      const float amax = std::max(_mm512_reduce_max_ps(_mm512_abs_ps(v0)), _mm512_reduce_max_ps(_mm512_abs_ps(v1)));
-      const float d1 = amax / 127.f, id1 = d1 ? 1.f / d1 : 0.f;
-      int8_t* dst = p.xq.data() + i * L * QK;
-      const __m512 q1[2] = {_mm512_roundscale_ps(_mm512_mul_ps(v0, _mm512_set1_ps(id1)), round),
-                            _mm512_roundscale_ps(_mm512_mul_ps(v1, _mm512_set1_ps(id1)), round)};
+    for (int64_t i = begin; i < end; ++i) {  // group i % ng of row i / ng
+      const int8_t* q = p.xq.data() + i * 2 * QK;
       int32_t sums[2];
-      for (int h = 0; h < 2; ++h) {
-        const __m512i a = _mm512_cvtps_epi32(q1[h]);
-        _mm_storeu_si128((__m128i*)(dst + 16 * h), _mm512_cvtsepi32_epi8(a));
-        sums[h] = _mm512_reduce_add_epi32(a);
-      }
-      float d = d1;
-      if (L == 2) {  // q2 quantizes what q1 leaves: x ~ (d1 / 256) (256 q1 + q2)
-        const __m512 v[2] = {v0, v1};
-        for (int h = 0; h < 2; ++h) {
-          const __m512 r = _mm512_sub_ps(v[h], _mm512_mul_ps(q1[h], _mm512_set1_ps(d1)));
-          __m512 q2 = _mm512_roundscale_ps(_mm512_mul_ps(r, _mm512_set1_ps(id1 * 256.f)), round);
-          q2 = _mm512_min_ps(_mm512_max_ps(q2, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f));
-          const __m512i b = _mm512_cvtps_epi32(q2);
-          _mm_storeu_si128((__m128i*)(dst + QK + 16 * h), _mm512_cvtsepi32_epi8(b));
-          sums[h] = 256 * sums[h] + _mm512_reduce_add_epi32(b);
-        }
-        d = d1 / 256.f;
-      }
+      for (int h = 0; h < 2; ++h) sums[h] = L == 2 ? 256 * sum16(q + 16 * h) + sum16(q + QK + 16 * h) : sum16(q + 16 * h);
+      const float dg = L == 2 ? d[i] : 256.f * d[i];  // exact: a power of 2
       const int64_t r = i / ng, g = i % ng;
       if (GS == 16) {
-        for (int h = 0; h < 2; ++h) p.dx[r * (K / 16) + 2 * g + h] = d, p.qs[r * (K / 16) + 2 * g + h] = sums[h];
+        for (int h = 0; h < 2; ++h) p.dx[r * (K / 16) + 2 * g + h] = dg, p.qs[r * (K / 16) + 2 * g + h] = sums[h];
       } else {
-        p.dx[r * ng + g] = d, p.qs[r * ng + g] = sums[0] + sums[1];
+        p.dx[r * ng + g] = dg, p.qs[r * ng + g] = sums[0] + sums[1];
       }
     }
   });
@@ -199,7 +183,7 @@ void panel_times(const Panel& P, const PromptX& x, int64_t r0, int64_t o0, int64
     for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_si512();
     const uint8_t* wp = P.u.data() + g * (GS / 4) * PR * 4;
     // the group's first activation byte within its 32 (of level 0)
-    const int64_t xo = (g * GS / QK) * L * QK + (g * GS) % QK;
+    const int64_t xo = (g * GS / QK) * 2 * QK + (g * GS) % QK;
     for (int lv = 0; lv < L; ++lv) {
       if (lv == 1)
         for (int r = 0; r < R; ++r) a[r][0] = _mm512_slli_epi32(a[r][0], 8), a[r][1] = _mm512_slli_epi32(a[r][1], 8);

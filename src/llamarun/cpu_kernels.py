@@ -253,8 +253,8 @@ def tiled_linear(
     bf16_fill: bool = True,
 ) -> torch.Tensor:
     """x @ W.T for a quantized W of `rows` rows of `width` (stored, padded) columns, through
-    torch's GEMM in float32, or bfloat16 where PROMPT asks for it and no autograd records: fill(start, tile) dequantizes
-    rows start.. into tile (n, width) of that dtype, a view of this thread's one buffer, and each
+    torch's GEMM in float32, or bfloat16 where PROMPT asks for it and no autograd records:
+    fill(start, tile) dequantizes rows start.. into tile (n, width) of that dtype, a view of this thread's one buffer, and each
     tile is multiplied before the next overwrites it. A prompt's many tokens run at the GEMM's
     speed this way (1.5x the int8-activation kernels on 128 rows on an AMD EPYC); a fresh tile per
     product came from new pages, whose faults cost as much as the dequantization. bf16_fill=False:

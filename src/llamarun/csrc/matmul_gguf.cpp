@@ -2,9 +2,9 @@
 // unpacked blocks (gguf_blocks.h) with it (with two 8-bit levels, X8, for the byte-form types:
 // row_times8), and the gguf_linear / gguf_rows / gguf_rows_into ops.
 //
-// One arithmetic for every batch size: each output (weight row o, activation row j) keeps one
-// 8-lane accumulator and adds float(W . X) * (s * dx) for each group of 32 in K order, then
-// its minimums' term. Up to 8 activation rows at a time meet a weight row unpacked in registers
+// One arithmetic for every batch size: each output (weight row o, activation row j) keeps two
+// 8-lane accumulators, even and odd groups of 32, adds float(W . X) * (s * dx) for each group in
+// K order into its parity's, then sums the two and adds its minimums' term. Up to 8 activation rows at a time meet a weight row unpacked in registers
 // (rows_fused): the same additions in the same order for every row, so a row's result is
 // bitwise the same alone, in a batch, or anywhere in it. (Two weight rows unpacked into int16
 // buffers for a 2x2 register tile, the earlier path for more than 4 rows, ran at 1/2.2 the speed
@@ -113,7 +113,11 @@ constexpr int64_t mins_per_block() {
 }
 
 // NB <= 8 activation rows j0 .. j0 + NB - 1 against weight row `row`, unpacked in registers and met
-// by all NB rows at once: NB accumulators, one weight vector load per group for all of them
+// by all NB rows at once: NB accumulators, one weight vector load per group for all of them.
+// Each row keeps two accumulators, even groups into one and odd into the other, added at the end:
+// with one, every group's multiply-add waited on the previous one's (4 cycles of latency for 32
+// weights), which bounded a one-row product, decode, at half the speed of its instructions.
+// Two for every NB, so a row's arithmetic stays the same in any batch.
 template <class T, int NB>
 inline void row_times(const uint8_t* row, const X16& x, int64_t j0, float* m, float* out, int64_t ld) {
   constexpr int G = T::QK / QK;
@@ -121,21 +125,27 @@ inline void row_times(const uint8_t* row, const X16& x, int64_t j0, float* m, fl
   const int16_t* X[NB];  // row j's group gi at X[j] + gi * QK, its dx at D[j][gi]
   const float* D[NB];
   for (int j = 0; j < NB; ++j) X[j] = x.at(j0 + j, 0), D[j] = x.dx_at(j0 + j, 0);
-  __m256 acc[NB];
-  for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nblk; ++b) {
+  __m256 acc[2][NB];
+  for (int j = 0; j < NB; ++j) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
+  // block b's groups into acc[(b * G + g) % 2]: P, the parity of b * G, is known where it is called
+  auto block = [&]<int P>(int64_t b) {
     float scale[G];
     T::unpack(row + b * T::BYTES, scale, m + b * mins_per_block<T>(), [&](int g, const W32& wv) {
       const int64_t gi = b * G + g;
       // scale * dx in all lanes: the group's scale broadcast once, each row's dx broadcast from
       // memory (a load, not a shuffle), the same product as the scalar one
       const __m256 sv = _mm256_set1_ps(scale[g]);
+      __m256* a = acc[(P + g) % 2];
       for (int j = 0; j < NB; ++j)
-        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(wv, X[j] + gi * QK)),
-                                 _mm256_mul_ps(sv, _mm256_broadcast_ss(D[j] + gi)), acc[j]);
+        a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(wv, X[j] + gi * QK)),
+                               _mm256_mul_ps(sv, _mm256_broadcast_ss(D[j] + gi)), a[j]);
     });
-  }
-  for (int j = 0; j < NB; ++j) out[(j0 + j) * ld] = finish<T>(acc[j], m, x, j0 + j);
+  };
+  int64_t b = 0;
+  if constexpr (G % 2 == 1)
+    for (; b + 2 <= nblk; b += 2) block.template operator()<0>(b), block.template operator()<1>(b + 1);
+  for (; b < nblk; ++b) block.template operator()<0>(b);
+  for (int j = 0; j < NB; ++j) out[(j0 + j) * ld] = finish<T>(_mm256_add_ps(acc[0][j], acc[1][j]), m, x, j0 + j);
 }
 
 // ---- the byte-form types (BYTES8) against X8. Their minimums' term per 16 (S16) or 32 weights:
@@ -175,18 +185,19 @@ inline void row_times8(const uint8_t* row, const X8& x, int64_t j0, float* me, f
   const int8_t* X[NB];  // row j's group gi at X[j] + gi * 64, its dx at D[j][gi]
   const float* D[NB];
   for (int j = 0; j < NB; ++j) X[j] = x.at(j0 + j, 0), D[j] = x.dx_at(j0 + j, 0);
-  __m256 acc[NB];
-  for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_ps();
+  __m256 acc[2][NB];  // even and odd groups, as row_times's
+  for (int j = 0; j < NB; ++j) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nblk; ++b) {
     float scale[T::S16 ? 16 : 8], m[T::MG > 0 ? T::QK / T::MG : 1];
     T::unpack(row + b * T::BYTES, scale, m, [&](int g, __m256i u) {
       const int64_t gi = b * G + g;
       const __m256 sv = group_scale<T>(scale, g);
+      __m256* a = acc[g % 2];  // G is even: gi's parity is g's
       for (int j = 0; j < NB; ++j) {
         const __m256i q1 = _mm256_loadu_si256((const __m256i*)(X[j] + gi * 2 * QK));
         const __m256i q2 = _mm256_loadu_si256((const __m256i*)(X[j] + gi * 2 * QK + QK));
-        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2_u8s8(u, q1, q2)),
-                                 _mm256_mul_ps(sv, _mm256_broadcast_ss(D[j] + gi)), acc[j]);
+        a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2_u8s8(u, q1, q2)),
+                               _mm256_mul_ps(sv, _mm256_broadcast_ss(D[j] + gi)), a[j]);
       }
     });
     if constexpr (has_min_term<T>()) {
@@ -198,7 +209,7 @@ inline void row_times8(const uint8_t* row, const X8& x, int64_t j0, float* me, f
     }
   }
   for (int j = 0; j < NB; ++j) {
-    float r = hsum(acc[j]);
+    float r = hsum(_mm256_add_ps(acc[0][j], acc[1][j]));
     if constexpr (has_min_term<T>()) {
       const int64_t n = x.K / min_group<T>();
       r += min_dot(me, (min_group<T>() == 16 ? x.xs16 : x.xs32).data() + (j0 + j) * n, n);

@@ -31,19 +31,17 @@ log = logging.getLogger(__name__)
 class CpuLinear(nn.Linear):
     """nn.Linear (same weight, same state dict) whose float32 products on CPU run on the C++
     kernel: MKL reaches a fraction of memory bandwidth at batch 1 (issue 5), and its sums for a
-    row depend on how many rows it multiplies. A prompt's tokens (x of shape (B, T > 1, C)) still
-    go to MKL's GEMM, faster there; one token per row, however many rows, never does, so a
-    decode step's row is the same alone and in a batch."""
+    row depend on how many rows it multiplies. A prompt's tokens (x of shape (B, T > 1, C)) go
+    to a GEMM (cpu_kernels.f32_prompt_linear: oneDNN's, or MKL's), faster there; one token per
+    row, however many rows, never does, so a decode step's row is the same alone and in a batch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = cpu_kernels.ops() if x.device.type == "cpu" else None
-        if (
-            ops is not None
-            and self.bias is None
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and not (x.dim() == 3 and x.shape[1] > 1)
-        ):
+        if ops is None or self.bias is not None:
+            return super().forward(x)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            if x.dim() == 3 and x.shape[1] > 1:
+                return cpu_kernels.f32_prompt_linear(x, self.weight)
             return ops.f32_linear(x, self.weight)
         return super().forward(x)
 

@@ -226,6 +226,57 @@ def prompt_levels(x: torch.Tensor | None = None) -> int:
     return 2 if PROMPT == "int16" else 1
 
 
+F32_GEMM_CHOICES = ("onednn", "mkl")
+
+
+def _f32_gemm_choice() -> str:
+    """Which GEMM multiplies float32 prompts: LLAMARUN_CPU_F32_GEMM (see F32_GEMM)."""
+    choice = os.environ.get("LLAMARUN_CPU_F32_GEMM", "onednn").strip().lower()
+    if choice not in F32_GEMM_CHOICES:
+        log.warning(
+            "LLAMARUN_CPU_F32_GEMM=%s is not one of %s; float32 prompts take onednn",
+            choice,
+            ", ".join(F32_GEMM_CHOICES),
+        )
+        return "onednn"
+    return choice
+
+
+# The GEMM of float32 prompts on the CPU (float32 models' linears, and float32 tiles of quantized
+# weights): "onednn" (the default), oneDNN's through torch.ops.mkldnn._linear_pointwise on the
+# weights as they are; "mkl", F.linear, which is MKL's sgemm in torch's CPU builds. On an AMD Zen 5
+# (2 threads) oneDNN ran 256 x 768 by 768 x 2048 at 333-381 GFLOP/s against MKL's 103-175 (MKL
+# takes its AVX2 code on AMD CPUs). Its row results were also the same bit for bit for every
+# prompt of 2 to 256 rows (MKL's were not); one-row products never come here (the kernels'
+# f32_linear). F.linear wherever oneDNN is absent, autograd records (the op has no backward), or
+# the tensors are not float32 on the CPU.
+F32_GEMM = _f32_gemm_choice()
+
+
+def _onednn_linear() -> Callable | None:
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
+_ONEDNN_LINEAR = _onednn_linear()
+
+
+def f32_prompt_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T (no bias) through the GEMM F32_GEMM chooses; see there."""
+    if (
+        F32_GEMM == "onednn"
+        and _ONEDNN_LINEAR is not None
+        and x.dtype == torch.float32
+        and w.dtype == torch.float32
+        and x.device.type == "cpu"
+        and w.device.type == "cpu"
+        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+    ):
+        return _ONEDNN_LINEAR(x, w, None, "none", [], "")
+    return F.linear(x, w)
+
+
 def _tile_dtype() -> torch.dtype:
     return torch.bfloat16 if PROMPT == "bfloat16" else torch.float32
 
@@ -271,7 +322,7 @@ def tiled_linear(
         fill(start, tile)
         if grad:
             tile = tile.clone()  # autograd keeps the tile for backward: the next fill overwrites it
-        parts.append(F.linear(xin, tile[:, :in_features]).to(x.dtype))
+        parts.append(f32_prompt_linear(xin, tile[:, :in_features]).to(x.dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 

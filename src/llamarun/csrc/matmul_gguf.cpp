@@ -4,7 +4,8 @@
 //
 // One arithmetic for every batch size: each output (weight row o, activation row j) keeps two
 // 8-lane accumulators, even and odd groups of 32, adds float(W . X) * (s * dx) for each group in
-// K order into its parity's, then sums the two and adds its minimums' term. Up to 8 activation rows at a time meet a weight row unpacked in registers
+// K order into its parity's, then sums the two and adds its minimums' term. Up to 8 activation
+// rows at a time meet a weight row unpacked in registers
 // (rows_fused): the same additions in the same order for every row, so a row's result is
 // bitwise the same alone, in a batch, or anywhere in it. (Two weight rows unpacked into int16
 // buffers for a 2x2 register tile, the earlier path for more than 4 rows, ran at 1/2.2 the speed

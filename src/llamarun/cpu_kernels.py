@@ -160,16 +160,19 @@ _TILES = threading.local()
 PROMPT_CHOICES = ("int16", "int8", "float32", "bfloat16")
 
 
+def _env_choice(var: str, choices: tuple[str, ...], default: str, otherwise: str) -> str:
+    """The environment variable var's value among choices (default when unset); a value that is
+    none of them logs a warning ending in `otherwise` and gives the default."""
+    choice = os.environ.get(var, default).strip().lower()
+    if choice not in choices:
+        log.warning("%s=%s is not one of %s; %s", var, choice, ", ".join(choices), otherwise)
+        return default
+    return choice
+
+
 def _prompt_choice() -> str:
     """How a prompt's tokens meet quantized weights: LLAMARUN_CPU_PROMPT_DTYPE (see PROMPT)."""
-    choice = os.environ.get("LLAMARUN_CPU_PROMPT_DTYPE", "int16").strip().lower()
-    if choice not in PROMPT_CHOICES:
-        log.warning(
-            "LLAMARUN_CPU_PROMPT_DTYPE=%s is not one of %s; prompts stay int16",
-            choice,
-            ", ".join(PROMPT_CHOICES),
-        )
-        return "int16"
+    choice = _env_choice("LLAMARUN_CPU_PROMPT_DTYPE", PROMPT_CHOICES, "int16", "prompts stay int16")
     if choice == "bfloat16" and not {"amx_bf16", "avx512_bf16"} & set(_cpu_flags()):
         log.warning(
             "LLAMARUN_CPU_PROMPT_DTYPE=bfloat16 on a CPU without AMX-BF16 or AVX512-BF16: torch's "
@@ -231,15 +234,9 @@ F32_GEMM_CHOICES = ("onednn", "mkl")
 
 def _f32_gemm_choice() -> str:
     """Which GEMM multiplies float32 prompts: LLAMARUN_CPU_F32_GEMM (see F32_GEMM)."""
-    choice = os.environ.get("LLAMARUN_CPU_F32_GEMM", "onednn").strip().lower()
-    if choice not in F32_GEMM_CHOICES:
-        log.warning(
-            "LLAMARUN_CPU_F32_GEMM=%s is not one of %s; float32 prompts take onednn",
-            choice,
-            ", ".join(F32_GEMM_CHOICES),
-        )
-        return "onednn"
-    return choice
+    return _env_choice(
+        "LLAMARUN_CPU_F32_GEMM", F32_GEMM_CHOICES, "onednn", "float32 prompts take onednn"
+    )
 
 
 # The GEMM of float32 prompts on the CPU (float32 models' linears, and float32 tiles of quantized

@@ -98,3 +98,14 @@ def test_onednn_is_what_runs_unless_mkl_is_asked_for(monkeypatch):
     cpu_kernels.f32_prompt_linear(x, w)
 
     assert calls == [1]
+
+
+@pytest.mark.skipif(cpu_kernels.ops() is None, reason="no CPU kernels here")
+def test_describe_names_the_float32_gemm(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "F32_GEMM", "mkl")
+    assert "; float32 prompts: torch's F.linear (MKL's sgemm in its x86 builds); " in (
+        cpu_kernels.describe()
+    )
+    if cpu_kernels._ONEDNN_LINEAR is not None:
+        monkeypatch.setattr(cpu_kernels, "F32_GEMM", "onednn")
+        assert "; float32 prompts: oneDNN's GEMM; GGUF prompts: " in cpu_kernels.describe()

@@ -133,7 +133,8 @@ def describe() -> str:
         prompt_levels(), f"{_tile_dtype()} tiles".replace("torch.", "")
     )
     return (
-        f"C++ kernels from {CSRC} ({torch.ops.llamarun_cpu.isa()}){where}; GGUF prompts: {prompts}"
+        f"C++ kernels from {CSRC} ({torch.ops.llamarun_cpu.isa()}){where}; float32 prompts: "
+        f"{_f32_gemm_name()}; GGUF prompts: {prompts}"
     )
 
 
@@ -257,6 +258,12 @@ def _onednn_linear() -> Callable | None:
 
 
 _ONEDNN_LINEAR = _onednn_linear()
+
+
+def _f32_gemm_name() -> str:
+    if F32_GEMM == "onednn" and _ONEDNN_LINEAR is not None:
+        return "oneDNN's GEMM"
+    return "torch's F.linear (MKL's sgemm in its x86 builds)"
 
 
 def f32_prompt_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

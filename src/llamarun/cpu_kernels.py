@@ -260,8 +260,12 @@ def _onednn_linear() -> Callable | None:
 _ONEDNN_LINEAR = _onednn_linear()
 
 
+def _onednn_chosen() -> bool:
+    return F32_GEMM == "onednn" and _ONEDNN_LINEAR is not None
+
+
 def _f32_gemm_name() -> str:
-    if F32_GEMM == "onednn" and _ONEDNN_LINEAR is not None:
+    if _onednn_chosen():
         return "oneDNN's GEMM"
     return "torch's F.linear (MKL's sgemm in its x86 builds)"
 
@@ -269,8 +273,7 @@ def _f32_gemm_name() -> str:
 def f32_prompt_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T (no bias) through the GEMM F32_GEMM chooses; see there."""
     if (
-        F32_GEMM == "onednn"
-        and _ONEDNN_LINEAR is not None
+        _onednn_chosen()
         and x.dtype == torch.float32
         and w.dtype == torch.float32
         and x.device.type == "cpu"

@@ -6,9 +6,9 @@ block rows, a uint8 view of the memory-mapped file: no copy, and only the pages 
 resident. On x86 CPUs the C++ kernels compute on those bytes for one token per row, however
 many rows (csrc/matmul_gguf.cpp: 16-bit activations, or two 8-bit levels for Q2_K, Q3_K, Q5_K and
 Q6_K, one reduction order for every batch size);
-a prompt's tokens meet panels of 32 weight rows unpacked once into bytes, in an 8-bit integer
-GEMM (csrc/gemm_gguf.cpp, AVX-512 VNNI; cpu_kernels.PROMPT), and everything else (no VNNI, no
-kernels, autograd, PROMPT float32 or bfloat16) multiplies float32 tiles of
+a prompt's tokens meet panels of 32 weight rows unpacked once into bytes, in an integer GEMM
+(csrc/gemm_gguf.cpp: AVX-512 VNNI, or AVX2's 16-bit products; cpu_kernels.PROMPT), and everything
+else (no kernels, autograd, PROMPT float32 or bfloat16) multiplies float32 tiles of
 cpu_kernels.TILE_BYTES of rows dequantized at a time (by the kernels, or blocks.py's torch
 reference). An embedding dequantizes only the rows it looks up; a classifier tied to it reads
 the same bytes.

@@ -13,8 +13,13 @@
 // are the same wherever its row sits in the prompt or batch (batch invariance), so a prompt's
 // row does not depend on what runs beside it.
 //
-// Only with AVX-512 VNNI (the panel's 16 int32 lanes): elsewhere gguf_prompt_available() is
-// false and prompts keep float32 tiles through torch's GEMM (cpu_kernels.tiled_linear).
+// Without AVX-512 VNNI (AVX2 alone, e.g. an AMD Zen 3), the panel holds 16-bit weights,
+// [group][k/2][row][2], and the activations are 16-bit too (256 q1 + q2, exact in int16, or q1):
+// one vpmaddwd adds 2 weights x 2 activations for 8 rows. There vpmaddwd does as many products per
+// instruction as vpmaddubsw + vpmaddwd on 8-bit activations, so both levels cost the same, and no
+// product saturates. The int32 group sums are the same integers as VNNI's (256 (U . q1) + U . q2),
+// and the float steps are the same in the same order, so both ISAs give the same bits by
+// construction. Slower here than float32 tiles through oneDNN (cpu_kernels.PROMPT), so opt-in.
 #include "gguf_blocks.h"
 #include "matmul_gguf.h"
 #include "ops.h"
@@ -27,6 +32,8 @@
 namespace llamarun {
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LLAMARUN_PROMPT_VNNI 1
+#endif
 
 bool gguf_prompt_available() { return true; }
 
@@ -42,17 +49,28 @@ struct PromptX {
   std::vector<int8_t> xq;
   std::vector<float> dx;
   std::vector<int32_t> qs;
+  std::vector<int16_t> x16;  // AVX2 only: (M, K) the activations as one int16 each, 256 q1 + q2 or q1
   int64_t M = 0, K = 0, L = 1;
   const int8_t* at(int64_t r, int64_t k) const { return xq.data() + (r * (K / QK) + k / QK) * 2 * QK + k % QK; }
 };
 
-inline int32_t sum16(const int8_t* q) { return _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q))); }
+inline __m256i widen16(const int8_t* q) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)q)); }
+
+inline int32_t sum16(const int8_t* q) {
+  const __m256i w = _mm256_madd_epi16(widen16(q), _mm256_set1_epi16(1));
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
 
 void quantize_prompt(const float* x, int64_t M, int64_t K, int L, int GS, PromptX& p) {
   p.M = M, p.K = K, p.L = L;
   const int64_t ng = K / QK;
   std::vector<float> d(M * ng);
   p.xq.resize(M * ng * 2 * QK), p.dx.resize(M * K / GS), p.qs.resize(M * K / GS);
+#ifndef LLAMARUN_PROMPT_VNNI
+  p.x16.resize(M * K);
+#endif
   quantize_rows(x, M, K, K, p.xq.data(), d.data(), nullptr, nullptr);
   parallel_rows(M * ng, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {  // group i % ng of row i / ng
@@ -61,6 +79,13 @@ void quantize_prompt(const float* x, int64_t M, int64_t K, int L, int GS, Prompt
       for (int h = 0; h < 2; ++h) sums[h] = L == 2 ? 256 * sum16(q + 16 * h) + sum16(q + QK + 16 * h) : sum16(q + 16 * h);
       const float dg = L == 2 ? d[i] : 256.f * d[i];  // exact: a power of 2
       const int64_t r = i / ng, g = i % ng;
+#ifndef LLAMARUN_PROMPT_VNNI
+      for (int h = 0; h < 2; ++h) {  // exact: |256 q1 + q2| <= 32639
+        __m256i v = widen16(q + 16 * h);
+        if (L == 2) v = _mm256_add_epi16(_mm256_slli_epi16(v, 8), widen16(q + QK + 16 * h));
+        _mm256_storeu_si256((__m256i*)(p.x16.data() + r * K + g * QK + 16 * h), v);
+      }
+#endif
       if (GS == 16) {
         for (int h = 0; h < 2; ++h) p.dx[r * (K / 16) + 2 * g + h] = dg, p.qs[r * (K / 16) + 2 * g + h] = sums[h];
       } else {
@@ -70,7 +95,8 @@ void quantize_prompt(const float* x, int64_t M, int64_t K, int L, int GS, Prompt
   });
 }
 
-// A panel: rows [o0, o0 + 32) of the weight, unpacked. u (K/GS, GS/4, 32, 4) bytes; s, m (K/GS, 32)
+// A panel: rows [o0, o0 + 32) of the weight, unpacked. u (K/GS, GS/4, 32, 4) bytes (AVX2: (K/GS,
+// GS/2, 32, 2) int16); s, m (K/GS, 32)
 struct Panel {
   std::vector<uint8_t> u;
   std::vector<float> s, m;
@@ -89,7 +115,7 @@ constexpr int w32_offset() {
 template <class T>
 constexpr int group_size() {
   if constexpr (bytes8<T>()) return T::S16 ? 16 : 32;
-  else return 32;
+  else return T::MG == 16 ? 16 : 32;  // AVX2's Q2_K: its scales in the values, a minimum per 16
 }
 
 // the offset the product subtracts through sum(q): OFF of a byte-form type, else w32_offset
@@ -104,28 +130,51 @@ inline void put_group(Panel& P, int64_t K, int64_t g32, int p, __m256i u) {
   _mm256_storeu_si256((__m256i*)(P.rows + p * K + 32 * g32), u);
 }
 
+// out[c] = dword c of rows r[0..7]: an 8 x 8 transpose of 4-byte words in registers
+inline void transpose8x8_epi32(const __m256i* r, __m256i* out) {
+  __m256i t[8], v[8];
+  for (int i = 0; i < 8; i += 2)
+    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+  for (int h = 0; h < 8; h += 4) {  // rows h .. h + 3: words 0/4, 1/5, 2/6, 3/7 of each lane
+    v[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]), v[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
+    v[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]), v[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
+  }
+  for (int c = 0; c < 4; ++c)  // word c and c + 4 of the 8 rows
+    out[c] = _mm256_permute2x128_si256(v[c], v[c + 4], 0x20), out[c + 4] = _mm256_permute2x128_si256(v[c], v[c + 4], 0x31);
+}
+
+#ifdef LLAMARUN_PROMPT_VNNI
+constexpr int UB = 1;  // bytes per unpacked weight in a panel
+
 // rows (32, K) bytes -> u, dword j of row p at (j * 32 + p) * 4: a transpose of 4-byte words, 8
 // rows by 8 words at a time in registers (one 4-byte store per word cost 2.7x what writing the
 // same rows dequantized to float32 did)
 inline void interleave(const uint8_t* rows, int64_t K, uint8_t* u) {
-  const int64_t words = K / 4;
   for (int pb = 0; pb < PR; pb += 8) {
-    for (int64_t j = 0; j < words; j += 8) {
-      __m256i r[8], t[8], v[8];
+    for (int64_t j = 0; j < K / 4; j += 8) {
+      __m256i r[8], o[8];
       for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256((const __m256i*)(rows + (pb + i) * K + 4 * j));
-      for (int i = 0; i < 8; i += 2)
-        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
-      for (int h = 0; h < 8; h += 4) {  // rows h .. h + 3: words 0/4, 1/5, 2/6, 3/7 of each lane
-        v[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]), v[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
-        v[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]), v[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
-      }
-      for (int c = 0; c < 4; ++c) {  // word c and c + 4 of the 8 rows
-        _mm256_storeu_si256((__m256i*)(u + ((j + c) * PR + pb) * 4), _mm256_permute2x128_si256(v[c], v[c + 4], 0x20));
-        _mm256_storeu_si256((__m256i*)(u + ((j + c + 4) * PR + pb) * 4), _mm256_permute2x128_si256(v[c], v[c + 4], 0x31));
-      }
+      transpose8x8_epi32(r, o);
+      for (int c = 0; c < 8; ++c) _mm256_storeu_si256((__m256i*)(u + ((j + c) * PR + pb) * 4), o[c]);
     }
   }
 }
+#else
+constexpr int UB = 2;
+
+// rows (32, K) bytes -> u as int16, the pair j (weights 2j, 2j + 1) of row p at (j * 32 + p) * 2
+inline void interleave(const uint8_t* rows, int64_t K, uint8_t* u) {
+  int16_t* u16 = reinterpret_cast<int16_t*>(u);
+  for (int pb = 0; pb < PR; pb += 8) {
+    for (int64_t j = 0; j < K / 2; j += 8) {
+      __m256i r[8], o[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(rows + (pb + i) * K + 2 * j)));
+      transpose8x8_epi32(r, o);
+      for (int c = 0; c < 8; ++c) _mm256_storeu_si256((__m256i*)(u16 + ((j + c) * PR + pb) * 2), o[c]);
+    }
+  }
+}
+#endif
 
 // panel P for weight rows o0 .. o0 + 31: row(o, p, P) writes weight row o < N into its row p (its
 // groups through put_group, P.s and P.m); the rows past N stay zero
@@ -135,7 +184,7 @@ void pack_panel(int64_t N, int64_t K, int64_t o0, Panel& P, Row&& row) {
   const int64_t ngs = K / GS, n = std::min<int64_t>(PR, N - o0);
   rows.resize(K * PR);
   P.rows = rows.data();
-  P.u.resize(K * PR), P.s.assign(ngs * PR, 0.f), P.m.assign(ngs * PR, 0.f);
+  P.u.resize(K * PR * UB), P.s.assign(ngs * PR, 0.f), P.m.assign(ngs * PR, 0.f);
   if (n < PR) std::memset(P.rows + n * K, 0, (PR - n) * K);
   for (int p = 0; p < n; ++p) row(o0 + p, p, P);
   interleave(P.rows, K, P.u.data());
@@ -170,6 +219,7 @@ auto gguf_row(const uint8_t* w, int64_t row_bytes, int64_t K) {
   };
 }
 
+#ifdef LLAMARUN_PROMPT_VNNI
 // prompt rows r0 .. r0 + R - 1 against panel P (weight rows o0 ..): out (M, N)
 template <int GS, int L, int R, int OFF, bool MINS>
 void panel_times(const Panel& P, const PromptX& x, int64_t r0, int64_t o0, int64_t N, float* out) {
@@ -255,6 +305,107 @@ void prompt_product(int64_t N, const PromptX& x, float* out, const Row& row) {
   });
 }
 
+#else
+// prompt rows r0 .. r0 + R - 1 against groups g0 .. g1 - 1 of half h of panel P (its rows 16 h ..
+// 16 h + 15): acc (R, 16) holds their outputs' sums of the groups before g0, and takes these
+template <int GS, int R, int OFF, bool MINS>
+void half_times(const Panel& P, const PromptX& x, int64_t r0, int h, int64_t g0, int64_t g1, float* acc) {
+  const int64_t ngs = x.K / GS;
+  const int16_t* u = reinterpret_cast<const int16_t*>(P.u.data());
+  const int16_t* xr[R];
+  for (int r = 0; r < R; ++r) xr[r] = x.x16.data() + (r0 + r) * x.K;
+  for (int64_t g = g0; g < g1; ++g) {
+    __m256i a[R][2];
+    for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_si256();
+    const int16_t* wp = u + (g * (GS / 2) * PR + 16 * h) * 2;
+    for (int k2 = 0; k2 < GS / 2; ++k2) {
+      __m256i w0 = _mm256_loadu_si256((const __m256i*)(wp + k2 * PR * 2));
+      __m256i w1 = _mm256_loadu_si256((const __m256i*)(wp + k2 * PR * 2 + 16));
+      // keeps the weights in registers: gcc otherwise folds their loads into every vpmaddwd, and
+      // the loop ran at 0.6x the rate (1.2 against 2.0-2.5 G vpmaddwd/s on a Zen 3 core)
+      asm("" : "+x"(w0), "+x"(w1));
+      for (int r = 0; r < R; ++r) {
+        int32_t q2;
+        std::memcpy(&q2, xr[r] + g * GS + 2 * k2, 4);
+        const __m256i xb = _mm256_set1_epi32(q2);
+        a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(w0, xb));
+        a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(w1, xb));
+      }
+    }
+    const float* sg = P.s.data() + g * PR + 16 * h;
+    const __m256 s0 = _mm256_loadu_ps(sg), s1 = _mm256_loadu_ps(sg + 8);
+    for (int r = 0; r < R; ++r) {
+      const int64_t gi = (r0 + r) * ngs + g;
+      const float dx = x.dx[gi];
+      const int32_t qs = x.qs[gi];
+      if constexpr (OFF != 0) {
+        const __m256i c = _mm256_set1_epi32(OFF * qs);  // exact: |OFF * sum| < 2^31
+        a[r][0] = _mm256_sub_epi32(a[r][0], c), a[r][1] = _mm256_sub_epi32(a[r][1], c);
+      }
+      // the float sums live in acc, not registers: held across the loop above they had pushed
+      // one of its int32 accumulators onto the stack, a store-to-load chain in every step
+      const __m256 dv = _mm256_set1_ps(dx);
+      float* f = acc + 16 * r;
+      __m256 f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][0]), _mm256_mul_ps(s0, dv), _mm256_loadu_ps(f));
+      __m256 f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][1]), _mm256_mul_ps(s1, dv), _mm256_loadu_ps(f + 8));
+      if constexpr (MINS) {
+        const float* mg = P.m.data() + g * PR + 16 * h;
+        const __m256 xs = _mm256_set1_ps(dx * (float)qs);
+        f0 = _mm256_fmadd_ps(_mm256_loadu_ps(mg), xs, f0);
+        f1 = _mm256_fmadd_ps(_mm256_loadu_ps(mg + 8), xs, f1);
+      }
+      _mm256_storeu_ps(f, f0), _mm256_storeu_ps(f + 8, f1);
+    }
+  }
+}
+
+constexpr int RT = 4;  // prompt rows per pass: 2 R int32 accumulators, 2 weight vectors, a broadcast
+constexpr int64_t MB = 64;  // prompt rows per sweep, as VNNI's
+// weights per chunk of a half panel (16 rows x 256 x int16: 8 KB): the chunk stays in L1 while
+// a sweep's rows pass it (streaming the whole 24-64 KB half from L2 for every 4 rows had left the
+// products waiting on their loads, at a third of vpmaddwd's rate)
+constexpr int64_t KC = 256;
+
+// rows r0 .. r1 - 1 (fewer than RT) of half_times
+template <int GS, int OFF, bool MINS, int R = RT - 1>
+void half_tail(const Panel& P, const PromptX& x, int64_t r0, int64_t r1, int h, int64_t g0, int64_t g1, float* acc) {
+  if constexpr (R > 0) {
+    if (r1 - r0 == R) half_times<GS, R, OFF, MINS>(P, x, r0, h, g0, g1, acc);
+    else half_tail<GS, OFF, MINS, R - 1>(P, x, r0, r1, h, g0, g1, acc);
+  }
+}
+
+// Each output's sum still runs over its groups in order, one fma per group from 0 (the chunks
+// only stop and resume it through acc, exactly), so the bits are those of one pass and of VNNI's.
+template <int GS, int L, int OFF, bool MINS, class Row>
+void prompt_product(int64_t N, const PromptX& x, float* out, const Row& row) {
+  const int64_t npanels = (N + PR - 1) / PR, ngs = x.K / GS, gc = std::max<int64_t>(1, KC / GS);
+  at::parallel_for(0, npanels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Panel> panels(end - begin);  // this thread's panels, each unpacked once
+    for (int64_t pi = begin; pi < end; ++pi) pack_panel<GS>(N, x.K, pi * PR, panels[pi - begin], row);
+    std::vector<float> acc(MB * 16);
+    for (int64_t m0 = 0; m0 < x.M; m0 += MB) {
+      const int64_t m1 = std::min(x.M, m0 + MB);
+      for (int64_t pi = begin; pi < end; ++pi) {
+        for (int h = 0; h < 2; ++h) {
+          const int64_t o = pi * PR + 16 * h, n = std::clamp<int64_t>(N - o, 0, 16);
+          if (n == 0) break;
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (int64_t g0 = 0; g0 < ngs; g0 += gc) {
+            const int64_t g1 = std::min(ngs, g0 + gc);
+            int64_t r0 = m0;
+            for (; r0 + RT <= m1; r0 += RT)
+              half_times<GS, RT, OFF, MINS>(panels[pi - begin], x, r0, h, g0, g1, acc.data() + (r0 - m0) * 16);
+            half_tail<GS, OFF, MINS>(panels[pi - begin], x, r0, m1, h, g0, g1, acc.data() + (r0 - m0) * 16);
+          }
+          for (int64_t r = m0; r < m1; ++r) std::memcpy(out + r * N + o, acc.data() + (r - m0) * 16, n * sizeof(float));
+        }
+      }
+    }
+  });
+}
+#endif
+
 // out (M, N) = x (M, K: zero-padded to Kp) times the N weight rows row() writes, in `levels`
 template <int GS, int OFF, bool MINS, class Row>
 at::Tensor prompt_linear(const at::Tensor& x, int64_t Kp, int64_t N, int64_t levels, const char* op, const Row& row) {
@@ -333,21 +484,5 @@ at::Tensor q4_prompt_linear(const at::Tensor& x, const at::Tensor& qs, const at:
   };
   return prompt_linear<32, 0, true>(x, Kp, N, levels, "q4_prompt_linear", row);
 }
-
-#else
-
-bool gguf_prompt_available() { return false; }
-
-at::Tensor gguf_prompt_linear(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t) {
-  TORCH_CHECK(false, "gguf_prompt_linear needs AVX-512 VNNI (gguf_prompt_available() is false here)");
-}
-at::Tensor int8_prompt_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t) {
-  TORCH_CHECK(false, "int8_prompt_linear needs AVX-512 VNNI (gguf_prompt_available() is false here)");
-}
-at::Tensor q4_prompt_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t) {
-  TORCH_CHECK(false, "q4_prompt_linear needs AVX-512 VNNI (gguf_prompt_available() is false here)");
-}
-
-#endif
 
 }  // namespace llamarun

@@ -321,8 +321,9 @@ void half_times(const Panel& P, const PromptX& x, int64_t r0, int h, int64_t g0,
     for (int k2 = 0; k2 < GS / 2; ++k2) {
       __m256i w0 = _mm256_loadu_si256((const __m256i*)(wp + k2 * PR * 2));
       __m256i w1 = _mm256_loadu_si256((const __m256i*)(wp + k2 * PR * 2 + 16));
-      // keeps the weights in registers: gcc otherwise folds their loads into every vpmaddwd, and
-      // the loop ran at 0.6x the rate (1.2 against 2.0-2.5 G vpmaddwd/s on a Zen 3 core)
+      // keeps the weights in registers: gcc otherwise folds their loads into every vpmaddwd (a
+      // copy of this loop alone, in L1, ran 1.2 against 1.9-2.5 G vpmaddwd/s on a Zen 3 core; in
+      // the GEMM itself no gain stood out of the noise)
       asm("" : "+x"(w0), "+x"(w1));
       for (int r = 0; r < R; ++r) {
         int32_t q2;
@@ -342,8 +343,8 @@ void half_times(const Panel& P, const PromptX& x, int64_t r0, int h, int64_t g0,
         const __m256i c = _mm256_set1_epi32(OFF * qs);  // exact: |OFF * sum| < 2^31
         a[r][0] = _mm256_sub_epi32(a[r][0], c), a[r][1] = _mm256_sub_epi32(a[r][1], c);
       }
-      // the float sums live in acc, not registers: held across the loop above they had pushed
-      // one of its int32 accumulators onto the stack, a store-to-load chain in every step
+      // the float sums live in acc, where the chunks below resume them (gcc still keeps one int32
+      // accumulator of the loop above on the stack: what to look at next)
       const __m256 dv = _mm256_set1_ps(dx);
       float* f = acc + 16 * r;
       __m256 f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][0]), _mm256_mul_ps(s0, dv), _mm256_loadu_ps(f));
@@ -361,9 +362,9 @@ void half_times(const Panel& P, const PromptX& x, int64_t r0, int h, int64_t g0,
 
 constexpr int RT = 4;  // prompt rows per pass: 2 R int32 accumulators, 2 weight vectors, a broadcast
 constexpr int64_t MB = 64;  // prompt rows per sweep, as VNNI's
-// weights per chunk of a half panel (16 rows x 256 x int16: 8 KB): the chunk stays in L1 while
-// a sweep's rows pass it (streaming the whole 24-64 KB half from L2 for every 4 rows had left the
-// products waiting on their loads, at a third of vpmaddwd's rate)
+// weights per chunk of a half panel (16 rows x 256 x int16: 8 KB), so that the chunk stays in L1
+// while a sweep's rows pass it, rather than the whole 24-64 KB half streaming from L2 for every 4
+// rows (measured no faster nor slower on a Zen 3, whose loop is held back by other things)
 constexpr int64_t KC = 256;
 
 // rows r0 .. r1 - 1 (fewer than RT) of half_times

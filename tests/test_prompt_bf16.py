@@ -76,26 +76,15 @@ def test_a_bfloat16_prompt_is_close_to_the_float32_one_and_comes_back_float32(ki
     assert torch.bfloat16 in cpu_kernels._TILES.bufs
 
 
-@pytest.mark.parametrize(
-    "flags, default",
-    [
-        (["avx2", "avx512bw", "avx512vl", "avx512_vnni"], "int16"),  # the VNNI GEMM
-        (["avx2", "fma", "f16c"], "float32"),  # AVX2 alone: its GEMM is slower than the tiles
-    ],
-)
-def test_prompts_take_the_cpus_default_unless_another_choice_is_asked_for(
-    monkeypatch, caplog, flags, default
-):
-    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: flags)
+def test_prompts_are_int16_unless_another_choice_is_asked_for(monkeypatch, caplog):
     monkeypatch.delenv("LLAMARUN_CPU_PROMPT_DTYPE", raising=False)
-    assert cpu_kernels._prompt_choice() == default
+    assert cpu_kernels._prompt_choice() == "int16"
     for choice in ("bfloat16", "float32", "int8", " INT16 "):
         monkeypatch.setenv("LLAMARUN_CPU_PROMPT_DTYPE", choice)
         assert cpu_kernels._prompt_choice() == choice.strip().lower()
-    monkeypatch.setenv("LLAMARUN_CPU_PROMPT_DTYPE", "fp8")  # not a choice: the default, warned
-    caplog.clear()
+    monkeypatch.setenv("LLAMARUN_CPU_PROMPT_DTYPE", "fp8")  # not a choice: int16, with a warning
     with caplog.at_level("WARNING", logger=cpu_kernels.log.name):
-        assert cpu_kernels._prompt_choice() == default
+        assert cpu_kernels._prompt_choice() == "int16"
     assert "LLAMARUN_CPU_PROMPT_DTYPE=fp8 is not one of" in caplog.text
 
 

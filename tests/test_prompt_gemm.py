@@ -131,7 +131,6 @@ def test_without_the_gemm_prompts_take_float32_tiles(monkeypatch):
 
 @gemm
 def test_describe_names_the_prompt_path(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "PROMPT", "int16")
     assert cpu_kernels.describe().endswith("; GGUF prompts: the integer GEMM, int16")
     monkeypatch.setattr(cpu_kernels, "PROMPT", "int8")
     assert cpu_kernels.describe().endswith("; GGUF prompts: the integer GEMM, int8")
@@ -186,7 +185,6 @@ def test_own_int8_and_int4_prompts_take_the_gemm(monkeypatch, K, kind):
 
 @gemm
 def test_prompt_levels_refuse_inputs_the_gemm_cannot_take(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "PROMPT", "int16")
     x = torch.randn(1, 4, 64)
     assert cpu_kernels.prompt_levels(x) == 2
     assert cpu_kernels.prompt_levels(x.bfloat16()) == 0

@@ -173,10 +173,7 @@ def _env_choice(var: str, choices: tuple[str, ...], default: str, otherwise: str
 
 def _prompt_choice() -> str:
     """How a prompt's tokens meet quantized weights: LLAMARUN_CPU_PROMPT_DTYPE (see PROMPT)."""
-    default = "int16" if _has_vnni() else "float32"
-    choice = _env_choice(
-        "LLAMARUN_CPU_PROMPT_DTYPE", PROMPT_CHOICES, default, f"prompts stay {default}"
-    )
+    choice = _env_choice("LLAMARUN_CPU_PROMPT_DTYPE", PROMPT_CHOICES, "int16", "prompts stay int16")
     if choice == "bfloat16" and not {"amx_bf16", "avx512_bf16"} & set(_cpu_flags()):
         log.warning(
             "LLAMARUN_CPU_PROMPT_DTYPE=bfloat16 on a CPU without AMX-BF16 or AVX512-BF16: torch's "
@@ -192,14 +189,8 @@ def _cpu_flags() -> list[str]:
         return []
 
 
-def _has_vnni() -> bool:
-    """Whether the kernels' -march=native build gets the AVX-512 VNNI prompt GEMM (its other form,
-    AVX2's 16-bit products, is slower here than float32 tiles: see PROMPT)."""
-    return {"avx512_vnni", "avx512bw", "avx512vl"} <= set(_cpu_flags())
-
-
 # How a prompt's tokens (more than one per row) meet GGUF block weights on the CPU:
-# - "int16" (the default with AVX-512 VNNI): the 8-bit integer GEMM of csrc/gemm_gguf.cpp, activations in two int8
+# - "int16" (the default): the 8-bit integer GEMM of csrc/gemm_gguf.cpp, activations in two int8
 #   levels per 32 (about 15 bits, the one-token kernels' precision): a 256-token prefill ran
 #   1.6-2x faster than on float32 tiles (an AMD Zen 4, 2 threads: 110M-shape Q4_0 1112-1230
 #   tok/s against 617-657, SmolLM2 Q4_K_M 738 against 447). One product alone, its weights and
@@ -209,11 +200,7 @@ def _has_vnni() -> bool:
 #   another 1.3-1.45x faster, at 8 bits (SmolLM2 Q4_1's perplexity +0.31%; greedy answers may
 #   change).
 # - "float32": float32 tiles dequantized by the kernels through torch's GEMM (tiled_linear), the
-#   float32 computation itself; the default on CPUs without AVX-512 VNNI. There the GEMM runs on
-#   AVX2 alone, each activation one int16 (256 q1 + q2, or q1) met by vpmaddwd: the same integers
-#   and bits as VNNI's, but on an AMD Zen 3 (2 threads) at 72-86 GOP/s for 256-1024 x 768 by
-#   768 x 2048 Q4_0 against oneDNN's 119 GFLOP/s for float32, and 110M-shape prefill at 0.8x
-#   float32 tiles' (Q4_0 398 against 481 tok/s, Q4_K_M 329 against 415), so it is opt-in there.
+#   float32 computation itself.
 # - "bfloat16": those tiles in bfloat16, met by bfloat16 activations: on CPUs with AMX-BF16 (Intel
 #   Sapphire Rapids and later) torch's bfloat16 GEMM (oneDNN) runs 3.5-4x MKL's float32 one, and
 #   GGUF prompts ran 1.4x faster (110M-shape Q4_K_M 850 -> 1228 tok/s, SmolLM2 Q4_K_M 576 -> 818);
@@ -223,6 +210,11 @@ def _has_vnni() -> bool:
 #   answers are no longer the float32 computation's token for token (llamarun's own int8 layers
 #   keep float32 tiles under it).
 # llamarun's own int8/int4 layers (--quantize) take the same GEMM for int16 and int8.
+# Without AVX-512 VNNI the GEMM runs on AVX2 alone, each activation one int16 (256 q1 + q2, or q1)
+# met by vpmaddwd: the same integers as VNNI's, both levels at one cost. On an AMD Zen 3 (2
+# threads) it ran 138-173 GOP/s for 256 x 768 by 768 x 2048 (every type) against oneDNN's 119
+# GFLOP/s in float32, and 110M-shape prefill 1.15-1.2x float32 tiles' (Q4_0 687 against 567
+# tok/s, Q4_K_M 666 against 578).
 # One token per row keeps the one-token kernels whatever this is.
 PROMPT = _prompt_choice()
 

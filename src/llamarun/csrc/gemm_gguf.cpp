@@ -307,15 +307,15 @@ void prompt_product(int64_t N, const PromptX& x, float* out, const Row& row) {
 }
 
 #else
-// prompt rows r0 .. r0 + R - 1 against groups g0 .. g1 - 1 of half h of panel P (its rows 16 h ..
-// 16 h + 15): acc (R, 16) holds their outputs' sums of the groups before g0, and takes these
+// prompt rows r0 .. r0 + R - 1 against half h of panel P (its rows 16 h .. 16 h + 15): acc (R, 16,
+// zeroed) takes their outputs
 template <int GS, int R, int OFF, bool MINS>
-void half_times(const Panel& P, const PromptX& x, int64_t r0, int h, int64_t g0, int64_t g1, float* acc) {
+void half_times(const Panel& P, const PromptX& x, int64_t r0, int h, float* acc) {
   const int64_t ngs = x.K / GS;
   const int16_t* u = reinterpret_cast<const int16_t*>(P.u.data());
   const int16_t* xr[R];
   for (int r = 0; r < R; ++r) xr[r] = x.x16.data() + (r0 + r) * x.K;
-  for (int64_t g = g0; g < g1; ++g) {
+  for (int64_t g = 0; g < ngs; ++g) {
     __m256i a[R][2];
     for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_si256();
     const int16_t* wp = u + (g * (GS / 2) * PR + 16 * h) * 2;
@@ -346,7 +346,7 @@ void half_times(const Panel& P, const PromptX& x, int64_t r0, int h, int64_t g0,
         const __m256i c = _mm256_set1_epi32(OFF * qs);  // exact: |OFF * sum| < 2^31
         a[r][0] = _mm256_sub_epi32(a[r][0], c), a[r][1] = _mm256_sub_epi32(a[r][1], c);
       }
-      // the float sums live in acc, where the chunks below resume them
+      // the float sums live in acc, not registers, which the loop above needs all of
       const __m256 dv = _mm256_set1_ps(dx);
       float* f = acc + 16 * r;
       __m256 f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][0]), _mm256_mul_ps(s0, dv), _mm256_loadu_ps(f));
@@ -364,25 +364,20 @@ void half_times(const Panel& P, const PromptX& x, int64_t r0, int h, int64_t g0,
 
 constexpr int RT = 4;  // prompt rows per pass: 2 R int32 accumulators, 2 weight vectors, a broadcast
 constexpr int64_t MB = 64;  // prompt rows per sweep, as VNNI's
-// weights per chunk of a half panel (16 rows x 256 x int16: 8 KB), so that the chunk stays in L1
-// while a sweep's rows pass it, rather than the whole 24-64 KB half streaming from L2 for every 4
-// rows (measured even on a Zen 3 while the loop's spill held it back; not measured since)
-constexpr int64_t KC = 256;
 
 // rows r0 .. r1 - 1 (fewer than RT) of half_times
 template <int GS, int OFF, bool MINS, int R = RT - 1>
-void half_tail(const Panel& P, const PromptX& x, int64_t r0, int64_t r1, int h, int64_t g0, int64_t g1, float* acc) {
+void half_tail(const Panel& P, const PromptX& x, int64_t r0, int64_t r1, int h, float* acc) {
   if constexpr (R > 0) {
-    if (r1 - r0 == R) half_times<GS, R, OFF, MINS>(P, x, r0, h, g0, g1, acc);
-    else half_tail<GS, OFF, MINS, R - 1>(P, x, r0, r1, h, g0, g1, acc);
+    if (r1 - r0 == R) half_times<GS, R, OFF, MINS>(P, x, r0, h, acc);
+    else half_tail<GS, OFF, MINS, R - 1>(P, x, r0, r1, h, acc);
   }
 }
 
-// Each output's sum still runs over its groups in order, one fma per group from 0 (the chunks
-// only stop and resume it through acc, exactly), so the bits are those of one pass and of VNNI's.
+// Each output's sum runs over its groups in order, one fma per group from 0, as VNNI's does.
 template <int GS, int L, int OFF, bool MINS, class Row>
 void prompt_product(int64_t N, const PromptX& x, float* out, const Row& row) {
-  const int64_t npanels = (N + PR - 1) / PR, ngs = x.K / GS, gc = std::max<int64_t>(1, KC / GS);
+  const int64_t npanels = (N + PR - 1) / PR;
   at::parallel_for(0, npanels, 1, [&](int64_t begin, int64_t end) {
     std::vector<Panel> panels(end - begin);  // this thread's panels, each unpacked once
     for (int64_t pi = begin; pi < end; ++pi) pack_panel<GS>(N, x.K, pi * PR, panels[pi - begin], row);
@@ -394,13 +389,9 @@ void prompt_product(int64_t N, const PromptX& x, float* out, const Row& row) {
           const int64_t o = pi * PR + 16 * h, n = std::clamp<int64_t>(N - o, 0, 16);
           if (n == 0) break;
           std::fill(acc.begin(), acc.end(), 0.f);
-          for (int64_t g0 = 0; g0 < ngs; g0 += gc) {
-            const int64_t g1 = std::min(ngs, g0 + gc);
-            int64_t r0 = m0;
-            for (; r0 + RT <= m1; r0 += RT)
-              half_times<GS, RT, OFF, MINS>(panels[pi - begin], x, r0, h, g0, g1, acc.data() + (r0 - m0) * 16);
-            half_tail<GS, OFF, MINS>(panels[pi - begin], x, r0, m1, h, g0, g1, acc.data() + (r0 - m0) * 16);
-          }
+          int64_t r0 = m0;
+          for (; r0 + RT <= m1; r0 += RT) half_times<GS, RT, OFF, MINS>(panels[pi - begin], x, r0, h, acc.data() + (r0 - m0) * 16);
+          half_tail<GS, OFF, MINS>(panels[pi - begin], x, r0, m1, h, acc.data() + (r0 - m0) * 16);
           for (int64_t r = m0; r < m1; ++r) std::memcpy(out + r * N + o, acc.data() + (r - m0) * 16, n * sizeof(float));
         }
       }

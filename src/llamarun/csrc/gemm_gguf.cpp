@@ -116,7 +116,7 @@ constexpr int w32_offset() {
 template <class T>
 constexpr int group_size() {
   if constexpr (bytes8<T>()) return T::S16 ? 16 : 32;
-  else return T::MG == 16 ? 16 : 32;  // AVX2's Q2_K: its scales in the values, a minimum per 16
+  else return 32;
 }
 
 // the offset the product subtracts through sum(q): OFF of a byte-form type, else w32_offset
@@ -201,7 +201,7 @@ auto gguf_row(const uint8_t* w, int64_t row_bytes, int64_t K) {
     for (int64_t b = 0; b < K / T::QK; ++b) {
       float scale[16] = {0}, m[16] = {0};
       const int64_t g0 = b * (T::QK / QK);  // the block's first group of 32
-      T::unpack(row + b * T::BYTES, scale, m, [&](int g, const auto& wv) {
+      unpack<T>(row + b * T::BYTES, scale, m, [&](int g, const auto& wv) {
         if constexpr (bytes8<T>()) {
           put_group(P, K, g0 + g, p, wv);
         } else {

@@ -1,26 +1,25 @@
 // GGML's quantized blocks (ggml-common.h layouts), unpacked with AVX2 for the kernels of
 // matmul_gguf.cpp, in one of two forms.
-// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS, Q4_K and, without VNNI, Q2_K unpack one block into
-// 16-bit weights (met by 16-bit activations, X16):
-//   W        int16 weights in element order, handed on per group of 32 (W32), with the integer
-//            sub-scales that differ inside a group multiplied in (Q2_K: sc * q per 16):
-//            |W| <= 4096, so a product with a 16-bit activation and four of them summed stay
-//            inside int32;
+// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS and Q4_K unpack one block into 16-bit weights
+// (met by 16-bit activations, X16):
+//   W        int16 weights in element order, handed on per group of 32 (W32): |W| <= 4096, so
+//            a product with a 16-bit activation and four of them summed stay inside int32;
 //   scale[]  the float scale of each group of 32: d, or d * sc for the K-quants' sub-blocks of
 //            32 (exact in float: an 11-bit d times a 6-bit sc); w = scale * W + m;
 //   m[]      for the types with minimums, the float offset of each group of MG weights (-dmin *
 //            min of a K-quant sub-block, Q4_1's m), added through the activations' group sums.
 //   The signed offsets (Q4_0's -8) are subtracted here, in integers, exactly.
-// Q3_K, Q5_K, Q6_K and, with VNNI, Q2_K (BYTES8) unpack into bytes instead (met by two 8-bit
-// activation levels, X8):
-//   U        the 32 weights of a group as unsigned bytes q in element order, w = scale * (q - OFF)
+// Q2_K, Q3_K, Q5_K and Q6_K (BYTES8) unpack into bytes instead (met by two 8-bit activation
+// levels, X8), in two steps, scales(b, s, m) then weights(b, fn):
+//   U        the 32 weights of a group as unsigned bytes q in element order, w = d * sc * (q - OFF)
 //            + m, the offset (Q3_K's 4, Q6_K's 32) taken through the activations' sums in the product;
-//   scale[]  per 32 weights, or per 16 (S16: Q2_K, Q3_K, Q6_K, whose sub-scales differ inside a
-//            group), d * sc, exact, so that scale * (q - OFF) is one rounding, as gguf-py's.
+//   s        (KScales) the block's float d and its integer sub-scales sc, per 32 weights or per 16
+//            (S16: Q2_K, Q3_K, Q6_K, whose sub-scales differ inside a group); d * sc is exact in
+//            float, so that (d * sc) * (q - OFF) is one rounding, as gguf-py's.
 //   Widening their 2-, 3- and 6-bit weights and multiplying the sub-scales in cost more than the
 //   product itself: a 768 x 2048 row product ran 1.2x (Q6_K), 1.3x (Q5_K), 1.8x (Q2_K, Q3_K)
-//   faster this way with VNNI; the other types measured as fast or slower this way, and Q2_K
-//   without VNNI (four multiply instructions a group for the two levels) 1.2x slower.
+//   faster this way with VNNI; the other types measured as fast or slower this way. On AVX2 the
+//   integer sub-scales meet the products in vpmaddwd (matmul_gguf.cpp).
 // blocks.py is the same arithmetic in torch (checked against gguf-py); these are checked against it.
 #pragma once
 
@@ -52,11 +51,6 @@ inline W32 widen(__m128i lo, __m128i hi, int16_t offset = 0) {
 }
 inline W32 widen(__m256i q, int16_t offset = 0) {
   return widen(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1), offset);
-}
-// as widen, times the sub-block scale s0 (weights 0..15) and s1 (16..31)
-inline W32 widen_scaled(__m256i q, int16_t offset, int16_t s0, int16_t s1) {
-  const W32 w = widen(q, offset);
-  return {_mm256_mullo_epi16(w.lo, _mm256_set1_epi16(s0)), _mm256_mullo_epi16(w.hi, _mm256_set1_epi16(s1))};
 }
 // 16 + 16 signed bytes -> int16
 inline W32 widen_signed(__m128i lo, __m128i hi) { return {_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi)}; }
@@ -129,18 +123,17 @@ inline __m256i bit16_of(const uint8_t* p) {
   return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask), _mm256_set1_epi8(0x10));
 }
 
-// bytes v where bit `bit` is set -> `value`, else 0
-inline __m256i bit_to(__m256i v, int bit, char value) {
-  const __m256i b = _mm256_set1_epi8((char)(1 << bit));
-  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, b), b), _mm256_set1_epi8(value));
-}
-
-// u + `value` in the bytes where bit `bit` of v is set (u's bytes are clear there)
+// u + `value` (a power of 2) in the bytes where bit `bit` of v is set (u's bytes are clear there)
 inline __m256i add_bit(__m256i u, __m256i v, int bit, char value) {
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
   return _mm256_mask_add_epi8(u, _mm256_test_epi8_mask(v, _mm256_set1_epi8((char)(1 << bit))), u, _mm256_set1_epi8(value));
 #else
-  return _mm256_or_si256(u, bit_to(v, bit, value));
+  // bit `bit` of each byte moved to value's bit k by one 16-bit shift (what crosses from the
+  // neighbouring byte lands on other bits, masked off): two instructions, where a compare of the
+  // bit took three
+  const int k = __builtin_ctz((unsigned)(uint8_t)value);
+  const __m256i t = bit > k ? _mm256_srli_epi16(v, bit - k) : bit < k ? _mm256_slli_epi16(v, k - bit) : v;
+  return _mm256_or_si256(u, _mm256_and_si256(t, _mm256_set1_epi8(value)));
 #endif
 }
 
@@ -164,9 +157,27 @@ inline __m256 bytes_times(uint64_t bytes, float f) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((int64_t)bytes))), _mm256_set1_ps(f));
 }
 
+// A byte-form block's scales: w = d * sc[i] * (q - OFF) + m for the weights of sub-block i (16
+// weights for S16, else 32)
+struct KScales {
+  float d;
+  __m128i sc;  // int8 lanes, in a register: a store of 8 bytes read back as 16 stalled the loads
+               // behind it (a quarter of a Q5_K product's time)
+  // scale[0..n) = f * sc, exact in float for f = d (an 11-bit d times an 8-bit sc) and for d
+  // times a power of 2
+  void floats(float* scale, int n) const { floats(scale, n, d); }
+  void floats(float* scale, int n, float f) const {
+    const __m128i v = sc;
+    const __m256 dv = _mm256_set1_ps(f);
+    for (int i = 0; i < n; i += 8)
+      _mm256_storeu_ps(scale + i, _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(i ? _mm_srli_si128(v, 8) : v))));
+  }
+};
+
 // One struct per type: QK weights per block, BYTES per block, MG weights per minimum (0: none);
 // BYTES8, OFF and S16 for the byte-form types. unpack(b, scale, m, fn) sets the block's scales
-// and its minimums m, then calls fn(g, W32), or for BYTES8 fn(g, U), for each group g.
+// and its minimums m, then calls fn(g, W32) for each group g; a BYTES8 type's scales(b, s, m)
+// sets s and m, and weights(b, fn) calls fn(g, U).
 struct Q8_0 {
   static constexpr int QK = 32, BYTES = 34, MG = 0;
   template <class Fn> static void unpack(const uint8_t* b, float* scale, float*, Fn&& fn) {
@@ -237,49 +248,32 @@ struct IQ4_NL {
 };
 
 // K-quants: 256 weights, sub-blocks of 32 (Q4_K, Q5_K, IQ4_XS: their scales go into the float
-// scale of each group) or 16 (Q2_K without VNNI: multiplied into the int16 weights; Q3_K, Q6_K and
-// Q2_K with VNNI: a scale per 16)
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-// Q2_K: bytes where vpdpbusd takes them (1.8x the 16-bit form's speed); on AVX2 the two 8-bit
-// levels cost four multiply instructions a group and the 16-bit form below ran 1.2x faster
+// scale of each group) or 16 (Q2_K, Q3_K, Q6_K: a scale per 16)
 struct Q2_K {
   static constexpr int QK = 256, BYTES = 84, MG = 16, OFF = 0;
   static constexpr bool BYTES8 = true, S16 = true;
-  template <class Fn> static void unpack(const uint8_t* b, float* scale, float* m, Fn&& fn) {
-    const uint8_t* sc = b;
-    const float d = fp16(b + 80), dmin = fp16(b + 82);
-    for (int i = 0; i < 16; ++i) scale[i] = d * (float)(sc[i] & 15), m[i] = -dmin * (float)(sc[i] >> 4);
+  static void scales(const uint8_t* b, KScales& s, float* m) {
+    s.d = fp16(b + 80);
+    const float dmin = fp16(b + 82);
+    const __m128i v = _mm_loadu_si128((const __m128i*)b), m4 = _mm_set1_epi8(15);
+    s.sc = _mm_and_si128(v, m4);
+    const __m128i mn = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+    _mm256_storeu_ps(m, bytes_times((uint64_t)_mm_cvtsi128_si64(mn), -dmin));
+    _mm256_storeu_ps(m + 8, bytes_times((uint64_t)_mm_extract_epi64(mn, 1), -dmin));
+  }
+  template <class Fn> static void weights(const uint8_t* b, Fn&& fn) {
     for (int n = 0; n < 2; ++n) {  // weight 128n + 32j + l is bits 2j..2j+1 of qs[32n + l]
       const __m256i q = _mm256_loadu_si256((const __m256i*)(b + 16 + 32 * n));
       for (int j = 0; j < 4; ++j) fn(4 * n + j, _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), _mm256_set1_epi8(3)));
     }
   }
 };
-#else
-struct Q2_K {
-  static constexpr int QK = 256, BYTES = 84, MG = 16;
-  template <class Fn> static void unpack(const uint8_t* b, float* scale, float* m, Fn&& fn) {
-    const uint8_t* sc = b;
-    const float d = fp16(b + 80), dmin = fp16(b + 82);
-    _mm256_storeu_ps(scale, _mm256_set1_ps(d));
-    for (int i = 0; i < 16; ++i) m[i] = -dmin * (float)(sc[i] >> 4);
-    for (int n = 0; n < 2; ++n) {  // weight 128n + 32j + l is bits 2j..2j+1 of qs[32n + l]
-      const __m256i q = _mm256_loadu_si256((const __m256i*)(b + 16 + 32 * n));
-      for (int j = 0; j < 4; ++j) {
-        const int g = 4 * n + j;
-        const __m256i v = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), _mm256_set1_epi8(3));
-        fn(g, widen_scaled(v, 0, sc[2 * g] & 15, sc[2 * g + 1] & 15));
-      }
-    }
-  }
-};
-#endif
 
-// Q3_K's sixteen 6-bit scales (12 bytes at sb), d * (sc - 32): sc i's low 4 bits are nibble i / 8
-// of sb[i % 8], its top 2 bits bits 2 (i / 4).. of sb[8 + i % 4]; all 16 at once in one vector
-// (the scalar loop's bit extraction had cost more than the block's products: a 768-wide Q3_K
-// product ran at half the weights per second of the other K-quants)
-inline void q3_scales(const uint8_t* sb, float d, float* scale) {
+// Q3_K's sixteen 6-bit scales (12 bytes at sb), sc - 32: sc i's low 4 bits are nibble i / 8 of
+// sb[i % 8], its top 2 bits bits 2 (i / 4).. of sb[8 + i % 4]; all 16 at once in one vector (the
+// scalar loop's bit extraction had cost more than the block's products: a 768-wide Q3_K product
+// ran at half the weights per second of the other K-quants)
+inline __m128i q3_scales(const uint8_t* sb) {
   uint64_t lo8;
   uint32_t hi4;
   std::memcpy(&lo8, sb, 8), std::memcpy(&hi4, sb + 8, 4);
@@ -287,17 +281,14 @@ inline void q3_scales(const uint8_t* sb, float d, float* scale) {
   const __m128i low = _mm_unpacklo_epi64(_mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
   const uint32_t m2 = 0x03030303;
   const __m128i high = _mm_setr_epi32((int)(hi4 & m2), (int)((hi4 >> 2) & m2), (int)((hi4 >> 4) & m2), (int)((hi4 >> 6) & m2));
-  const __m128i sc = _mm_sub_epi8(_mm_or_si128(low, _mm_slli_epi16(high, 4)), _mm_set1_epi8(32));
-  const __m256 dv = _mm256_set1_ps(d);
-  _mm256_storeu_ps(scale, _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
-  _mm256_storeu_ps(scale + 8, _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
+  return _mm_sub_epi8(_mm_or_si128(low, _mm_slli_epi16(high, 4)), _mm_set1_epi8(32));
 }
 
 struct Q3_K {
   static constexpr int QK = 256, BYTES = 110, MG = 0, OFF = 4;
   static constexpr bool BYTES8 = true, S16 = true;
-  template <class Fn> static void unpack(const uint8_t* b, float* scale, float*, Fn&& fn) {
-    q3_scales(b + 96, fp16(b + 108), scale);
+  static void scales(const uint8_t* b, KScales& s, float*) { s.sc = q3_scales(b + 96), s.d = fp16(b + 108); }
+  template <class Fn> static void weights(const uint8_t* b, Fn&& fn) {
     const __m256i hmask = _mm256_loadu_si256((const __m256i*)b);
     for (int n = 0; n < 2; ++n) {  // weight 128n + 32j + l: bits 2j.. of qs[32n + l], bit 4n + j of hmask[l]
       const __m256i q = _mm256_loadu_si256((const __m256i*)(b + 32 + 32 * n));
@@ -333,8 +324,13 @@ struct Q4_K {
 struct Q5_K {
   static constexpr int QK = 256, BYTES = 176, MG = 32, OFF = 0;
   static constexpr bool BYTES8 = true, S16 = false;
-  template <class Fn> static void unpack(const uint8_t* b, float* scale, float* m, Fn&& fn) {
-    k_scales_and_mins(b, scale, m);
+  static void scales(const uint8_t* b, KScales& s, float* m) {
+    uint64_t sc, mn;
+    k_scales(b + 4, &sc, &mn);
+    s.sc = _mm_cvtsi64_si128((int64_t)sc), s.d = fp16(b);
+    _mm256_storeu_ps(m, bytes_times(mn, -fp16(b + 2)));
+  }
+  template <class Fn> static void weights(const uint8_t* b, Fn&& fn) {
     const __m256i qh = _mm256_loadu_si256((const __m256i*)(b + 16)), m4 = _mm256_set1_epi8(0x0F);
     for (int j = 0; j < 4; ++j) {  // as Q4_K; the 5th bit of sub-block g's weight l is bit g of qh[l]
       const __m256i q = _mm256_loadu_si256((const __m256i*)(b + 48 + 32 * j));
@@ -347,11 +343,10 @@ struct Q5_K {
 struct Q6_K {
   static constexpr int QK = 256, BYTES = 210, MG = 0, OFF = 32;
   static constexpr bool BYTES8 = true, S16 = true;
-  template <class Fn> static void unpack(const uint8_t* b, float* scale, float*, Fn&& fn) {
-    const __m128i sc = _mm_loadu_si128((const __m128i*)(b + 192));
-    const __m256 d = _mm256_set1_ps(fp16(b + 208));
-    _mm256_storeu_ps(scale, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
-    _mm256_storeu_ps(scale + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
+  static void scales(const uint8_t* b, KScales& s, float*) {
+    s.sc = _mm_loadu_si128((const __m128i*)(b + 192)), s.d = fp16(b + 208);
+  }
+  template <class Fn> static void weights(const uint8_t* b, Fn&& fn) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
     for (int n = 0; n < 2; ++n) {  // weight 128n + r: nibble r / 64 of ql[64n + r % 64], bits 2 (r / 32).. of qh[32n + r % 32]
       const __m256i l0 = _mm256_loadu_si256((const __m256i*)(b + 64 * n));
@@ -387,6 +382,20 @@ template <class T>
 constexpr bool bytes8() {
   if constexpr (requires { T::BYTES8; }) return T::BYTES8;
   else return false;
+}
+
+// a block of any type with float scales: for a byte-form type scale[i] = d * sc[i] (16 or 8
+// of them), then its groups as T::weights hands them on
+template <class T, class Fn>
+inline void unpack(const uint8_t* b, float* scale, float* m, Fn&& fn) {
+  if constexpr (bytes8<T>()) {
+    KScales s;
+    T::scales(b, s, m);
+    s.floats(scale, T::S16 ? 16 : 8);
+    T::weights(b, fn);
+  } else {
+    T::unpack(b, scale, m, fn);
+  }
 }
 
 // fn(T{}) for the block struct of ggml type `type`; false when there is none

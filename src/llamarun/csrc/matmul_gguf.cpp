@@ -23,7 +23,7 @@ namespace llamarun {
 void X16::quantize(const float* x, int64_t rows, int64_t width) {
   TORCH_CHECK(width % QK == 0, "GGUF linears need an input width that is a multiple of 32");
   B = rows, K = width, ng = K / QK;
-  X.resize(B * K), dx.resize(B * ng), xs16.resize(B * 2 * ng), xs32.resize(B * ng);
+  X.resize(B * K), dx.resize(B * ng), xs32.resize(B * ng);
   auto groups = [&](int64_t begin, int64_t end) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t i = begin; i < end; ++i) {
@@ -47,8 +47,7 @@ void X16::quantize(const float* x, int64_t rows, int64_t width) {
       _mm256_storeu_si256((__m256i*)s8, _mm256_add_epi32(q[2], q[3]));
       for (int k = 0; k < 8; ++k) hi += s8[k];
       *const_cast<float*>(dx_at(i / ng, i % ng)) = d;
-      xs16[2 * i] = d * (float)lo, xs16[2 * i + 1] = d * (float)hi;  // exact integer sums, one rounding
-      xs32[i] = d * (float)(lo + hi);
+      xs32[i] = d * (float)(lo + hi);  // an exact integer sum, one rounding
     }
   };
   if (B * ng < 512) groups(0, B * ng);
@@ -56,10 +55,10 @@ void X16::quantize(const float* x, int64_t rows, int64_t width) {
 }
 
 void X8::quantize(const float* x, int64_t rows, int64_t width) {
-  TORCH_CHECK(width % QK == 0, "GGUF linears need an input width that is a multiple of 32");
+  TORCH_CHECK(width % SG == 0, "GGUF K-quant linears need an input width that is a multiple of ", SG);
   B = rows, K = width, ng = K / QK;
-  xq.resize(B * 2 * K), dx.resize(B * ng), xs16.resize(B * 2 * ng), xs32.resize(B * ng);
-  quantize_rows(x, B, K, K, xq.data(), dx.data(), nullptr, nullptr, false, xs16.data(), xs32.data());
+  xq.resize(B * 2 * K), dx.resize(B * K / SG), xs16.resize(B * 2 * ng), xs32.resize(B * ng);
+  quantize_rows(x, B, K, K, xq.data(), dx.data(), nullptr, nullptr, false, xs16.data(), xs32.data(), SG);
 }
 
 bool gguf_takes_x8(int64_t type) {
@@ -102,8 +101,8 @@ template <class T>
 inline float finish(__m256 acc, const float* m, const X16& x, int64_t j) {
   float r = hsum(acc);
   if constexpr (T::MG > 0) {
-    const int64_t n = x.K / T::MG;
-    r += min_dot(m, (T::MG == 16 ? x.xs16 : x.xs32).data() + j * n, n);
+    static_assert(T::MG == 32, "the 16-bit form's minimums are per 32");
+    r += min_dot(m, x.xs32.data() + j * (x.K / 32), x.K / 32);
   }
   return r;
 }
@@ -164,6 +163,27 @@ constexpr int terms_per_block() {
   return has_min_term<T>() ? T::QK / min_group<T>() : 0;
 }
 
+// the output of a byte-form row: hsum(acc) + the minimums' term
+template <class T>
+inline float finish8(__m256 acc, const float* me, const X8& x, int64_t j) {
+  float r = hsum(acc);
+  if constexpr (has_min_term<T>()) {
+    const int64_t n = x.K / min_group<T>();
+    r += min_dot(me, (min_group<T>() == 16 ? x.xs16 : x.xs32).data() + j * n, n);
+  }
+  return r;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+// the minimums' terms of block b (scale: d * sc) into e: m - OFF * scale per min_group
+template <class T>
+inline void min_terms(const float* scale, const float* m, float* e) {
+  for (int i = 0; i < terms_per_block<T>(); ++i) {
+    const float mi = T::MG > 0 ? m[i * min_group<T>() / std::max(T::MG, 1)] : 0.f;
+    e[i] = T::OFF != 0 ? mi - (float)T::OFF * scale[i] : mi;
+  }
+}
+
 // the 8 lanes of a group's product: lanes 0-3 sum weights 0..15, 4-7 weights 16..31
 template <class T>
 inline __m256 group_scale(const float* scale, int g) {
@@ -190,7 +210,7 @@ inline void row_times8(const uint8_t* row, const X8& x, int64_t j0, float* me, f
   for (int j = 0; j < NB; ++j) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nblk; ++b) {
     float scale[T::S16 ? 16 : 8], m[T::MG > 0 ? T::QK / T::MG : 1];
-    T::unpack(row + b * T::BYTES, scale, m, [&](int g, __m256i u) {
+    unpack<T>(row + b * T::BYTES, scale, m, [&](int g, __m256i u) {
       const int64_t gi = b * G + g;
       const __m256 sv = group_scale<T>(scale, g);
       __m256* a = acc[g % 2];  // G is even: gi's parity is g's
@@ -201,23 +221,69 @@ inline void row_times8(const uint8_t* row, const X8& x, int64_t j0, float* me, f
                                _mm256_mul_ps(sv, _mm256_broadcast_ss(D[j] + gi)), a[j]);
       }
     });
-    if constexpr (has_min_term<T>()) {
-      float* e = me + b * terms_per_block<T>();
-      for (int i = 0; i < terms_per_block<T>(); ++i) {
-        const float mi = T::MG > 0 ? m[i * min_group<T>() / std::max(T::MG, 1)] : 0.f;
-        e[i] = T::OFF != 0 ? mi - (float)T::OFF * scale[i] : mi;
-      }
-    }
+    if constexpr (has_min_term<T>()) min_terms<T>(scale, m, me + b * terms_per_block<T>());
   }
-  for (int j = 0; j < NB; ++j) {
-    float r = hsum(_mm256_add_ps(acc[0][j], acc[1][j]));
-    if constexpr (has_min_term<T>()) {
-      const int64_t n = x.K / min_group<T>();
-      r += min_dot(me, (min_group<T>() == 16 ? x.xs16 : x.xs32).data() + (j0 + j) * n, n);
-    }
-    out[(j0 + j) * ld] = r;
-  }
+  for (int j = 0; j < NB; ++j) out[(j0 + j) * ld] = finish8<T>(_mm256_add_ps(acc[0][j], acc[1][j]), me, x, j0 + j);
 }
+#else
+// the sub-scales of group g as 16 int16, in the lanes of vpmaddubsw's sums (lanes 0-7: weights
+// 0..15, 8-15: weights 16..31): sc[2g] and sc[2g + 1] for S16, else sc[g] in all
+template <class T>
+inline __m256i sub_scales(__m128i sc, int g) {
+  const int lo = T::S16 ? 2 * g : g, hi = T::S16 ? 2 * g + 1 : g;
+  const __m128i idx = _mm_setr_epi8(lo, lo, lo, lo, lo, lo, lo, lo, hi, hi, hi, hi, hi, hi, hi, hi);
+  return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, idx));
+}
+
+// row_times for a byte-form type on AVX2, with dx per block of 256 (X8::SG): each level's U . X
+// by vpmaddubsw (pairs of u8 x s8 in int16: at most 2 * 63 * 127, no saturation), times the
+// group's integer sub-scales by vpmaddwd, summed in int32 over the block's 8 groups (at most 8 *
+// 2 * 16002 * 128 < 2^31); then acc += float(256 * S1 + S2) * (d * dx) once per block, and the
+// minimums' term at the end. Against per-group float conversions (as VNNI's row_times8) this
+// takes 6 instructions a group and row where that took 12: a 768 x 2048 product ran
+// 1.4-1.8x faster. The same operations for every NB (batch invariance).
+template <class T, int NB>
+inline void row_times8(const uint8_t* row, const X8& x, int64_t j0, float* me, float* out, int64_t ld) {
+  static_assert(T::QK == 256 && X8::SG == 256, "byte-form types are K-quants, met per block");
+  constexpr int G = T::QK / QK;
+  const int64_t nblk = x.K / T::QK;
+  const int8_t* X[NB];  // row j's group gi at X[j] + gi * 64, block b's dx at D[j][b]
+  const float* D[NB];
+  for (int j = 0; j < NB; ++j) X[j] = x.at(j0 + j, 0), D[j] = x.dx_at(j0 + j, 0);
+  __m256 acc[NB];
+  for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nblk; ++b) {
+    const uint8_t* blk = row + b * T::BYTES;
+    // the minimums' terms of the block straight into me: the types with minimums have one per
+    // min_group and no offset (Q2_K, Q5_K); the others' are -OFF * d * sc (exact, as d * sc)
+    static_assert(T::MG == 0 || (T::MG == min_group<T>() && T::OFF == 0), "a minimum per term");
+    float* e = me + b * terms_per_block<T>();
+    KScales s;
+    float unused[1];
+    T::scales(blk, s, T::MG > 0 ? e : unused);
+    if constexpr (T::MG == 0 && T::OFF != 0) s.floats(e, terms_per_block<T>(), -(float)T::OFF * s.d);
+    const __m128i sc = s.sc;
+    __m256i s1[NB], s2[NB];
+    for (int j = 0; j < NB; ++j) s1[j] = s2[j] = _mm256_setzero_si256();
+    T::weights(blk, [&](int g, __m256i u) {
+      const int64_t gi = b * G + g;
+      const __m256i sv = sub_scales<T>(sc, g);
+      for (int j = 0; j < NB; ++j) {
+        const __m256i q1 = _mm256_loadu_si256((const __m256i*)(X[j] + gi * 2 * QK));
+        const __m256i q2 = _mm256_loadu_si256((const __m256i*)(X[j] + gi * 2 * QK + QK));
+        s1[j] = _mm256_add_epi32(s1[j], _mm256_madd_epi16(_mm256_maddubs_epi16(u, q1), sv));
+        s2[j] = _mm256_add_epi32(s2[j], _mm256_madd_epi16(_mm256_maddubs_epi16(u, q2), sv));
+      }
+    });
+    const __m256 dv = _mm256_set1_ps(s.d);
+    for (int j = 0; j < NB; ++j) {
+      const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1[j]), _mm256_set1_ps(256.f), _mm256_cvtepi32_ps(s2[j]));
+      acc[j] = _mm256_fmadd_ps(v, _mm256_mul_ps(dv, _mm256_broadcast_ss(D[j] + b)), acc[j]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) out[(j0 + j) * ld] = finish8<T>(acc[j], me, x, j0 + j);
+}
+#endif
 
 // Weight rows [lo, hi) times all B activation rows: each weight row is unpacked once per 8
 // activation rows, which meet it in registers. The same additions in the same order for every
@@ -271,7 +337,7 @@ void gguf_dequantize_rows(int64_t type, const uint8_t* w, int64_t row_bytes, int
       const uint8_t* row = w + (ids ? ids[i] : i) * row_bytes;
       for (int64_t b = 0; b < K / T::QK; ++b) {
         float* r = dst + i * K + b * T::QK;
-        T::unpack(row + b * T::BYTES, scale, m, [&](int g, const auto& wv) {
+        unpack<T>(row + b * T::BYTES, scale, m, [&](int g, const auto& wv) {
           if constexpr (bytes8<T>()) store_dequantized_bytes<T>(wv, scale, g, m, r + QK * g);
           else store_dequantized<T::MG>(wv, scale[g], m + QK * g / std::max(T::MG, 1), r + QK * g);
         });

@@ -4,8 +4,23 @@
 namespace llamarun {
 
 void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq, float* dx, float* xs,
-                   float* xcb, bool paired, float* xs16, float* xs32) {
-  const int64_t nb = Kp / QK;
+                   float* xcb, bool paired, float* xs16, float* xs32, int64_t scale_group) {
+  const int64_t nb = Kp / QK, per = scale_group / QK;  // blocks of 32 per scale
+  // the max |x| of each group of scale_group (> 32: one scale for several blocks)
+  std::vector<float> gmax(per > 1 ? B * nb / per : 0);
+  for (int64_t i = 0; i < (int64_t)gmax.size(); ++i) {
+    const int64_t b = i / (nb / per), lo = (i % (nb / per)) * scale_group, n = std::min(scale_group, K - lo);
+    const float* src = x + b * K + lo;
+    __m256 vmax = _mm256_setzero_ps();
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(src + j), abs_mask));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vmax);
+    float amax = *std::max_element(lanes, lanes + 8);
+    for (; j < n; ++j) amax = std::max(amax, std::abs(src[j]));
+    gmax[i] = amax;
+  }
   auto rows = [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / nb, blk = i % nb;
@@ -22,7 +37,7 @@ void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq,
       }
       float lanes[8];
       _mm256_storeu_ps(lanes, vmax);
-      const float amax = *std::max_element(lanes, lanes + 8), sum = hsum(vsum);
+      const float amax = per > 1 ? gmax[(b * nb + blk) / per] : *std::max_element(lanes, lanes + 8), sum = hsum(vsum);
       const float d1 = amax / 127.f, id1 = d1 ? 1.f / d1 : 0.f, id2 = id1 * 256.f;
       int8_t* dst = xq + (b * nb + blk) * 2 * QK;
       int8_t q[2 * QK];
@@ -57,7 +72,7 @@ void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq,
           std::memcpy(pair + lv * 64 + 32, q + lv * QK + 16, 16);
         }
       }
-      dx[b * nb + blk] = d1 / 256.f;
+      if (blk % per == 0) dx[(b * nb + blk) / per] = d1 / 256.f;
       if (xs) xs[b * nb + blk] = sum;
     }
   };

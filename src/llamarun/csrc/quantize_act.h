@@ -16,9 +16,11 @@ namespace llamarun {
 // xcb (B, Kp/32) = 128 * the block's dequantized sum (what int8_tile's weight offset adds);
 // xs16 (B, Kp/16) and xs32 (B, Kp/32), where given: d * the exact sum of 256 q1 + q2 over each 16
 // and 32 (what the GGUF kernels' minimums and offsets multiply). xs and xcb may be null (the GGUF
-// kernels take neither).
+// kernels take neither). scale_group (a multiple of 32 dividing Kp): the weights that share one
+// scale, d1 = max|x| over the group / 127 for all its blocks of 32; dx (B, Kp/scale_group).
 void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq, float* dx, float* xs,
-                   float* xcb, bool paired = false, float* xs16 = nullptr, float* xs32 = nullptr);
+                   float* xcb, bool paired = false, float* xs16 = nullptr, float* xs32 = nullptr,
+                   int64_t scale_group = QK);
 
 struct QuantizedX {
   at::Tensor xq, dx, xs, xcb;

@@ -136,6 +136,10 @@ def run_llamarun(path: Path, threads: int, flags: tuple[str, ...] = ()) -> dict:
         "decode": dec["decode_tok_s"],
         "load_s": min(pre["load_s"], dec["load_s"]),
         "rss_mb": max(pre["peak_rss_mb"], dec["peak_rss_mb"]),  # before the bench's bandwidth probe
+        # the measure: peak RSS less the KV rows (cache and saved prompt chunks)
+        "rss_less_kv_mb": max(
+            r["peak_rss_mb"] - r["kv_cache_mb"] - r["prefix_cache_mb"] for r in (pre, dec)
+        ),
         "process_rss_mb": max(rss, rss2),
     }
 
@@ -198,8 +202,8 @@ def table(results, files: dict[str, Row], baseline_mb: float) -> str:
     lines = [
         "| file | MB | llama.cpp decode | llamarun decode | x | llama.cpp prefill | llamarun "
         "prefill | x | load s (llama.cpp / llamarun) | RSS MB (llama.cpp / llamarun) | llamarun "
-        "RSS above imports / file |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "RSS above imports / file | the same less KV rows (bound: 1.15) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row, spec in files.items():
         ours, theirs = results[row]["llamarun"], results[row]["llama.cpp"]
@@ -207,11 +211,13 @@ def table(results, files: dict[str, Row], baseline_mb: float) -> str:
         d = (median(ours, "decode"), median(theirs, "decode"))
         p = (median(ours, "prefill"), median(theirs, "prefill"))
         rss = median(ours, "rss_mb")
+        mib = spec.theirs.stat().st_size / 2**20  # RSS is in MiB
         lines.append(
             f"| {row} | {size:.0f} | {d[1]:.1f} | {d[0]:.1f} | {d[0] / d[1]:.2f} | {p[1]:.1f} | "
             f"{p[0]:.1f} | {p[0] / p[1]:.2f} | {median(theirs, 'load_s'):.2f} / "
             f"{median(ours, 'load_s'):.2f} | {median(theirs, 'rss_mb'):.0f} / {rss:.0f} | "
-            f"{(rss - baseline_mb) / size:.2f} |"
+            f"{(rss - baseline_mb) / mib:.2f} | "
+            f"{(median(ours, 'rss_less_kv_mb') - baseline_mb) / mib:.2f} |"
         )
     return "\n".join(lines)
 
@@ -296,7 +302,9 @@ def main() -> None:
         f"tok/s: {GEN} steps from an empty context by both (llama-bench tg{GEN}; llamarun bench "
         f"--prompt-len 1 --gen-len {GEN + 1}); prefill: pp{PROMPT} and a {PROMPT}-token prompt. RSS: peak of the process "
         f"(llama-completion for llama.cpp); llamarun's imports and kernels alone take "
-        f"{baseline:.0f} MB.\n\n{table(results, files, baseline)}\n"
+        f"{baseline:.0f} MB; KV rows: each run's KV cache and the prefix cache's saved "
+        f"prompt chunks (`llamarun bench` reports both).\n\n"
+        f"{table(results, files, baseline)}\n"
     )
     print("\n" + text)
     if opts.write_results:

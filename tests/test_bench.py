@@ -25,6 +25,8 @@ FIELDS = {
     "prompt_len",
     "gen_len",
     "decode_steps",
+    "kv_cache_mb",
+    "prefix_cache_mb",
 }
 
 
@@ -42,6 +44,19 @@ def test_bench_json_has_the_figures(checkpoint, capsys, extra):
     assert report["decode_steps"] == 4  # the first new token comes from the prefill
     assert report["decode_tok_s"] > 0 and report["prefill_tok_s"] > 0
     assert 0 < report["bandwidth_fraction"] and report["peak_rss_mb"] > 10
+
+
+def test_bench_reports_the_kv_rows_apart(checkpoint, tiny_args, capsys):
+    # the memory bound counts the KV rows apart from the weights: the cache of the run's
+    # batch x (prompt + gen + 1) positions, and the prompt chunks the prefix cache saved
+    argv = ["bench", str(checkpoint), "--prompt-len", "8", "--gen-len", "5", "--batch", "2"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    a = tiny_args
+    head_dim = a.dim // a.n_heads
+    kv = a.n_layers * 2 * 2 * (a.n_kv_heads or a.n_heads) * (8 + 5 + 1) * head_dim * 4
+    assert report["kv_cache_mb"] * 2**20 == kv
+    assert report["prefix_cache_mb"] == 0  # a prompt's unfinished last chunk is not saved
 
 
 def test_bench_reports_speculation(checkpoint, capsys):

@@ -92,6 +92,15 @@ def measure(llm, batch: int, prompt_len: int, gen_len: int, *, seed: int = 0) ->
         engine.stop_ids = stop_ids
     step_bytes = weight_bytes_per_step(llm.model)
     steps_per_s = steps / decode_s if decode_s else 0.0
+    # the KV memory the memory bound counts apart from the weights: the cache rows (all written
+    # here) and the prefix cache's saved prompt chunks
+    kv_bytes = sum(
+        buf.nbytes
+        for layer in llm.model.layers
+        if layer.attention.kv_cache is not None
+        for buf in (layer.attention.kv_cache.k, layer.attention.kv_cache.v)
+    )
+    pool_bytes = engine.prefix.pool.used_bytes if engine.prefix is not None else 0
     speculation = llm.speculation
     return {
         "batch": batch,
@@ -105,6 +114,8 @@ def measure(llm, batch: int, prompt_len: int, gen_len: int, *, seed: int = 0) ->
         "decode_tok_s": tokens / decode_s if decode_s else 0.0,
         "weight_bytes_per_step": step_bytes,
         "decode_gbs": step_bytes * steps_per_s / 1e9,
+        "kv_cache_mb": kv_bytes / 2**20,
+        "prefix_cache_mb": pool_bytes / 2**20,
         **({"speculation": speculation} if speculation is not None else {}),
     }
 
@@ -172,4 +183,7 @@ def print_report(r: dict) -> None:
         f"bandwidth    {r['decode_gbs']:.1f} GB/s = {r['weight_bytes_per_step'] / 1e6:.1f} MB of weights per step; "
         f"{100 * r['bandwidth_fraction']:.0f}% of the {r['memory_bandwidth_gbs']:.1f} GB/s measured"
     )
-    print(f"peak RSS     {r['peak_rss_mb']:.0f} MB")
+    print(
+        f"peak RSS     {r['peak_rss_mb']:.0f} MB (KV cache {r['kv_cache_mb']:.0f} MB, "
+        f"prefix cache {r['prefix_cache_mb']:.0f} MB)"
+    )

@@ -16,7 +16,6 @@ pytest.importorskip("transformers")
 from tiny import hf_to_meta, random_blocks, tiny_hf_model, write_gguf  # noqa: E402
 
 import llamarun  # noqa: E402
-from llamarun import cpu_kernels  # noqa: E402
 from llamarun.blocks import BLOCK_TYPES  # noqa: E402
 from llamarun.config import ModelArgs, RopeScaling  # noqa: E402
 from llamarun.packed import PackedLinear  # noqa: E402
@@ -142,8 +141,7 @@ def test_quantized_gguf_matches_transformers_with_gguf_dequantized_weights(tmp_p
 
 
 # gguf_blocks.h's byte-form types (BYTES8): Q2_K only where the kernels have VNNI
-_VNNI = cpu_kernels.ops() is not None and "VNNI" in cpu_kernels.ops().isa()
-EIGHT_BIT_LEVELS = {"Q3_K", "Q5_K", "Q6_K"} | ({"Q2_K"} if _VNNI else set())
+EIGHT_BIT_LEVELS = {"Q2_K", "Q3_K", "Q5_K", "Q6_K"}
 
 
 @pytest.mark.parametrize("qtype", BLOCK_TYPES)
@@ -154,8 +152,8 @@ def test_packed_layer_equals_gguf_dequantization_on_random_blocks(qtype):
     # activations the kernels quantize without error, so any difference comes from the weights:
     # per block of 32 they take 16 bits (x = d * X, d = max|x| / 32767): integers with 32767 in
     # every block; or for the types unpacked to bytes, two 8-bit levels (x = d1 * q1 + d1 / 256 *
-    # q2, d1 = max|x| / 127, |q2| <= 127): integers with 127 * 256 in every block and none 128
-    # away from a multiple of 256
+    # q2, d1 = max|x| / 127 per 32 with VNNI, per 256 on AVX2, |q2| <= 127): integers with 127 *
+    # 256 in every block of 32 and none 128 away from a multiple of 256
     top = 127 * 256 if qtype in EIGHT_BIT_LEVELS else 32767
     x = torch.randint(-top, top + 1, (3, 512), generator=torch.Generator().manual_seed(0))
     if qtype in EIGHT_BIT_LEVELS:

@@ -5,7 +5,7 @@ nn.Linear), so the model file knows nothing of formats. Each holds its matrix as
 block rows, a uint8 view of the memory-mapped file: no copy, and only the pages read are
 resident. On x86 CPUs the C++ kernels compute on those bytes for one token per row, however
 many rows (csrc/matmul_gguf.cpp: 16-bit activations, or two 8-bit levels for Q2_K, Q3_K, Q5_K and
-Q6_K, one reduction order for every batch size);
+Q6_K with one scale per 32, or on AVX2 alone per 256; one reduction order for every batch size);
 a prompt's tokens meet panels of 32 weight rows unpacked once into bytes, in an integer GEMM
 (csrc/gemm_gguf.cpp: AVX-512 VNNI, or AVX2's 16-bit products; cpu_kernels.PROMPT), and everything
 else (no kernels, autograd, PROMPT float32 or bfloat16) multiplies float32 tiles of

@@ -19,7 +19,8 @@
 //   Widening their 2-, 3- and 6-bit weights and multiplying the sub-scales in cost more than the
 //   product itself: a 768 x 2048 row product ran 1.2x (Q6_K), 1.3x (Q5_K), 1.8x (Q2_K, Q3_K)
 //   faster this way with VNNI; the other types measured as fast or slower this way. On AVX2 the
-//   integer sub-scales meet the products in vpmaddwd (matmul_gguf.cpp).
+//   integer sub-scales meet the products in vpmaddwd (matmul_gguf.cpp's row_times8), and Q2_K
+//   left its 16-bit form (sub-scales multiplied into the weights) for this one, 2x as fast.
 // blocks.py is the same arithmetic in torch (checked against gguf-py); these are checked against it.
 #pragma once
 

@@ -113,16 +113,25 @@ constexpr int w32_offset() {
   else return 0;
 }
 
+// Q3_K in a prompt's panels: its sub-scales per 16 multiplied into the weights, (q - 4) * sc in
+// -124..128, plus 124 as a byte, so that a group of 32 takes one float scale d and no minimums, as
+// Q8_0's do: half the float steps of a scale per 16
+template <class T>
+constexpr bool folded() {
+  return std::is_same_v<T, Q3_K>;
+}
+
 template <class T>
 constexpr int group_size() {
-  if constexpr (bytes8<T>()) return T::S16 ? 16 : 32;
+  if constexpr (bytes8<T>() && !folded<T>()) return T::S16 ? 16 : 32;
   else return 32;
 }
 
 // the offset the product subtracts through sum(q): OFF of a byte-form type, else w32_offset
 template <class T>
 constexpr int offset_of() {
-  if constexpr (bytes8<T>()) return T::OFF;
+  if constexpr (folded<T>()) return 124;
+  else if constexpr (bytes8<T>()) return T::OFF;
   else return w32_offset<T>();
 }
 
@@ -201,6 +210,21 @@ auto gguf_row(const uint8_t* w, int64_t row_bytes, int64_t K) {
     for (int64_t b = 0; b < K / T::QK; ++b) {
       float scale[16] = {0}, m[16] = {0};
       const int64_t g0 = b * (T::QK / QK);  // the block's first group of 32
+      if constexpr (folded<T>()) {
+        KScales s;
+        T::scales(row + b * T::BYTES, s, m);
+        alignas(16) int8_t sc[16];
+        _mm_store_si128((__m128i*)sc, s.sc);
+        T::weights(row + b * T::BYTES, [&](int g, __m256i u) {
+          const W32 q = widen(u, T::OFF);
+          const __m256i off = _mm256_set1_epi16(offset_of<T>());
+          const __m256i lo = _mm256_add_epi16(_mm256_mullo_epi16(q.lo, _mm256_set1_epi16(sc[2 * g])), off);
+          const __m256i hi = _mm256_add_epi16(_mm256_mullo_epi16(q.hi, _mm256_set1_epi16(sc[2 * g + 1])), off);
+          put_group(P, K, g0 + g, p, _mm256_permute4x64_epi64(_mm256_packus_epi16(lo, hi), 0xD8));
+        });
+        for (int g = 0; g < T::QK / QK; ++g) P.s[(g0 + g) * PR + p] = s.d;
+        continue;
+      }
       unpack<T>(row + b * T::BYTES, scale, m, [&](int g, const auto& wv) {
         if constexpr (bytes8<T>()) {
           put_group(P, K, g0 + g, p, wv);

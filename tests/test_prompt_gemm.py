@@ -57,6 +57,22 @@ def test_the_gemm_is_the_dequantized_product_to_its_activations_precision(qtype,
 
 
 @gemm
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q3_K", "Q8_0"])
+def test_many_panels_meet_the_prompt_in_chunks_as_one_panel_alone(qtype):
+    # 775 weight rows of 768: 25 panels, several chunks of ~256 KB unpacked on each thread; each
+    # output is the same bits as from its rows' panel alone, and the product is the dequantized one
+    K, N = 768, 775
+    data = random_blocks(qtype, N, K, seed=9)
+    w = torch.from_numpy(data)
+    x = torch.randn(21, K, generator=torch.Generator().manual_seed(9))
+    whole = cpu_kernels.ops().gguf_prompt_linear(x, w, TYPE_IDS[qtype], K, 2)
+    for lo, hi in ((0, 32), (160, 192), (736, 775)):
+        part = cpu_kernels.ops().gguf_prompt_linear(x, w[lo:hi].contiguous(), TYPE_IDS[qtype], K, 2)
+        assert torch.equal(part, whole[:, lo:hi]), (lo, hi)
+    assert rel(whole, x.double() @ reference(data, qtype).double().T) < 1e-4
+
+
+@gemm
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q6_K", "Q2_K", "Q8_0"])
 def test_a_prompt_row_is_the_same_alone_and_anywhere_among_others(qtype):
     K = width(qtype)

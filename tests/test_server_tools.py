@@ -124,7 +124,12 @@ def test_anthropic_tool_use_and_tool_result_blocks_are_the_conversation(server, 
     assert counted.input_tokens == prompt_len(server, HISTORY)
     choice = {"type": "none"}  # tools listed, an answer in text
     out = claude.messages.create(
-        model=MODEL, max_tokens=5, messages=messages, tools=[CLAUDE_TOOL], tool_choice=choice
+        model=MODEL,
+        max_tokens=5,
+        messages=messages,
+        tools=[CLAUDE_TOOL],
+        tool_choice=choice,
+        temperature=0,  # greedy: the tiny model never picks EOS, so the answer runs to max_tokens
     )
     assert out.content[0].type == "text" and out.stop_reason == "max_tokens"
 
@@ -179,7 +184,12 @@ def test_responses_function_call_and_output_items_are_the_conversation(server, o
         {"role": "user", "content": "And then?"},
     ]  # fmt: skip
     out = oai.responses.create(
-        model=MODEL, input=items, tools=[RESPONSES_TOOL], tool_choice="none", max_output_tokens=5
+        model=MODEL,
+        input=items,
+        tools=[RESPONSES_TOOL],
+        tool_choice="none",
+        max_output_tokens=5,
+        temperature=0,  # greedy: the tiny model never picks EOS, so the answer is cut ("incomplete")
     )
     assert out.usage.input_tokens == prompt_len(server, HISTORY, "none")  # no tools listed
     assert [o.type for o in out.output] == ["message"] and out.status == "incomplete"

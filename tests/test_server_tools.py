@@ -129,7 +129,9 @@ def test_anthropic_tool_use_and_tool_result_blocks_are_the_conversation(server, 
         messages=messages,
         tools=[CLAUDE_TOOL],
         tool_choice=choice,
-        temperature=0,  # greedy: the tiny model never picks EOS, so the answer runs to max_tokens
+        # greedy (the client has no sampling arguments of its own): the tiny model never picks
+        # EOS, so the answer runs to max_tokens
+        extra_body={"temperature": 0},
     )
     assert out.content[0].type == "text" and out.stop_reason == "max_tokens"
 

@@ -6,7 +6,8 @@ in CI): `python benchmarks/cpu_decode.py --llamacpp DIR/bin`. llamarun runs `lla
 twice under `/usr/bin/time` for its peak RSS, measuring what llama-bench does: prefill of 256
 tokens, and 128 greedy decode steps from an empty context.
 
-Files: random models of tinyllamas shapes (untied classifier, Llama 2 vocabulary) written as GGUF
+Files: random models of tinyllamas shapes, or TinyLlama-1.1B's (--shapes 1B), (untied classifier,
+Llama 2 vocabulary) written as GGUF
 f32, Q8_0, Q4_0 with gguf-py, and Q4_K_M (or the --mixes given) made from the f32 file with
 `llama-quantize`; the shared SmolLM2-135M-Instruct Q4_1 and Q4_K_M files. Rows `f32 --quantize int8 / Q8_0` and `--quantize
 int4 / Q4_0` run llamarun's own quantizers on the f32 file against llama.cpp's file of those bits
@@ -34,6 +35,9 @@ MODELS = Path(os.environ.get("LLAMARUN_TEST_MODELS", HERE.parent.parent / "share
 SHAPES = {
     "15M": dict(dim=288, n_layers=6, n_heads=6, hidden_dim=768),
     "110M": dict(dim=768, n_layers=12, n_heads=12, hidden_dim=2048),
+    # TinyLlama-1.1B's shape (grouped KV heads): a file whose size, not the fixed costs of the
+    # tokenizer and the prompt's working memory, dominates its RSS (f32 4.4 GB, Q4_K_M 668 MB)
+    "1B": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632),
 }
 SMOLLM2 = MODELS / "smollm2-135m-instruct"
 VOCAB = 32000
@@ -53,7 +57,9 @@ def write_models(shape: str, out: Path, llamacpp: Path, mixes: list[str]) -> dic
 
     paths = {q: out / f"{shape}-{q}.gguf" for q in ("f32", "Q8_0", "Q4_0", *mixes)}
     args = ModelArgs(
-        **SHAPES[shape], n_kv_heads=SHAPES[shape]["n_heads"], vocab_size=VOCAB, max_seq_len=1024
+        **{"n_kv_heads": SHAPES[shape]["n_heads"], **SHAPES[shape]},
+        vocab_size=VOCAB,
+        max_seq_len=1024,
     )
     if not all(paths[q].exists() for q in ("f32", "Q8_0", "Q4_0")):
         torch.manual_seed(0)

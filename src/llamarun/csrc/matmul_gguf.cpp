@@ -30,9 +30,7 @@ void X16::quantize(const float* x, int64_t rows, int64_t width) {
       const float* src = x + i * QK;  // group i of the (B, K) input: row i / ng, group i % ng
       __m256 v[4], vmax = _mm256_setzero_ps();
       for (int c = 0; c < 4; ++c) v[c] = _mm256_loadu_ps(src + 8 * c), vmax = _mm256_max_ps(vmax, _mm256_and_ps(v[c], abs_mask));
-      float lanes[8];
-      _mm256_storeu_ps(lanes, vmax);
-      const float amax = *std::max_element(lanes, lanes + 8);
+      const float amax = hmax(vmax);
       const float d = amax / 32767.f, id = amax > 0.f ? 32767.f / amax : 0.f;
       __m256i q[4];
       for (int c = 0; c < 4; ++c) q[c] = _mm256_cvtps_epi32(_mm256_mul_ps(v[c], _mm256_set1_ps(id)));  // to nearest

@@ -10,16 +10,7 @@ void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq,
   std::vector<float> gmax(per > 1 ? B * nb / per : 0);
   for (int64_t i = 0; i < (int64_t)gmax.size(); ++i) {
     const int64_t b = i / (nb / per), lo = (i % (nb / per)) * scale_group, n = std::min(scale_group, K - lo);
-    const float* src = x + b * K + lo;
-    __m256 vmax = _mm256_setzero_ps();
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(src + j), abs_mask));
-    float lanes[8];
-    _mm256_storeu_ps(lanes, vmax);
-    float amax = *std::max_element(lanes, lanes + 8);
-    for (; j < n; ++j) amax = std::max(amax, std::abs(src[j]));
-    gmax[i] = amax;
+    gmax[i] = abs_max(x + b * K + lo, n);
   }
   auto rows = [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -35,9 +26,7 @@ void quantize_rows(const float* x, int64_t B, int64_t K, int64_t Kp, int8_t* xq,
         vmax = _mm256_max_ps(vmax, _mm256_and_ps(v[c], abs_mask));
         vsum = _mm256_add_ps(vsum, v[c]);
       }
-      float lanes[8];
-      _mm256_storeu_ps(lanes, vmax);
-      const float amax = per > 1 ? gmax[(b * nb + blk) / per] : *std::max_element(lanes, lanes + 8), sum = hsum(vsum);
+      const float amax = per > 1 ? gmax[(b * nb + blk) / per] : hmax(vmax), sum = hsum(vsum);
       const float d1 = amax / 127.f, id1 = d1 ? 1.f / d1 : 0.f, id2 = id1 * 256.f;
       int8_t* dst = xq + (b * nb + blk) * 2 * QK;
       int8_t q[2 * QK];

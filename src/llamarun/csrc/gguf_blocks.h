@@ -1,26 +1,25 @@
 // GGML's quantized blocks (ggml-common.h layouts), unpacked with AVX2 for the kernels of
 // matmul_gguf.cpp, in one of two forms.
-// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS and Q4_K unpack one block into 16-bit weights
-// (met by 16-bit activations, X16):
+// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL and IQ4_XS unpack one block into 16-bit weights (met by
+// 16-bit activations, X16):
 //   W        int16 weights in element order, handed on per group of 32 (W32): |W| <= 4096, so
 //            a product with a 16-bit activation and four of them summed stay inside int32;
-//   scale[]  the float scale of each group of 32: d, or d * sc for the K-quants' sub-blocks of
-//            32 (exact in float: an 11-bit d times a 6-bit sc); w = scale * W + m;
-//   m[]      for the types with minimums, the float offset of each group of MG weights (-dmin *
-//            min of a K-quant sub-block, Q4_1's m), added through the activations' group sums.
+//   scale[]  the float scale of each group of 32: d, or d * sc for IQ4_XS's sub-blocks of 32;
+//            w = scale * W + m;
+//   m[]      for the types with minimums, the float offset of each group of MG weights (Q4_1's m),
+//            added through the activations' group sums.
 //   The signed offsets (Q4_0's -8) are subtracted here, in integers, exactly.
-// Q2_K, Q3_K, Q5_K and Q6_K (BYTES8) unpack into bytes instead (met by two 8-bit activation
-// levels, X8), in two steps, scales(b, s, m) then weights(b, fn):
+// The K-quants Q2_K, Q3_K, Q4_K, Q5_K and Q6_K (BYTES8) unpack into bytes instead (met by two
+// 8-bit activation levels, X8), in two steps, scales(b, s, m) then weights(b, fn):
 //   U        the 32 weights of a group as unsigned bytes q in element order, w = d * sc * (q - OFF)
 //            + m, the offset (Q3_K's 4, Q6_K's 32) taken through the activations' sums in the product;
 //   s        (KScales) the block's float d and its integer sub-scales sc, per 32 weights or per 16
 //            (S16: Q2_K, Q3_K, Q6_K, whose sub-scales differ inside a group); d * sc is exact in
-//            float, so that (d * sc) * (q - OFF) is one rounding, as gguf-py's.
-//   Widening their 2-, 3- and 6-bit weights and multiplying the sub-scales in cost more than the
-//   product itself: a 768 x 2048 row product ran 1.2x (Q6_K), 1.3x (Q5_K), 1.8x (Q2_K, Q3_K)
-//   faster this way with VNNI; the other types measured as fast or slower this way. On AVX2 the
-//   integer sub-scales meet the products in vpmaddwd (matmul_gguf.cpp's row_times8), and Q2_K
-//   left its 16-bit form (sub-scales multiplied into the weights) for this one, 2x as fast.
+//            float, so that (d * sc) * (q - OFF) is one rounding, as gguf-py's;
+//   m[]      the minimums (-dmin * mn of Q2_K, Q4_K, Q5_K), one per MG weights.
+//   Their integer sub-scales meet the products in vpmaddwd, summed over the block in int32
+//   (matmul_gguf.cpp's row_times8): one float step per block of 256 instead of per group of 32;
+//   Q2_K left a 16-bit form (sub-scales multiplied into the weights) for this one, 2x as fast.
 // blocks.py is the same arithmetic in torch (checked against gguf-py); these are checked against it.
 #pragma once
 
@@ -302,28 +301,9 @@ struct Q3_K {
   }
 };
 
-// Q4_K/Q5_K: the scales d * sc and the minimums -dmin * mn of the eight sub-blocks
-inline void k_scales_and_mins(const uint8_t* b, float* scale, float* m) {
-  uint64_t sc, mn;
-  k_scales(b + 4, &sc, &mn);
-  _mm256_storeu_ps(scale, bytes_times(sc, fp16(b)));
-  _mm256_storeu_ps(m, bytes_times(mn, -fp16(b + 2)));
-}
-
+// Q4_K and Q5_K: 8 sub-blocks of 32, w = d * sc * q - dmin * mn (6-bit sc and mn), q of 4 or 5 bits
 struct Q4_K {
-  static constexpr int QK = 256, BYTES = 144, MG = 32;
-  template <class Fn> static void unpack(const uint8_t* b, float* scale, float* m, Fn&& fn) {
-    k_scales_and_mins(b, scale, m);
-    for (int j = 0; j < 4; ++j) {  // sub-block 2j: low nibbles of qs[32j..], 2j + 1: high ones
-      const W32 a = nibbles16(b + 16 + 32 * j), c = nibbles16(b + 32 + 32 * j);  // bytes 0..15, 16..31
-      fn(2 * j, W32{a.lo, c.lo});
-      fn(2 * j + 1, W32{a.hi, c.hi});
-    }
-  }
-};
-
-struct Q5_K {
-  static constexpr int QK = 256, BYTES = 176, MG = 32, OFF = 0;
+  static constexpr int QK = 256, BYTES = 144, MG = 32, OFF = 0;
   static constexpr bool BYTES8 = true, S16 = false;
   static void scales(const uint8_t* b, KScales& s, float* m) {
     uint64_t sc, mn;
@@ -331,6 +311,20 @@ struct Q5_K {
     s.sc = _mm_cvtsi64_si128((int64_t)sc), s.d = fp16(b);
     _mm256_storeu_ps(m, bytes_times(mn, -fp16(b + 2)));
   }
+  template <class Fn> static void weights(const uint8_t* b, Fn&& fn) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int j = 0; j < 4; ++j) {  // sub-block 2j: the low nibbles of qs[32j..32j + 31], 2j + 1: the high ones
+      const __m256i q = _mm256_loadu_si256((const __m256i*)(b + 16 + 32 * j));
+      fn(2 * j, _mm256_and_si256(q, m4));
+      fn(2 * j + 1, _mm256_and_si256(_mm256_srli_epi16(q, 4), m4));
+    }
+  }
+};
+
+struct Q5_K {
+  static constexpr int QK = 256, BYTES = 176, MG = 32, OFF = 0;
+  static constexpr bool BYTES8 = true, S16 = false;
+  static void scales(const uint8_t* b, KScales& s, float* m) { Q4_K::scales(b, s, m); }  // the same 16 bytes
   template <class Fn> static void weights(const uint8_t* b, Fn&& fn) {
     const __m256i qh = _mm256_loadu_si256((const __m256i*)(b + 16)), m4 = _mm256_set1_epi8(0x0F);
     for (int j = 0; j < 4; ++j) {  // as Q4_K; the 5th bit of sub-block g's weight l is bit g of qh[l]

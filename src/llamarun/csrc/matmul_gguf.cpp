@@ -172,58 +172,6 @@ inline float finish8(__m256 acc, const float* me, const X8& x, int64_t j) {
   return r;
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-// the minimums' terms of block b (scale: d * sc) into e: m - OFF * scale per min_group
-template <class T>
-inline void min_terms(const float* scale, const float* m, float* e) {
-  for (int i = 0; i < terms_per_block<T>(); ++i) {
-    const float mi = T::MG > 0 ? m[i * min_group<T>() / std::max(T::MG, 1)] : 0.f;
-    e[i] = T::OFF != 0 ? mi - (float)T::OFF * scale[i] : mi;
-  }
-}
-
-// the 8 lanes of a group's product: lanes 0-3 sum weights 0..15, 4-7 weights 16..31
-template <class T>
-inline __m256 group_scale(const float* scale, int g) {
-  if constexpr (T::S16) {  // scales 2g, 2g + 1 of the 8 at scale + 8 (g / 4): one permute
-    const __m256i idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    return _mm256_permutevar8x32_ps(_mm256_loadu_ps(scale + 8 * (g / 4)), _mm256_add_epi32(idx, _mm256_set1_epi32(2 * (g % 4))));
-  } else {
-    return _mm256_set1_ps(scale[g]);
-  }
-}
-
-// row_times for a byte-form type: acc (8 lanes) += float(U . X) * (scale * dx) per group, U . X =
-// 256 (U . q1) + U . q2 exact in int32 (two vpdpbusd, no widening); then the minimums' term. The
-// same operations for every NB (batch invariance).
-template <class T, int NB>
-inline void row_times8(const uint8_t* row, const X8& x, int64_t j0, float* me, float* out, int64_t ld) {
-  static_assert(T::QK == 256, "byte-form types are K-quants");
-  constexpr int G = T::QK / QK;
-  const int64_t nblk = x.K / T::QK;
-  const int8_t* X[NB];  // row j's group gi at X[j] + gi * 64, its dx at D[j][gi]
-  const float* D[NB];
-  for (int j = 0; j < NB; ++j) X[j] = x.at(j0 + j, 0), D[j] = x.dx_at(j0 + j, 0);
-  __m256 acc[2][NB];  // even and odd groups, as row_times's
-  for (int j = 0; j < NB; ++j) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nblk; ++b) {
-    float scale[T::S16 ? 16 : 8], m[T::MG > 0 ? T::QK / T::MG : 1];
-    unpack<T>(row + b * T::BYTES, scale, m, [&](int g, __m256i u) {
-      const int64_t gi = b * G + g;
-      const __m256 sv = group_scale<T>(scale, g);
-      __m256* a = acc[g % 2];  // G is even: gi's parity is g's
-      for (int j = 0; j < NB; ++j) {
-        const __m256i q1 = _mm256_loadu_si256((const __m256i*)(X[j] + gi * 2 * QK));
-        const __m256i q2 = _mm256_loadu_si256((const __m256i*)(X[j] + gi * 2 * QK + QK));
-        a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2_u8s8(u, q1, q2)),
-                               _mm256_mul_ps(sv, _mm256_broadcast_ss(D[j] + gi)), a[j]);
-      }
-    });
-    if constexpr (has_min_term<T>()) min_terms<T>(scale, m, me + b * terms_per_block<T>());
-  }
-  for (int j = 0; j < NB; ++j) out[(j0 + j) * ld] = finish8<T>(_mm256_add_ps(acc[0][j], acc[1][j]), me, x, j0 + j);
-}
-#else
 // the sub-scales of group g as 16 int16, in the lanes of vpmaddubsw's sums (lanes 0-7: weights
 // 0..15, 8-15: weights 16..31): sc[2g] and sc[2g + 1] for S16, else sc[g] in all
 template <class T>
@@ -233,14 +181,18 @@ inline __m256i sub_scales(__m128i sc, int g) {
   return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, idx));
 }
 
-// row_times for a byte-form type on AVX2, with dx per block of 256 (X8::SG): each level's U . X
-// by vpmaddubsw (pairs of u8 x s8 in int16: at most 2 * 63 * 127, no saturation), times the
-// group's integer sub-scales by vpmaddwd, summed in int32 over the block's 8 groups (at most 8 *
-// 2 * 16002 * 128 < 2^31); then acc += float(256 * S1 + S2) * (d * dx) once per block, and the
-// minimums' term at the end. Against per-group float conversions (as VNNI's row_times8) this
-// takes 6 instructions a group and row where that took 12: a 256 x 2048 product at batch 1 ran
+// row_times for a byte-form type, with dx per block of 256 (X8::SG): each level's U . X by
+// vpmaddubsw (pairs of u8 x s8 in int16: at most 2 * 63 * 127, no saturation), times the group's
+// integer sub-scales by vpmaddwd, summed in int32 over the block's 8 groups
+// (at most 8 * 2 * 16002 * 128 < 2^31); then acc += float(256 * S1 + S2) * (d * dx) once per
+// block, and the minimums' term at the end. Against per-group float conversions (two vpdpbusd
+// per group and row, then a conversion and a multiply-add, with dx per 32) this takes 4-6
+// instructions a group and row where that took 12 on AVX2: a 2048 x 768 product at batch 1 ran
 // 1.2x (Q6_K), 1.3x (Q5_K), 1.6x (Q3_K) and 2x (Q2_K, against its 16-bit form) as fast on one
-// Zen 3 core. The same operations for every NB (batch invariance).
+// Zen 3 core. With VNNI (a Zen 4 core, best of 8 alternating runs, 512 x 768 in L2) it ran 1.13x
+// (Q2_K), 1.12x (Q3_K), 1.08x (Q6_K), 1.0x (Q4_K, against its 16-bit form) and 0.89x (Q5_K) the
+// per-32 form; folding the sub-scale multiply-add into vpdpwssd halved it (its 4-cycle latency
+// on the block's chain of 8 groups). The same operations for every NB (batch invariance).
 template <class T, int NB>
 inline void row_times8(const uint8_t* row, const X8& x, int64_t j0, float* me, float* out, int64_t ld) {
   static_assert(T::QK == 256 && X8::SG == 256, "byte-form types are K-quants, met per block");
@@ -282,7 +234,6 @@ inline void row_times8(const uint8_t* row, const X8& x, int64_t j0, float* me, f
   }
   for (int j = 0; j < NB; ++j) out[(j0 + j) * ld] = finish8<T>(acc[j], me, x, j0 + j);
 }
-#endif
 
 // Weight rows [lo, hi) times all B activation rows: each weight row is unpacked once per 8
 // activation rows, which meet it in registers. The same additions in the same order for every

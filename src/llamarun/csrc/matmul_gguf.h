@@ -10,7 +10,7 @@ namespace llamarun {
 // (about the precision of quantize_rows' two int8 levels; 8 bits, as llama.cpp's Q8_0/Q8_K,
 // moved SmolLM2 Q4_K_M's perplexity by +0.35% (per 32) and +0.83% (per 256) and changed its
 // greedy answers). xs32 (B, K/32) = dx * the sum of X over each group of 32 (what the minimums of
-// Q4_1, Q5_1, Q4_K multiply).
+// Q4_1 and Q5_1 multiply).
 struct X16 {
   std::vector<int16_t> X;  // (B, K)
   std::vector<float> dx;  // (B, K/32)
@@ -23,16 +23,12 @@ struct X16 {
 
 // Activations in two int8 levels (quantize_rows' plain layout), for the types that unpack into
 // bytes (gguf_blocks.h, BYTES8): x ~ dx * (256 q1 + q2), about the precision of X16, met by the
-// weights' bytes. One dx per SG weights: per 32 where vpdpbusd (VNNI) sums a group's products;
-// on AVX2 per 256, a K-quant block, whose groups' products then add up in integers with the
-// sub-scales multiplied in, one conversion to float per block. xs16 / xs32 (B, K/16 | K/32) = dx
-// * the sum of 256 q1 + q2 over each group of 16 / 32 (what the minimums and offsets multiply).
+// weights' bytes. One dx per SG = 256 weights, a K-quant block, whose groups' products add up in
+// integers with the sub-scales multiplied in, one conversion to float per block. xs16 / xs32 (B,
+// K/16 | K/32) = dx * the sum of 256 q1 + q2 over each group of 16 / 32 (what the minimums and
+// offsets multiply).
 struct X8 {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  static constexpr int64_t SG = 32;
-#else
   static constexpr int64_t SG = 256;
-#endif
   std::vector<int8_t> xq;  // (B, K/32, 64): q1 then q2 of each group of 32
   std::vector<float> dx;  // (B, K/SG)
   std::vector<float> xs16, xs32;  // (B, K/16), (B, K/32)

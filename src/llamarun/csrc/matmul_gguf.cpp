@@ -191,8 +191,10 @@ inline __m256i sub_scales(__m128i sc, int g) {
 // 1.2x (Q6_K), 1.3x (Q5_K), 1.6x (Q3_K) and 2x (Q2_K, against its 16-bit form) as fast on one
 // Zen 3 core. With VNNI (a Zen 4 core, best of 8 alternating runs, 512 x 768 in L2) it ran 1.13x
 // (Q2_K), 1.12x (Q3_K), 1.08x (Q6_K), 1.0x (Q4_K, against its 16-bit form) and 0.89x (Q5_K) the
-// per-32 form; folding the sub-scale multiply-add into vpdpwssd halved it (its 4-cycle latency
-// on the block's chain of 8 groups). The same operations for every NB (batch invariance).
+// per-32 form, but 0.90-0.97x at 8 rows (one-token decode is what this serves first); folding
+// the sub-scale multiply-add into vpdpwssd halved it (its 4-cycle latency on the block's chain of
+// 8 groups), and 512-bit vectors (both levels in one) ran 0.8-0.9x on the Zen 4. The same
+// operations for every NB (batch invariance).
 template <class T, int NB>
 inline void row_times8(const uint8_t* row, const X8& x, int64_t j0, float* me, float* out, int64_t ld) {
   static_assert(T::QK == 256 && X8::SG == 256, "byte-form types are K-quants, met per block");
